@@ -1,0 +1,35 @@
+# Every target is idempotent: `setup` (re)builds .venv only when a requirements file changed.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+REQS    := requirements.txt requirements-base.txt requirements-gpu.txt requirements-torchrec.txt
+DEMO    ?= prepared/synthetic
+TESTS   ?= tests
+
+.PHONY: setup demo test bench-loader clean
+
+setup: $(STAMP)
+
+$(STAMP): $(REQS)
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PY) -m pip install -q -r requirements-gpu.txt; \
+	else \
+		$(PY) -m pip install -q -r requirements.txt; \
+	fi
+	$(PY) -m pip install -q --no-deps -r requirements-torchrec.txt
+	$(PY) -c "import torchrec, fbgemm_gpu, pyarrow, mlflow, torchx"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m data.prepare synthetic --out $(DEMO) --overwrite
+	$(PY) -m data.inspect $(DEMO)
+
+test: setup
+	$(PY) -m pytest $(TESTS) -q -ra
+
+bench-loader: setup
+	$(PY) bench/loader.py
+
+clean:
+	rm -rf .venv prepared

@@ -1,0 +1,1 @@
+"""Data layer: raw sources -> prepared Parquet layout -> pipelined KJT batches."""

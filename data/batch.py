@@ -1,0 +1,70 @@
+"""Batches the model reads, as TorchRec `Pipelineable`s so TrainPipelineSparseDist can overlap them.
+
+One KeyedJaggedTensor carries both towers' sparse features. For training its stride is B + S: rows
+[0, B) are the queries with their positives, rows [B, B + S) are the S sampled negatives, whose query
+keys are empty bags. That way one EmbeddingBagCollection call serves both towers (and a shared item
+table), which is what lets the pipeline prefetch the whole lookup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+ITEM_KEY = "cand_item"
+
+
+def history_key(last_k: int) -> str:
+    """Feature key of the history bag over the last k items (0 = the whole history)."""
+    return "hist_all" if last_k == 0 else f"hist_last{last_k}"
+
+
+def candidate_key(item_feature: str) -> str:
+    return f"cand_{item_feature}"
+
+
+class TensorFields(Pipelineable):
+    """Moves every tensor/KJT field together; the dataclasses below only declare fields."""
+
+    def _map(self, fn) -> "TensorFields":
+        return type(self)(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})  # type: ignore[arg-type]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "TensorFields":
+        return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            getattr(self, f.name).record_stream(stream)
+
+    def pin_memory(self) -> "TensorFields":
+        return self._map(lambda t: t.pin_memory())
+
+
+@dataclass
+class TrainBatch(TensorFields):
+    sparse: KeyedJaggedTensor  # stride B + S, see the module docstring
+    candidate_ids: torch.Tensor  # (B + S,) positives then sampled negatives; 0 on padding rows
+    negative_probs: torch.Tensor  # (S,) probability of each negative under the sampler, per draw
+    row_mask: torch.Tensor  # (B,) False on padding rows (the last batch of an epoch)
+
+    @property
+    def batch_size(self) -> int:
+        return self.row_mask.numel()
+
+
+@dataclass
+class EvalBatch(TensorFields):
+    sparse: KeyedJaggedTensor  # stride B, query keys only
+    users: torch.Tensor
+    row_mask: torch.Tensor
+    target_offsets: torch.Tensor  # CSR over rows: relevant items
+    target_values: torch.Tensor
+    seen_offsets: torch.Tensor  # CSR over rows: items to filter from the ranking
+    seen_values: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.row_mask.numel()

@@ -1,0 +1,367 @@
+"""Raw source -> prepared Parquet layout (see data/schema.py and README "Prepared layout").
+
+    python -m data.prepare movielens ../shared/datasets/ml-1m --out prepared/ml-1m
+    python -m data.prepare interactions events.parquet --user-col u --item-col i --time-col t --out ...
+    python -m data.prepare sequences seq.txt.gz [--item-attributes attrs.json] --out ...
+    python -m data.prepare synthetic --out prepared/synthetic [--users 20000 --items 5000]
+
+Everything is written to a temporary directory next to `--out` and renamed into place at the end,
+so a failure never leaves a partial dataset behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from data import schema
+from data.errors import DataError
+from data.ragged import gather_ragged, list_array, offsets_from_lengths
+from data.sources import RawData, read_interactions, read_movielens, read_sequences
+from data.splits import LEAVE_ONE_OUT, EvalQueries, SplitConfig, core_filter, leave_one_out, time_split, \
+    user_bounds
+
+ROWS_PER_FILE = 262_144
+ROW_GROUP_ROWS = 16_384
+MIN_EVENTS_LEAVE_ONE_OUT = 3  # one history event, one validation target, one test target
+
+
+def file_checksum(paths: list[Path]) -> tuple[str, list[dict]]:
+    combined, per_file = hashlib.sha256(), []
+    for path in paths:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        per_file.append({"path": str(path), "sha256": digest.hexdigest()})
+        combined.update(digest.digest())
+    return combined.hexdigest(), per_file
+
+
+def dense_ids(raw: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw ids -> dense ids 1..n (0 is reserved); returns (codes, vocabulary in id order from 1)."""
+    codes, uniques = pd.factorize(pd.Series(raw), sort=True)
+    return codes.astype(np.int64) + 1, np.asarray(uniques, dtype=object)
+
+
+def encode_features(long: pd.DataFrame, key: str, vocab: np.ndarray, multi: set[str]) -> dict[str, dict]:
+    """Long-form (key, feature, value) rows -> per feature: vocabulary and CSR rows over dense keys."""
+    index = pd.Index(vocab)
+    encoded = {}
+    for name, rows in long.groupby("feature", sort=True):
+        dense_key = index.get_indexer(rows[key].to_numpy()) + 1
+        known = dense_key > 0
+        value_ids, values = dense_ids(rows["value"].to_numpy()[known])
+        pairs = np.unique(np.stack([dense_key[known], value_ids]), axis=1)
+        if name not in multi:
+            first = np.r_[True, pairs[0, 1:] != pairs[0, :-1]]
+            pairs = pairs[:, first]
+        lengths = np.bincount(pairs[0], minlength=len(vocab) + 1)
+        encoded[name] = {"offsets": offsets_from_lengths(lengths), "values": pairs[1], "vocab": values,
+                         "multi": name in multi}
+    return encoded
+
+
+def feature_column(feature: dict, rows: np.ndarray) -> pa.Array:
+    """The feature of entities `rows` as a list column, or a scalar column (0 where missing)."""
+    starts = feature["offsets"][rows]
+    lengths = feature["offsets"][rows + 1] - starts
+    if feature["multi"]:
+        return list_array(lengths, gather_ragged(feature["values"], starts, lengths))
+    scalar = np.zeros(len(rows), dtype=np.int64)
+    scalar[lengths > 0] = feature["values"][starts[lengths > 0]]
+    return pa.array(scalar, type=pa.int64())
+
+
+def feature_specs(encoded: dict[str, dict]) -> list[schema.FeatureSpec]:
+    return [schema.FeatureSpec(name, len(f["vocab"]) + 1, f["multi"],
+                               float(np.diff(f["offsets"])[1:].mean()) if len(f["offsets"]) > 2 else 0.0)
+            for name, f in encoded.items()]
+
+
+def context_columns(timestamps: np.ndarray) -> dict[str, pa.Array]:
+    """Hour of day and day of week of the request (1-based; 0 is the pad id)."""
+    seconds = np.asarray(timestamps, dtype=np.int64)
+    return {"c_hour": pa.array((seconds // 3600) % 24 + 1), "c_dow": pa.array((seconds // 86400 + 3) % 7 + 1)}
+
+
+CONTEXT_SPECS = [schema.FeatureSpec("c_hour", 25, False), schema.FeatureSpec("c_dow", 8, False)]
+
+
+def history_column(items: np.ndarray, user_start: np.ndarray, cutoffs: np.ndarray, max_len: int) -> pa.ListArray:
+    lengths = np.minimum(cutoffs - user_start[cutoffs] if len(cutoffs) else cutoffs, max_len)
+    return list_array(lengths, gather_ragged(items, cutoffs - lengths, lengths))
+
+
+def user_columns(user_features: dict[str, dict], users: np.ndarray) -> dict[str, pa.Array]:
+    return {name: feature_column(feature, users) for name, feature in user_features.items()}
+
+
+def write_table(table: pa.Table, path: Path) -> None:
+    pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS, compression="zstd")
+
+
+class Prepared:
+    """Dense, user-sorted events plus encoded features: what the writers need."""
+
+    def __init__(self, raw: RawData, cfg: SplitConfig):
+        events = raw.events
+        user_codes, _ = dense_ids(events["user"].to_numpy())
+        item_codes, _ = dense_ids(events["item"].to_numpy())
+        keep = core_filter(user_codes, item_codes, cfg.min_user_events, cfg.min_item_events)
+        events = events[keep]
+        self.dropped_events = int((~keep).sum())
+        if events.empty:
+            raise DataError(raw.origin.get("user", raw.files[0]), None,
+                            "events left after --min-user-events/--min-item-events", "none")
+        self.user_ids, self.user_vocab = dense_ids(events["user"].to_numpy())
+        self.item_ids, self.item_vocab = dense_ids(events["item"].to_numpy())
+        order = np.lexsort((np.arange(len(events)), events["ts"].to_numpy(), self.user_ids))
+        self.users = self.user_ids[order]
+        self.items = self.item_ids[order]
+        self.ts = events["ts"].to_numpy()[order]
+        self.ratings = events["rating"].to_numpy()[order]
+        self.user_start, counts = user_bounds(self.users)
+        if cfg.protocol == LEAVE_ONE_OUT and counts.min() < MIN_EVENTS_LEAVE_ONE_OUT:
+            short = np.flatnonzero(counts < MIN_EVENTS_LEAVE_ONE_OUT)
+            example = self.user_vocab[self.users[short[0]] - 1]
+            raise DataError(*raw.origin["user"].rsplit(":", 1),
+                            f"at least {MIN_EVENTS_LEAVE_ONE_OUT} events per user for leave-one-out "
+                            f"(history, validation, test); raise --min-user-events to drop such users",
+                            f"{len(np.unique(self.users[short]))} users with fewer, e.g. user '{example}' "
+                            f"with {counts[short[0]]}")
+        self.item_features = encode_features(raw.item_features, "item", self.item_vocab, raw.multi_valued)
+        self.user_features = encode_features(raw.user_features, "user", self.user_vocab, raw.multi_valued)
+        self.titles = pd.Series(raw.titles["title"].to_numpy(), index=raw.titles["item"].to_numpy()) \
+            if len(raw.titles) else pd.Series(dtype=str)
+        self.has_time = raw.has_time
+        if cfg.protocol == LEAVE_ONE_OUT:
+            self.split = leave_one_out(self.users, self.items, self.ratings, cfg)
+        else:
+            self.split = time_split(self.users, self.items, self.ts, self.ratings, cfg)
+
+    def query_columns(self, cutoffs: np.ndarray, context_events: np.ndarray, max_len: int) -> dict[str, pa.Array]:
+        users = self.users[cutoffs] if len(cutoffs) else np.zeros(0, dtype=np.int64)
+        columns = {schema.USER: pa.array(users, type=pa.int64()),
+                   schema.HISTORY: history_column(self.items, self.user_start, cutoffs, max_len)}
+        columns.update(user_columns(self.user_features, users))
+        if self.has_time:
+            columns.update(context_columns(self.ts[context_events]))
+        return columns
+
+
+def write_train(prep: Prepared, out: Path, cfg: SplitConfig, seed: int) -> list[str]:
+    """Training examples, shuffled once globally (seeded) so every file and row group is a fair sample."""
+    targets = np.random.default_rng(seed).permutation(prep.split.train_targets)
+    (out / schema.TRAIN_DIR).mkdir()
+    names = []
+    chunks = range(0, max(len(targets), 1), ROWS_PER_FILE)
+    for part, lo in enumerate(tqdm(chunks, desc="write train", unit="file", disable=len(chunks) < 2)):
+        idx = targets[lo:lo + ROWS_PER_FILE]
+        columns = prep.query_columns(idx, idx, cfg.max_history)
+        columns[schema.TARGET] = pa.array(prep.items[idx], type=pa.int64())
+        columns[schema.TIMESTAMP] = pa.array(prep.ts[idx], type=pa.int64())
+        name = f"{schema.TRAIN_DIR}/part-{part:05d}.parquet"
+        write_table(pa.table(columns), out / name)
+        names.append(name)
+    return names
+
+
+def write_eval(prep: Prepared, queries: EvalQueries, path: Path, cfg: SplitConfig) -> None:
+    columns = prep.query_columns(queries.cutoffs, queries.context_event, cfg.max_history)
+    columns[schema.USER] = pa.array(queries.users, type=pa.int64())
+    seen_lengths = queries.cutoffs - prep.user_start[queries.cutoffs] if len(queries.cutoffs) else queries.cutoffs
+    columns[schema.SEEN] = list_array(seen_lengths, gather_ragged(prep.items, queries.cutoffs - seen_lengths,
+                                                                  seen_lengths))
+    columns[schema.TARGETS] = list_array(queries.target_lengths, queries.targets)
+    write_table(pa.table(columns), path)
+
+
+def write_catalogue(prep: Prepared, out: Path) -> np.ndarray:
+    n_items = len(prep.item_vocab)
+    item_ids = np.arange(1, n_items + 1)
+    freq = np.bincount(prep.items[prep.split.train_targets], minlength=n_items + 1)[1:]
+    raw_items = prep.item_vocab.astype(str)
+    titles = prep.titles.reindex(raw_items).fillna("").to_numpy().astype(str) if len(prep.titles) \
+        else np.full(n_items, "")
+    columns = {schema.ITEM: pa.array(item_ids, type=pa.int64()), schema.RAW_ID: pa.array(raw_items),
+               schema.TITLE: pa.array(titles), schema.FREQ: pa.array(freq, type=pa.int64())}
+    columns.update({name: feature_column(f, item_ids) for name, f in prep.item_features.items()})
+    write_table(pa.table(columns), out / schema.ITEMS_FILE)
+    user_ids = np.arange(1, len(prep.user_vocab) + 1)
+    user_table = {schema.USER: pa.array(user_ids, type=pa.int64()),
+                  schema.RAW_ID: pa.array(prep.user_vocab.astype(str))}
+    user_table.update(user_columns(prep.user_features, user_ids))
+    write_table(pa.table(user_table), out / schema.USERS_FILE)
+    maps = out / schema.ID_MAPS_DIR
+    maps.mkdir()
+    vocabularies = {"item": prep.item_vocab, "user": prep.user_vocab}
+    vocabularies.update({n: f["vocab"] for n, f in {**prep.item_features, **prep.user_features}.items()})
+    for name, vocab in vocabularies.items():
+        pq.write_table(pa.table({"raw": pa.array(vocab.astype(str)),
+                                 "id": pa.array(np.arange(1, len(vocab) + 1), type=pa.int64())}),
+                       maps / f"{name}.parquet")
+    return freq
+
+
+def build(raw: RawData, cfg: SplitConfig, out: Path, seed: int, source: dict) -> schema.Metadata:
+    """Writes the prepared layout into `out` (which must exist and be empty)."""
+    steps = tqdm(total=5, desc="prepare", unit="step")
+    prep = Prepared(raw, cfg)
+    steps.update()
+    train_files = write_train(prep, out, cfg, seed)
+    steps.update()
+    write_eval(prep, prep.split.valid, out / schema.VALID_FILE, cfg)
+    write_eval(prep, prep.split.test, out / schema.TEST_FILE, cfg)
+    steps.update()
+    write_catalogue(prep, out)
+    steps.update()
+    checksum, files = file_checksum(raw.files)
+    train_lengths = np.minimum(prep.split.train_targets - prep.user_start[prep.split.train_targets],
+                               cfg.max_history)
+    split = asdict(cfg)
+    metadata = schema.Metadata(
+        schema_version=schema.SCHEMA_VERSION,
+        source={**source, **raw.params, "checksum": checksum, "files": files},
+        split={"protocol": cfg.protocol, "valid_fraction": cfg.valid_fraction, "test_fraction": cfg.test_fraction,
+               "keep_cold_users": cfg.keep_cold_users, "keep_cold_items": cfg.keep_cold_items, "seed": seed},
+        filters={k: split[k] for k in ("min_user_events", "min_item_events", "min_positive_rating",
+                                       "min_relevant_rating")},
+        max_history=cfg.max_history,
+        num_users=len(prep.user_vocab), num_items=len(prep.item_vocab),
+        counts={"events": len(prep.users), "dropped_events": prep.dropped_events,
+                "train_examples": len(prep.split.train_targets),
+                "valid_rows": len(prep.split.valid.users), "test_rows": len(prep.split.test.users),
+                "valid_dropped_users": prep.split.valid.dropped, "test_dropped_users": prep.split.test.dropped},
+        item_features=feature_specs(prep.item_features),
+        user_features=feature_specs(prep.user_features),
+        context_features=list(CONTEXT_SPECS) if prep.has_time else [],
+        mean_history_length=float(train_lengths.mean()) if len(train_lengths) else 0.0,
+        train_files=train_files,
+    )
+    metadata.save(out)
+    steps.update()
+    steps.close()
+    return metadata
+
+
+def prepare(raw: RawData, cfg: SplitConfig, out: str | Path, seed: int = 0, overwrite: bool = False,
+            source: dict | None = None) -> schema.Metadata:
+    """Atomic: builds in a sibling temp directory, then renames it over `out`."""
+    out = Path(out)
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        metadata = build(raw, cfg, tmp, seed, source or {})
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return metadata
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite and any(out.iterdir()):
+        raise DataError(out, None, "a new or empty output directory (or pass --overwrite)", "it has files")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="source", required=True)
+    movielens = sub.add_parser("movielens", help="a MovieLens directory (100K, 1M, 10M, 20M, 25M, latest, "
+                                                 "or the sequence copy of 1M)")
+    movielens.add_argument("path")
+    inter = sub.add_parser("interactions", help="a generic CSV/Parquet interactions table")
+    inter.add_argument("path")
+    inter.add_argument("--user-col", default="user")
+    inter.add_argument("--item-col", default="item")
+    inter.add_argument("--time-col", default="timestamp")
+    inter.add_argument("--rating-col")
+    inter.add_argument("--item-features", help="CSV/Parquet keyed by --item-col; other columns are features")
+    inter.add_argument("--user-features", help="CSV/Parquet keyed by --user-col; other columns are features")
+    inter.add_argument("--feature-sep", default="|", help="separator of multi-valued CSV features")
+    seq = sub.add_parser("sequences", help="a 'user item item ...' file, optionally gzipped")
+    seq.add_argument("path")
+    seq.add_argument("--item-attributes", help='JSON {"item": [attribute, ...]}')
+    seq.add_argument("--movies", help="MovieLens movies.dat for titles and genres")
+    seq.add_argument("--users", help="MovieLens users.dat for user features")
+    synth = sub.add_parser("synthetic", help="the generated default dataset (see data/synthetic.py)")
+    synth.add_argument("--users", type=int, default=None)
+    synth.add_argument("--items", type=int, default=None)
+    synth.add_argument("--mean-events", type=float, default=None)
+    for p in (movielens, inter, seq, synth):
+        p.add_argument("--out", required=True)
+        p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--protocol", choices=["leave_one_out", "time"], default="leave_one_out")
+        p.add_argument("--max-history", type=int, default=SplitConfig.max_history)
+        p.add_argument("--min-user-events", type=int, default=SplitConfig.min_user_events)
+        p.add_argument("--min-item-events", type=int, default=SplitConfig.min_item_events)
+        p.add_argument("--min-positive-rating", type=float)
+        p.add_argument("--min-relevant-rating", type=float)
+        p.add_argument("--valid-fraction", type=float, default=SplitConfig.valid_fraction)
+        p.add_argument("--test-fraction", type=float, default=SplitConfig.test_fraction)
+        p.add_argument("--keep-cold-users", action="store_true")
+        p.add_argument("--keep-cold-items", action="store_true")
+    return parser.parse_args(argv)
+
+
+def load_source(args: argparse.Namespace) -> RawData:
+    if args.source == "movielens":
+        return read_movielens(args.path)
+    if args.source == "interactions":
+        return read_interactions(args.path, args.user_col, args.item_col, args.time_col, args.rating_col,
+                                 args.item_features, args.user_features, feature_sep=args.feature_sep)
+    if args.source == "sequences":
+        return read_sequences(args.path, args.item_attributes, args.movies, args.users)
+    from data.synthetic import SyntheticConfig, generate
+
+    overrides = {k: v for k, v in (("num_users", args.users), ("num_items", args.items),
+                                   ("mean_events", args.mean_events)) if v is not None}
+    return generate(SyntheticConfig(seed=args.seed, **overrides))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = SplitConfig(protocol=args.protocol, max_history=args.max_history,
+                          min_user_events=args.min_user_events, min_item_events=args.min_item_events,
+                          min_positive_rating=args.min_positive_rating,
+                          min_relevant_rating=args.min_relevant_rating, valid_fraction=args.valid_fraction,
+                          test_fraction=args.test_fraction, keep_cold_users=args.keep_cold_users,
+                          keep_cold_items=args.keep_cold_items)
+        check_output(Path(args.out), args.overwrite)
+        raw = load_source(args)
+        source = {"kind": args.source, "path": getattr(args, "path", None), "seed": args.seed}
+        metadata = prepare(raw, cfg, args.out, seed=args.seed, overwrite=args.overwrite, source=source)
+    except (DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"prepared {args.out}: {metadata.num_users} users, {metadata.num_items} items, "
+          f"{metadata.counts['train_examples']} training examples, {metadata.counts['valid_rows']} validation "
+          f"and {metadata.counts['test_rows']} test queries")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

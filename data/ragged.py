@@ -1,0 +1,43 @@
+"""Vectorised helpers for jagged (CSR) arrays: the only way rows become lists here, no per-row Python."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+
+def gather_ragged(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenates values[starts[i] : starts[i] + lengths[i]] over all rows i."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    shift = np.asarray(starts, dtype=np.int64) - (np.cumsum(lengths) - lengths)
+    index = np.repeat(shift, lengths)
+    index += np.arange(len(index), dtype=np.int64)
+    return values[index]
+
+
+def gather_csr(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lengths and values of the CSR rows `rows` (for example the features of sampled items)."""
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    return lengths, gather_ragged(values, starts, lengths)
+
+
+def offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
+
+
+def list_array(lengths: np.ndarray, values: np.ndarray) -> pa.ListArray:
+    """An Arrow list<int64> column from lengths and flat values (zero-copy for the values)."""
+    offsets = pa.array(offsets_from_lengths(lengths).astype(np.int32), type=pa.int32())
+    return pa.ListArray.from_arrays(offsets, pa.array(np.asarray(values, dtype=np.int64), type=pa.int64()))
+
+
+def list_offsets_values(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Arrow list column -> (offsets starting at 0, values), honouring slices; no per-row Python."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = array.offsets.to_numpy().astype(np.int64)
+    values = array.values.to_numpy()
+    values = values[offsets[0]:offsets[-1]]
+    return offsets - offsets[0], values

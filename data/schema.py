@@ -1,0 +1,93 @@
+"""The prepared layout's contract: file names, column names, reserved ids and metadata."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+# Dense id 0 of every vocabulary is reserved: padding, and the id unknown raw values map to.
+PAD_ID = 0
+
+METADATA_FILE = "metadata.json"
+TRAIN_DIR = "train"
+VALID_FILE = "valid.parquet"
+TEST_FILE = "test.parquet"
+ITEMS_FILE = "items.parquet"
+USERS_FILE = "users.parquet"
+ID_MAPS_DIR = "id_maps"
+
+# Columns of training rows (one row = one (query, positive) example).
+USER = "user"
+HISTORY = "history"
+TARGET = "target"
+TIMESTAMP = "ts"
+# Extra columns of validation/test rows (one row = one user query).
+TARGETS = "targets"
+SEEN = "seen"
+# Catalogue columns.
+ITEM = "item"
+RAW_ID = "raw_id"
+TITLE = "title"
+FREQ = "freq"
+
+# Feature name prefixes tell the group a feature belongs to.
+ITEM_PREFIX = "i_"
+USER_PREFIX = "u_"
+CONTEXT_PREFIX = "c_"
+
+
+@dataclass
+class FeatureSpec:
+    """A categorical feature: its vocabulary size (pad id included) and whether it is a list."""
+
+    name: str
+    vocab_size: int
+    multi: bool
+    mean_length: float = 1.0
+
+
+@dataclass
+class Metadata:
+    """What the trainer needs to size tables and read files; written as metadata.json."""
+
+    schema_version: int
+    source: dict
+    split: dict
+    filters: dict
+    max_history: int
+    num_users: int
+    num_items: int
+    counts: dict
+    item_features: list[FeatureSpec] = field(default_factory=list)
+    user_features: list[FeatureSpec] = field(default_factory=list)
+    context_features: list[FeatureSpec] = field(default_factory=list)
+    mean_history_length: float = 0.0
+    train_files: list[str] = field(default_factory=list)
+
+    @property
+    def item_vocab(self) -> int:
+        return self.num_items + 1
+
+    @property
+    def user_vocab(self) -> int:
+        return self.num_users + 1
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / METADATA_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Metadata":
+        from data.errors import DataError
+
+        path = Path(directory) / METADATA_FILE
+        if not path.is_file():
+            raise DataError(path, None, "a prepared dataset's metadata.json (run `python -m data.prepare`)",
+                            "no such file")
+        raw = json.loads(path.read_text())
+        if raw.get("schema_version") != SCHEMA_VERSION:
+            raise DataError(path, "schema_version", f"{SCHEMA_VERSION}", str(raw.get("schema_version")))
+        for group in ("item_features", "user_features", "context_features"):
+            raw[group] = [FeatureSpec(**spec) for spec in raw.get(group, [])]
+        return cls(**raw)

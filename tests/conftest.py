@@ -1,0 +1,88 @@
+"""Shared fixtures: where the real datasets are, and small prepared datasets built in tmp dirs."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data import schema
+from data.ragged import list_array
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = Path(os.environ.get("TWO_TOWER_DATASETS", ROOT.parent / "shared" / "datasets"))
+
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def dataset_dir(name: str) -> Path:
+    """A real dataset from ../shared/datasets (or $TWO_TOWER_DATASETS); skips when absent (licence: not shipped)."""
+    path = DATASETS / name
+    if not path.is_dir():
+        pytest.skip(f"{name} not found at {path}: MovieLens may not be redistributed, so it is read from "
+                    f"../shared/datasets or $TWO_TOWER_DATASETS")
+    return path
+
+
+def write_fake_prepared(directory: Path, rng: np.random.Generator, file_sizes: list[int], row_group: int,
+                        num_items: int = 50, num_users: int = 30, max_history: int = 8) -> dict:
+    """A prepared dataset written by hand with awkward shapes: uneven files and row groups, empty
+    histories, multi-valued features; targets are unique per example so tests can identify rows."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / schema.TRAIN_DIR).mkdir()
+    total = sum(file_sizes)
+    item_vocab = max(num_items, total) + 1
+    targets = rng.permutation(np.arange(1, total + 1))
+    names, rows = [], []
+    start = 0
+    for part, size in enumerate(file_sizes):
+        lengths = rng.integers(0, max_history + 1, size)
+        lengths[rng.random(size) < 0.2] = 0
+        history = rng.integers(1, item_vocab, int(lengths.sum()))
+        tag_lengths = rng.integers(0, 3, size)
+        tags = rng.integers(1, 6, int(tag_lengths.sum()))
+        table = pa.table({
+            schema.USER: pa.array(rng.integers(1, num_users + 1, size)),
+            schema.HISTORY: list_array(lengths, history),
+            "u_age": pa.array(rng.integers(0, 8, size)),
+            "u_tags": list_array(tag_lengths, tags),
+            schema.TARGET: pa.array(targets[start:start + size]),
+            schema.TIMESTAMP: pa.array(np.arange(start, start + size)),
+        })
+        name = f"{schema.TRAIN_DIR}/part-{part:05d}.parquet"
+        pq.write_table(table, directory / name, row_group_size=row_group)
+        names.append(name)
+        rows.extend(table.to_pylist())
+        start += size
+    genre_lengths = rng.integers(0, 4, item_vocab - 1)
+    items = pa.table({
+        schema.ITEM: pa.array(np.arange(1, item_vocab)), schema.RAW_ID: pa.array(np.arange(1, item_vocab).astype(str)),
+        schema.TITLE: pa.array([""] * (item_vocab - 1)),
+        schema.FREQ: pa.array(rng.integers(0, 20, item_vocab - 1)),
+        "i_genre": list_array(genre_lengths, rng.integers(1, 7, int(genre_lengths.sum()))),
+        "i_decade": pa.array(rng.integers(0, 5, item_vocab - 1)),
+    })
+    pq.write_table(items, directory / schema.ITEMS_FILE)
+    meta = schema.Metadata(
+        schema_version=schema.SCHEMA_VERSION, source={"kind": "test"}, split={"protocol": "leave_one_out"},
+        filters={}, max_history=max_history, num_users=num_users, num_items=item_vocab - 1,
+        counts={"train_examples": total},
+        item_features=[schema.FeatureSpec("i_decade", 5, False), schema.FeatureSpec("i_genre", 7, True)],
+        user_features=[schema.FeatureSpec("u_age", 8, False), schema.FeatureSpec("u_tags", 6, True)],
+        train_files=names)
+    meta.save(directory)
+    return {"rows": rows, "items": items.to_pylist(), "meta": meta}
+
+
+@pytest.fixture
+def fake_prepared(tmp_path):
+    def build(file_sizes=(37, 100, 5, 61), row_group=16, seed=0, **kwargs):
+        path = tmp_path / f"fake-{seed}"
+        info = write_fake_prepared(path, np.random.default_rng(seed), list(file_sizes), row_group, **kwargs)
+        return path, info
+    return build
