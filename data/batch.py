@@ -57,7 +57,7 @@ class TrainBatch(TensorFields):
 
 @dataclass
 class EvalBatch(TensorFields):
-    sparse: KeyedJaggedTensor  # stride B, query keys only
+    sparse: KeyedJaggedTensor  # stride B; candidate keys present but empty, so the same EBC applies
     users: torch.Tensor
     row_mask: torch.Tensor
     target_offsets: torch.Tensor  # CSR over rows: relevant items

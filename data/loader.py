@@ -388,7 +388,9 @@ class ExampleLoader:
         t_lengths, t_values = block.ragged(schema.TARGETS, idx)
         s_lengths, s_values = block.ragged(schema.SEEN, idx)
         users = block.scalars[schema.USER][idx]
-        return EvalBatch(sparse=make_kjt(self.query_keys, self.query_arrays(block, idx)),
+        empty = (np.zeros(len(idx), dtype=np.int64), np.zeros(0, dtype=np.int64))
+        arrays = self.query_arrays(block, idx) + [empty] * len(self.candidate_keys)
+        return EvalBatch(sparse=make_kjt(self.query_keys + self.candidate_keys, arrays),
                          users=torch.from_numpy(users), row_mask=torch.from_numpy(users > 0),
                          target_offsets=torch.from_numpy(offsets_from_lengths(t_lengths)),
                          target_values=torch.from_numpy(t_values),

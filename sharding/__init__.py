@@ -1,0 +1,1 @@
+"""Sharding: planner, per-table constraints, and the checks that fail fast on impossible plans."""

@@ -1,0 +1,99 @@
+"""Builds the sharding plan with TorchRec's planner, from the real topology and data statistics.
+
+Batch size and per-feature pooling factors come from the prepared data's metadata, not from the
+planner's defaults; allowed sharding types and the compute kernel come from config and are
+checked against what the device can run before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from data.schema import Metadata
+from trainer.config import ShardingConfig
+
+CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
+GPU_SHARDING_TYPES = CPU_SHARDING_TYPES + ("row_wise", "table_row_wise")
+
+
+class ShardingError(ValueError):
+    pass
+
+
+def possible_types(device: torch.device) -> tuple[str, ...]:
+    return GPU_SHARDING_TYPES if device.type == "cuda" else CPU_SHARDING_TYPES
+
+
+def check_types(cfg: ShardingConfig, tables: list[EmbeddingBagConfig], device: torch.device) -> None:
+    """Fails before any work when config asks for a placement this device cannot run."""
+    allowed = possible_types(device)
+    names = {t.name for t in tables}
+    unknown = sorted(set(cfg.per_table) - names)
+    if unknown:
+        raise ShardingError(f"sharding.per_table names unknown tables {unknown}; tables are {sorted(names)}")
+    for where, types in [("sharding.sharding_types", cfg.sharding_types)] + [
+            (f"sharding.per_table.{name}", types) for name, types in cfg.per_table.items()]:
+        bad = [t for t in types if t not in allowed]
+        if bad:
+            raise ShardingError(f"{where} asks for {bad}, which {device.type.upper()} cannot run; possible on "
+                                f"{device.type}: {list(allowed)}")
+        if not types:
+            raise ShardingError(f"{where} is empty; possible on {device.type}: {list(allowed)}")
+
+
+def pooling_factor(feature: str, meta: Metadata) -> float:
+    """Mean ids per bag of a feature, from the prepared data."""
+    if feature == "hist_all":
+        return max(meta.mean_history_length, 1.0)
+    if feature.startswith("hist_last"):
+        return max(min(float(feature.removeprefix("hist_last")), meta.mean_history_length), 1.0)
+    specs = {f.name: f for f in meta.item_features + meta.user_features + meta.context_features}
+    spec = specs.get(feature.removeprefix("cand_"))
+    return max(spec.mean_length, 1.0) if spec and spec.multi else 1.0
+
+
+def constraints(cfg: ShardingConfig, tables: list[EmbeddingBagConfig], meta: Metadata) -> dict:
+    return {t.name: ParameterConstraints(
+        sharding_types=cfg.per_table.get(t.name, cfg.sharding_types),
+        compute_kernels=[cfg.compute_kernel],
+        pooling_factors=[pooling_factor(f, meta) for f in t.feature_names],
+    ) for t in tables}
+
+
+def build_plan(module: torch.nn.Module, tables: list[EmbeddingBagConfig], cfg: ShardingConfig, meta: Metadata,
+               batch_size: int, world_size: int, device: torch.device, process_group=None,
+               hbm_gb: float | None = None) -> ShardingPlan:
+    """The plan for `module`; collective when a process group is given, so all ranks agree."""
+    check_types(cfg, tables, device)
+    topology_args = {"world_size": world_size, "compute_device": device.type}
+    if hbm_gb is not None:
+        topology_args["hbm_cap"] = int(hbm_gb * 2**30)
+    planner = EmbeddingShardingPlanner(topology=Topology(**topology_args), batch_size=batch_size,
+                                       constraints=constraints(cfg, tables, meta))
+    sharders = [EmbeddingBagCollectionSharder()]
+    if process_group is not None:
+        return planner.collective_plan(module, sharders, process_group)
+    return planner.plan(module, sharders)
+
+
+def plan_as_json(plan: ShardingPlan) -> str:
+    """Readable JSON: per module and table, sharding type, compute kernel and each shard's rank/offsets."""
+    out = {}
+    for module_path, module_plan in plan.plan.items():
+        for table, spec in module_plan.items():  # type: ignore[union-attr]
+            shards = []
+            if spec.sharding_spec is not None:
+                shards = [{"rank": s.placement.rank(), "offsets": s.shard_offsets, "sizes": s.shard_sizes}
+                          for s in spec.sharding_spec.shards]
+            else:
+                shards = [{"ranks": spec.ranks}]
+            out[f"{module_path}.{table}"] = {"sharding_type": spec.sharding_type,
+                                             "compute_kernel": spec.compute_kernel, "shards": shards}
+    return json.dumps(out, indent=2)

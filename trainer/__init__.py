@@ -1,0 +1,1 @@
+"""Training: config, two-tower model, loss, evaluation, tracking and the training loop."""

@@ -1,0 +1,55 @@
+"""python -m trainer --config configs/X.yaml [section.key=value ...] [--summary out.json]
+
+Dev mode when started directly (one process, CPU or one GPU); one rank of a distributed job when
+started by torchrun/torchx. The same command either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from data.errors import DataError
+from sharding.plan import ShardingError
+from trainer.config import ConfigError, load_config
+from trainer.tracking import TrackingError, tracking_uri
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML job config (see configs/)")
+    parser.add_argument("--summary", help="write the final metrics as JSON here")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=3")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from trainer.train import train
+
+        summary = train(cfg)
+    except (ConfigError, DataError, ShardingError, TrackingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from trainer import distributed
+
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
+    if "run_id" in summary:
+        uri = tracking_uri(cfg.tracking)
+        print(f"MLflow run {summary['run_id']} in {uri}. To look at it:\n"
+              f"  .venv/bin/mlflow ui --backend-store-uri {uri}   # then open http://127.0.0.1:5000")
+    test = summary.get("test") or {}
+    popular = summary.get("popularity_test") or {}
+    print("test: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(test.items()) if k != "users"))
+    if popular:
+        print("popularity test: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(popular.items()) if k != "users"))
+    distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

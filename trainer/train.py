@@ -1,0 +1,251 @@
+"""The training job: build, shard, train with TrainPipelineSparseDist, evaluate, track.
+
+The same function serves dev mode (one process, no launcher) and torchrun/torchx (one process per
+rank): only the environment differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torchrec
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+from tqdm import tqdm
+
+from data.loader import ExampleLoader
+from data.schema import Metadata
+from sharding.plan import build_plan, plan_as_json
+from trainer import distributed
+from trainer.config import CPU_FUSED_OPTIMIZERS, ConfigError, JobConfig, dump, flatten, to_dict
+from trainer.evaluate import evaluate, item_kjt_chunks, popularity_scorer
+from trainer.loss import CandidateLogQ, RetrievalLoss
+from trainer.model import RetrievalModel, TwoTower
+from trainer.tracking import Tracker
+
+log = logging.getLogger(__name__)
+ITEM_CHUNK = 8192
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def sparse_optimizer(name: str, lr: float):
+    return {"rowwise_adagrad": (RowWiseAdagrad, {"lr": lr}), "adagrad": (torch.optim.Adagrad, {"lr": lr}),
+            "sgd": (torch.optim.SGD, {"lr": lr}), "adam": (torch.optim.Adam, {"lr": lr})}[name]
+
+
+class TimedIterator:
+    """Counts the time the training loop spends waiting for data."""
+
+    def __init__(self, source: Iterator):
+        self.source = source
+        self.wait = 0.0
+
+    def __iter__(self) -> "TimedIterator":
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.source)
+        finally:
+            self.wait += time.perf_counter() - start
+
+
+@dataclass
+class Job:
+    cfg: JobConfig
+    env: distributed.Env
+    meta: Metadata
+    train_loader: ExampleLoader
+    towers: TwoTower
+    dmp: DistributedModelParallel
+    pipeline: TrainPipelineSparseDist
+    plan_text: str
+    plan_json: str
+
+
+def build(cfg: JobConfig, env: distributed.Env) -> Job:
+    if env.device.type != "cuda" and cfg.optim.sparse not in CPU_FUSED_OPTIMIZERS:
+        raise ConfigError(f"optim.sparse={cfg.optim.sparse} needs a GPU; FBGEMM's CPU kernels support "
+                          f"{list(CPU_FUSED_OPTIMIZERS)}")
+    seed_everything(cfg.seed)
+    meta = Metadata.load(cfg.data.path)
+    train_loader = ExampleLoader(cfg.data.path, cfg.loader, "train", env.rank, env.world_size, meta=meta)
+    towers = TwoTower(meta, cfg.loader, cfg.model, env.device)
+    log_q = None
+    if cfg.loss.logq:
+        freq = torch.from_numpy(train_loader.catalogue.freq).to(env.device)
+        proposal = torch.from_numpy(train_loader.sampler.probs).to(env.device)
+        log_q = CandidateLogQ(freq, proposal, cfg.loader.num_negatives, cfg.loss.in_batch, cfg.loss.frequency,
+                              cfg.loss.streaming_buckets, cfg.loss.streaming_alpha)
+    model = RetrievalModel(towers, RetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch,
+                                                 cfg.loss.logq_on_positive, log_q))
+    optimizer_cls, optimizer_kwargs = sparse_optimizer(cfg.optim.sparse, cfg.optim.sparse_lr)
+    _apply_optimizer_in_backward(optimizer_cls, towers.ebc.parameters(), optimizer_kwargs)
+    plan = build_plan(model, towers.tables, cfg.sharding, meta, cfg.loader.batch_size + cfg.loader.num_negatives,
+                      env.world_size, env.device, torch.distributed.GroupMember.WORLD)
+    dmp = DistributedModelParallel(model, device=env.device, plan=plan)
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
+                                  lambda params: torch.optim.Adam(params, lr=cfg.optim.dense_lr))
+    pipeline = TrainPipelineSparseDist(dmp, dense, env.device)
+    return Job(cfg, env, meta, train_loader, dmp.module.towers, dmp, pipeline, str(plan), plan_as_json(plan))
+
+
+def model_scorer(job: Job):
+    """Scores queries against every catalogue item with the current towers (pipeline detached)."""
+    towers, device = job.towers, job.env.device
+    with torch.no_grad():
+        chunks = item_kjt_chunks(job.train_loader.catalogue, towers.query_keys, towers.candidate_keys,
+                                 job.meta.num_items, ITEM_CHUNK)
+        items = torch.cat([towers.towers(kjt.to(device), 0)[1] for kjt in chunks])
+
+    def score(batch):
+        query, _ = towers.towers(batch.sparse.to(device), batch.row_mask.shape[0])
+        return query @ items.T
+
+    return score
+
+
+def run_eval(job: Job, split: str, scorer=None) -> dict[str, float]:
+    cfg = job.cfg
+    loader = ExampleLoader(cfg.data.path, eval_loader_cfg(cfg), split, job.env.rank, job.env.world_size,
+                           meta=job.meta)
+    job.pipeline.detach()
+    job.dmp.eval()
+    metrics = evaluate(scorer or model_scorer(job), loader.epoch(0), cfg.eval.ks, job.meta.num_items, job.env.device)
+    job.dmp.train()
+    return metrics
+
+
+def eval_loader_cfg(cfg: JobConfig):
+    from dataclasses import replace
+
+    return replace(cfg.loader, batch_size=cfg.eval.batch_size, num_negatives=0)
+
+
+def environment_params(env: distributed.Env) -> dict[str, str]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    return {"env.world_size": str(env.world_size), "env.device": str(env.device), "env.backend": env.backend,
+            "env.torch": torch.__version__, "env.torchrec": torchrec.__version__, "env.python": platform.python_version(),
+            "env.git_commit": commit}
+
+
+def train(cfg: JobConfig) -> dict:
+    env = distributed.init(cfg.train.device)
+    job = build(cfg, env)
+    tracker = Tracker(cfg.tracking) if cfg.tracking.enabled and env.is_main else None
+    try:
+        summary = fit(job, tracker)
+    except BaseException:
+        if tracker:
+            tracker.finish("FAILED")
+        raise
+    if tracker:
+        summary["run_id"] = tracker.run_id
+        tracker.finish("FINISHED")
+    return summary
+
+
+def fit(job: Job, tracker: Tracker | None) -> dict:
+    cfg, env = job.cfg, job.env
+    if env.is_main:
+        print(job.plan_text)
+    if tracker:
+        tracker.log_params({**flatten(to_dict(cfg)), **environment_params(env)})
+        tracker.log_text(dump(cfg), "config.yaml")
+        tracker.log_text(job.plan_text, "sharding_plan.txt")
+        tracker.log_text(job.plan_json, "sharding_plan.json")
+    metric = cfg.train.early_stopping_metric
+    best_value, best_epoch, best_test, patience, step = -1.0, -1, None, cfg.train.early_stopping_patience, 0
+    history = []
+    examples_per_step = cfg.loader.batch_size * env.world_size
+    for epoch in range(cfg.train.epochs):
+        data = TimedIterator(job.train_loader.epoch(epoch))
+        bar = tqdm(total=len(job.train_loader), desc=f"epoch {epoch}", unit="batch", disable=not env.is_main)
+        window_start, window_wait, window_steps, losses = time.perf_counter(), 0.0, 0, []
+        while True:
+            try:
+                stats = job.pipeline.progress(data)
+            except StopIteration:
+                break
+            step += 1
+            window_steps += 1
+            losses.append(float(stats["loss"]))
+            bar.update()
+            if step % cfg.train.log_every == 0:
+                elapsed = time.perf_counter() - window_start
+                wait_share = (data.wait - window_wait) / max(elapsed, 1e-9)
+                values = {"train/loss": float(np.mean(losses)),
+                          "train/examples_per_s": window_steps * examples_per_step / elapsed,
+                          "train/data_wait_share": wait_share, "train/lr_dense": cfg.optim.dense_lr,
+                          "train/lr_sparse": cfg.optim.sparse_lr, "train/temperature": cfg.loss.temperature}
+                bar.set_postfix(loss=f"{values['train/loss']:.3f}", ex_s=f"{values['train/examples_per_s']:,.0f}",
+                                wait=f"{wait_share:.0%}")
+                if tracker:
+                    tracker.log_metrics(values, step)
+                window_start, window_wait, window_steps, losses = time.perf_counter(), data.wait, 0, []
+            if cfg.train.max_steps and step >= cfg.train.max_steps:
+                break
+        bar.close()
+        valid = run_eval(job, "valid")
+        history.append({"epoch": epoch, "step": step, **valid})
+        if tracker:
+            tracker.log_metrics({f"valid/{k}": v for k, v in valid.items() if k != "users"}, step)
+        if env.is_main:
+            print(f"epoch {epoch} step {step}: " + ", ".join(f"{k}={valid[k]:.4f}" for k in sorted(valid)
+                                                             if k.startswith(("hr@", "ndcg@", "mrr"))))
+        if valid[metric] > best_value:
+            best_value, best_epoch, patience = valid[metric], epoch, cfg.train.early_stopping_patience
+            best_test = run_eval(job, "test")  # kept, not looked at: reported once, for the selected epoch
+        else:
+            patience -= 1
+            if patience < 0:
+                break
+        if cfg.train.max_steps and step >= cfg.train.max_steps:
+            break
+    summary = {"best_epoch": best_epoch, "steps": step, "valid": history[best_epoch] if history else {},
+               "test": best_test, "history": history}
+    if cfg.eval.popularity_baseline:
+        popularity = popularity_scorer(job.train_loader.catalogue.freq)
+        summary["popularity_valid"] = run_eval(job, "valid", popularity)
+        summary["popularity_test"] = run_eval(job, "test", popularity)
+    if tracker:
+        tracker.log_metrics({f"test/{k}": v for k, v in best_test.items() if k != "users"}, step)
+        if cfg.eval.popularity_baseline:
+            tracker.log_metrics({f"popularity_test/{k}": v for k, v in summary["popularity_test"].items()
+                                 if k != "users"}, step)
+        tracker.log_json(eval_table(summary), "eval_table.json")
+    return summary
+
+
+def eval_table(summary: dict) -> list[dict]:
+    """Rows of (split, scorer, metric, value): the final comparison, model against popularity."""
+    rows = []
+    for split in ("valid", "test"):
+        for scorer, key in (("two_tower", split), ("popularity", f"popularity_{split}")):
+            for metric, value in (summary.get(key) or {}).items():
+                if metric not in ("epoch", "step"):
+                    rows.append({"split": split, "scorer": scorer, "metric": metric, "value": value})
+    return rows
