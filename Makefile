@@ -5,7 +5,7 @@ REQS    := requirements.txt requirements-base.txt requirements-gpu.txt requireme
 DEMO    ?= prepared/synthetic
 TESTS   ?= tests
 
-.PHONY: setup demo test bench-loader clean
+.PHONY: setup demo test bench-loader bench-quality clean
 
 setup: $(STAMP)
 
@@ -23,13 +23,16 @@ $(STAMP): $(REQS)
 
 demo: setup
 	$(PY) -m data.prepare synthetic --out $(DEMO) --overwrite
-	$(PY) -m data.inspect $(DEMO)
+	$(PY) -m trainer --config configs/synthetic.yaml data.path=$(DEMO)
 
 test: setup
 	$(PY) -m pytest $(TESTS) -q -ra
 
 bench-loader: setup
 	$(PY) bench/loader.py
+
+bench-quality: setup
+	$(PY) bench/quality.py
 
 clean:
 	rm -rf .venv prepared

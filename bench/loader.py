@@ -94,7 +94,7 @@ class NaiveCollate:
                 values.extend(value)
         return TrainBatch(
             sparse=KeyedJaggedTensor(keys=keys, values=torch.tensor(values), lengths=torch.tensor(lengths)),
-            candidate_ids=torch.tensor(candidates), negative_probs=self.probs[negatives].float(),
+            candidate_ids=torch.tensor(candidates),
             row_mask=torch.ones(len(rows), dtype=torch.bool))
 
 

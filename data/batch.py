@@ -47,7 +47,6 @@ class TensorFields(Pipelineable):
 class TrainBatch(TensorFields):
     sparse: KeyedJaggedTensor  # stride B + S, see the module docstring
     candidate_ids: torch.Tensor  # (B + S,) positives then sampled negatives; 0 on padding rows
-    negative_probs: torch.Tensor  # (S,) probability of each negative under the sampler, per draw
     row_mask: torch.Tensor  # (B,) False on padding rows (the last batch of an epoch)
 
     @property

@@ -234,7 +234,9 @@ def rank_slices(sizes: np.ndarray, order: np.ndarray, rank: int, world: int) -> 
 
 
 def batches_per_rank(total: int, world: int, batch_size: int) -> int:
-    return -(-(-(-total // world)) // batch_size)
+    """Batches every rank runs: enough for the largest rank's share, ceil(ceil(total / world) / batch)."""
+    largest_share = (total + world - 1) // world
+    return (largest_share + batch_size - 1) // batch_size
 
 
 class Rows:
@@ -374,14 +376,13 @@ class ExampleLoader:
 
     def train_batch(self, block: Rows, idx: np.ndarray, rng: np.random.Generator) -> TrainBatch:
         targets = block.scalars[schema.TARGET][idx]
-        negatives, probs = self.sampler.sample(self.cfg.num_negatives, rng)
+        negatives = self.sampler.sample(self.cfg.num_negatives, rng)
         candidates = np.concatenate([targets, negatives])
         pad = np.zeros(len(negatives), dtype=np.int64)
         arrays = [(np.concatenate([lengths, pad]), values) for lengths, values in self.query_arrays(block, idx)]
         arrays += self.catalogue.candidate_arrays(candidates)
         return TrainBatch(sparse=make_kjt(self.query_keys + self.candidate_keys, arrays),
                           candidate_ids=torch.from_numpy(candidates),
-                          negative_probs=torch.from_numpy(probs.astype(np.float32)),
                           row_mask=torch.from_numpy(targets > 0))
 
     def eval_batch(self, block: Rows, idx: np.ndarray) -> EvalBatch:

@@ -29,8 +29,7 @@ from data import schema
 from data.errors import DataError
 from data.ragged import gather_ragged, list_array, offsets_from_lengths
 from data.sources import RawData, read_interactions, read_movielens, read_sequences
-from data.splits import LEAVE_ONE_OUT, EvalQueries, SplitConfig, core_filter, leave_one_out, time_split, \
-    user_bounds
+from data.splits import LEAVE_ONE_OUT, EvalQueries, SplitConfig, core_filter, leave_one_out, time_split, user_bounds
 
 ROWS_PER_FILE = 262_144
 ROW_GROUP_ROWS = 16_384

@@ -1,6 +1,6 @@
 """Mixed-negative proposal q over the catalogue: uniform, or unigram counts ** alpha.
 
-The loss needs q(j) for logQ (Q(j) = G p(j) + S q(j)), so `sample` returns it with every draw.
+The loss needs q(j) for logQ (Q(j) = G p(j) + S q(j)); it reads `probs`, the same array `sample` draws from.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ class NegativeSampler:
         self.probs = weights / weights.sum()
         self.cdf = np.cumsum(self.probs)
 
-    def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """n ids drawn with replacement, and the probability of each under the proposal."""
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """n ids drawn with replacement from `probs`."""
         ids = np.searchsorted(self.cdf, rng.random(n) * self.cdf[-1], side="right")
-        ids = np.minimum(ids, len(self.cdf) - 1)
-        return ids.astype(np.int64), self.probs[ids]
+        return np.minimum(ids, len(self.cdf) - 1).astype(np.int64)

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data import schema
 from data.errors import DataError
 from data.loader import ExampleLoader, LoaderConfig
 from data.prepare import main as prepare_main

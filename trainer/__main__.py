@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML job config (see configs/)")
     parser.add_argument("--summary", help="write the final metrics as JSON here")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=3")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from trainer import distributed
 
+    distributed.shutdown()
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
     if args.summary:
         Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
     if "run_id" in summary:
@@ -47,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     print("test: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(test.items()) if k != "users"))
     if popular:
         print("popularity test: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(popular.items()) if k != "users"))
-    distributed.shutdown()
     return 0
 
 

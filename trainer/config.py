@@ -17,6 +17,7 @@ from data.loader import LoaderConfig
 
 CPU_FUSED_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 SPARSE_OPTIMIZERS = CPU_FUSED_OPTIMIZERS + ("adam",)
+DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 METRICS = ("hr", "recall", "ndcg", "mrr", "coverage")
 
 
@@ -53,7 +54,8 @@ class LossConfig:
 class OptimConfig:
     sparse: str = "rowwise_adagrad"  # fused into the embedding backward; adam needs a GPU
     sparse_lr: float = 0.05
-    dense_lr: float = 0.001  # Adam over the MLPs only
+    dense: str = "adam"  # adam, adagrad or sgd, over the MLPs only
+    dense_lr: float = 0.001
 
 
 @dataclass
@@ -64,6 +66,7 @@ class TrainConfig:
     early_stopping_metric: str = "ndcg@10"
     early_stopping_patience: int = 2
     device: str = "auto"  # auto, cpu or cuda
+    collective_timeout_s: int = 600  # a dead rank fails the job after this long instead of hanging it
 
 
 @dataclass
@@ -117,12 +120,16 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("loss.temperature must be > 0")
     if cfg.optim.sparse not in SPARSE_OPTIMIZERS:
         raise ConfigError(f"optim.sparse must be one of {SPARSE_OPTIMIZERS}, got '{cfg.optim.sparse}'")
+    if cfg.optim.dense not in DENSE_OPTIMIZERS:
+        raise ConfigError(f"optim.dense must be one of {DENSE_OPTIMIZERS}, got '{cfg.optim.dense}'")
     if cfg.train.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device must be auto, cpu or cuda, got '{cfg.train.device}'")
     name, _, k = cfg.train.early_stopping_metric.partition("@")
     if name not in METRICS or (name != "mrr" and (not k.isdigit() or int(k) not in cfg.eval.ks)):
         raise ConfigError(f"train.early_stopping_metric '{cfg.train.early_stopping_metric}' must be mrr or "
                           f"<{'|'.join(METRICS[:-1])}|coverage>@K with K in eval.ks {cfg.eval.ks}")
+    if cfg.train.epochs < 1 or cfg.train.log_every < 1 or cfg.train.max_steps < 0:
+        raise ConfigError("train.epochs and train.log_every must be >= 1, train.max_steps >= 0")
     if not cfg.eval.ks or min(cfg.eval.ks) < 1:
         raise ConfigError("eval.ks must list positive cut-offs")
     if cfg.model.item_dim % 4 or cfg.model.feature_dim % 4:

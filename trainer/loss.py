@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trainer.collectives import all_gather_ids, all_gather_with_grad
+
 MASKED_LOGIT = -1e9
 
 
@@ -111,18 +113,27 @@ class RetrievalLoss(torch.nn.Module):
     """Glue between a TrainBatch and `sampled_softmax_loss`. Being a module without sharded
     children, it is a leaf for the pipeline's FX tracer, so its data-dependent code is not traced."""
 
-    def __init__(self, temperature: float, in_batch: bool, logq_on_positive: bool, log_q: CandidateLogQ | None):
+    def __init__(self, temperature: float, in_batch: bool, logq_on_positive: bool, log_q: CandidateLogQ | None,
+                 world_size: int = 1):
         super().__init__()
+        self.world_size = world_size
         self.temperature = temperature
         self.in_batch = in_batch
         self.logq_on_positive = logq_on_positive
         self.log_q = log_q
 
     def forward(self, query: torch.Tensor, candidates: torch.Tensor, batch) -> torch.Tensor:
+        """In-batch positives are gathered from every rank, so the negatives are the global batch."""
         b = query.shape[0]
-        ids = batch.candidate_ids
-        log_q = self.log_q(ids, ids[:b]) if self.log_q is not None else None
-        positive_index = torch.arange(b, device=query.device)
-        return sampled_softmax_loss(query, candidates, ids, positive_index, batch.row_mask, log_q, num_in_batch=b,
-                                    temperature=self.temperature, in_batch=self.in_batch,
-                                    logq_on_positive=self.logq_on_positive)
+        positives, positive_ids = candidates[:b], batch.candidate_ids[:b]
+        offset = 0
+        if self.world_size > 1:
+            positives, positive_ids = all_gather_with_grad(positives), all_gather_ids(positive_ids)
+            offset = torch.distributed.get_rank() * b
+        candidates = torch.cat([positives, candidates[b:]])
+        ids = torch.cat([positive_ids, batch.candidate_ids[b:]])
+        log_q = self.log_q(ids, positive_ids) if self.log_q is not None else None
+        positive_index = offset + torch.arange(b, device=query.device)
+        return sampled_softmax_loss(query, candidates, ids, positive_index, batch.row_mask, log_q,
+                                    num_in_batch=len(positive_ids), temperature=self.temperature,
+                                    in_batch=self.in_batch, logq_on_positive=self.logq_on_positive)

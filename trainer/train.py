@@ -6,12 +6,12 @@ rank): only the environment differs.
 
 from __future__ import annotations
 
-import logging
 import platform
 import random
 import subprocess
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -28,15 +28,14 @@ from tqdm import tqdm
 
 from data.loader import ExampleLoader
 from data.schema import Metadata
-from sharding.plan import build_plan, plan_as_json
+from sharding.plan import build_plan, check_types, plan_as_json
 from trainer import distributed
 from trainer.config import CPU_FUSED_OPTIMIZERS, ConfigError, JobConfig, dump, flatten, to_dict
 from trainer.evaluate import evaluate, item_kjt_chunks, popularity_scorer
 from trainer.loss import CandidateLogQ, RetrievalLoss
-from trainer.model import RetrievalModel, TwoTower
+from trainer.model import RetrievalModel, TwoTower, table_configs
 from trainer.tracking import Tracker
 
-log = logging.getLogger(__name__)
 ITEM_CHUNK = 8192
 
 
@@ -46,9 +45,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def sparse_optimizer(name: str, lr: float):
-    return {"rowwise_adagrad": (RowWiseAdagrad, {"lr": lr}), "adagrad": (torch.optim.Adagrad, {"lr": lr}),
-            "sgd": (torch.optim.SGD, {"lr": lr}), "adam": (torch.optim.Adam, {"lr": lr})}[name]
+OPTIMIZERS = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD,
+              "adam": torch.optim.Adam}
 
 
 class TimedIterator:
@@ -88,6 +86,7 @@ def build(cfg: JobConfig, env: distributed.Env) -> Job:
                           f"{list(CPU_FUSED_OPTIMIZERS)}")
     seed_everything(cfg.seed)
     meta = Metadata.load(cfg.data.path)
+    check_types(cfg.sharding, table_configs(meta, cfg.loader, cfg.model), env.device)
     train_loader = ExampleLoader(cfg.data.path, cfg.loader, "train", env.rank, env.world_size, meta=meta)
     towers = TwoTower(meta, cfg.loader, cfg.model, env.device)
     log_q = None
@@ -97,14 +96,13 @@ def build(cfg: JobConfig, env: distributed.Env) -> Job:
         log_q = CandidateLogQ(freq, proposal, cfg.loader.num_negatives, cfg.loss.in_batch, cfg.loss.frequency,
                               cfg.loss.streaming_buckets, cfg.loss.streaming_alpha)
     model = RetrievalModel(towers, RetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch,
-                                                 cfg.loss.logq_on_positive, log_q))
-    optimizer_cls, optimizer_kwargs = sparse_optimizer(cfg.optim.sparse, cfg.optim.sparse_lr)
-    _apply_optimizer_in_backward(optimizer_cls, towers.ebc.parameters(), optimizer_kwargs)
+                                                 cfg.loss.logq_on_positive, log_q, env.world_size))
+    _apply_optimizer_in_backward(OPTIMIZERS[cfg.optim.sparse], towers.ebc.parameters(), {"lr": cfg.optim.sparse_lr})
     plan = build_plan(model, towers.tables, cfg.sharding, meta, cfg.loader.batch_size + cfg.loader.num_negatives,
                       env.world_size, env.device, torch.distributed.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, device=env.device, plan=plan)
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  lambda params: torch.optim.Adam(params, lr=cfg.optim.dense_lr))
+                                  lambda params: OPTIMIZERS[cfg.optim.dense](params, lr=cfg.optim.dense_lr))
     pipeline = TrainPipelineSparseDist(dmp, dense, env.device)
     return Job(cfg, env, meta, train_loader, dmp.module.towers, dmp, pipeline, str(plan), plan_as_json(plan))
 
@@ -136,8 +134,6 @@ def run_eval(job: Job, split: str, scorer=None) -> dict[str, float]:
 
 
 def eval_loader_cfg(cfg: JobConfig):
-    from dataclasses import replace
-
     return replace(cfg.loader, batch_size=cfg.eval.batch_size, num_negatives=0)
 
 
@@ -148,16 +144,15 @@ def environment_params(env: distributed.Env) -> dict[str, str]:
     except OSError:
         commit = "unknown"
     return {"env.world_size": str(env.world_size), "env.device": str(env.device), "env.backend": env.backend,
-            "env.torch": torch.__version__, "env.torchrec": torchrec.__version__, "env.python": platform.python_version(),
-            "env.git_commit": commit}
+            "env.torch": torch.__version__, "env.torchrec": torchrec.__version__,
+            "env.python": platform.python_version(), "env.git_commit": commit}
 
 
 def train(cfg: JobConfig) -> dict:
-    env = distributed.init(cfg.train.device)
-    job = build(cfg, env)
+    env = distributed.init(cfg.train.device, cfg.train.collective_timeout_s)
     tracker = Tracker(cfg.tracking) if cfg.tracking.enabled and env.is_main else None
     try:
-        summary = fit(job, tracker)
+        summary = fit(build(cfg, env), tracker)
     except BaseException:
         if tracker:
             tracker.finish("FAILED")
@@ -183,7 +178,8 @@ def fit(job: Job, tracker: Tracker | None) -> dict:
     examples_per_step = cfg.loader.batch_size * env.world_size
     for epoch in range(cfg.train.epochs):
         data = TimedIterator(job.train_loader.epoch(epoch))
-        bar = tqdm(total=len(job.train_loader), desc=f"epoch {epoch}", unit="batch", disable=not env.is_main)
+        bar = tqdm(total=len(job.train_loader), desc=f"epoch {epoch}", unit="batch", disable=not env.is_main,
+                   mininterval=0.5 if sys.stderr.isatty() else 30)
         window_start, window_wait, window_steps, losses = time.perf_counter(), 0.0, 0, []
         while True:
             try:
@@ -202,7 +198,7 @@ def fit(job: Job, tracker: Tracker | None) -> dict:
                           "train/data_wait_share": wait_share, "train/lr_dense": cfg.optim.dense_lr,
                           "train/lr_sparse": cfg.optim.sparse_lr, "train/temperature": cfg.loss.temperature}
                 bar.set_postfix(loss=f"{values['train/loss']:.3f}", ex_s=f"{values['train/examples_per_s']:,.0f}",
-                                wait=f"{wait_share:.0%}")
+                                wait=f"{wait_share:.0%}", refresh=False)
                 if tracker:
                     tracker.log_metrics(values, step)
                 window_start, window_wait, window_steps, losses = time.perf_counter(), data.wait, 0, []

@@ -1,0 +1,1 @@
+"""TorchX components that launch the trainer on one machine, Slurm or Kubernetes."""

@@ -1,0 +1,139 @@
+"""Cross-rank behaviour with real processes on gloo: the gradient of the all-gather, and 2 processes
+training exactly like 1 process on the concatenated batch."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from data.batch import TrainBatch
+from data.loader import ExampleLoader, make_kjt
+from data.prepare import prepare
+from data.splits import SplitConfig
+from data.synthetic import SyntheticConfig, generate
+from trainer.collectives import all_gather_with_grad
+from trainer.distributed import free_port
+
+B, S, STEPS = 32, 16, 3
+
+
+def gather_worker(rank: int, world: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    gen = torch.Generator().manual_seed(0)
+    xs = torch.randn(world, 3, 4, generator=gen, dtype=torch.float64)
+    weights = torch.randn(world, world * 3, 4, generator=gen, dtype=torch.float64)
+    x = xs[rank].clone().requires_grad_()
+    gathered = all_gather_with_grad(x)
+    (weights[rank] * gathered).sum().backward()
+    torch.save({"gathered": gathered.detach(), "grad": x.grad}, Path(out) / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_all_gather_backward_is_a_reduce_scatter(tmp_path):
+    mp.spawn(gather_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    gen = torch.Generator().manual_seed(0)
+    xs = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    weights = torch.randn(2, 6, 4, generator=gen, dtype=torch.float64)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"{rank}.pt")
+        torch.testing.assert_close(result["gathered"], torch.cat([xs[0], xs[1]]))
+        expected = weights[0, rank * 3:(rank + 1) * 3] + weights[1, rank * 3:(rank + 1) * 3]
+        torch.testing.assert_close(result["grad"], expected)
+
+
+def select_rows(batch: TrainBatch, rows: np.ndarray) -> TrainBatch:
+    """The sub-batch of some rows of a TrainBatch (queries, then the same negatives)."""
+    arrays = []
+    for key in batch.sparse.keys():
+        jt = batch.sparse[key]
+        offsets, values = jt.offsets().numpy(), jt.values().numpy()
+        lengths = offsets[rows + 1] - offsets[rows]
+        picked = np.concatenate([values[offsets[r]:offsets[r + 1]] for r in rows]) if lengths.sum() else values[:0]
+        arrays.append((lengths, picked))
+    rows_t = torch.from_numpy(rows)
+    n = len(batch.row_mask)
+    return TrainBatch(make_kjt(batch.sparse.keys(), arrays), batch.candidate_ids[rows_t],
+                      batch.row_mask[rows_t[rows_t < n]])
+
+
+def deterministic_tables(dmp) -> None:
+    """Same embedding values however the tables are sharded (DMP's own init depends on placement)."""
+    for key, value in dmp.state_dict().items():
+        if "embedding_bags" not in key:
+            continue
+        rows, dim = value.size()
+        full = torch.randn(rows, dim, generator=torch.Generator().manual_seed(zlib.crc32(key.encode()))) * 0.1
+        for shard in value.local_shards():
+            (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+            shard.tensor.copy_(full[r0:r0 + nr, c0:c0 + nc])
+
+
+def parity_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    from trainer import distributed
+    from trainer.config import load_config
+    from trainer.train import build
+
+    cfg = load_config(None, [f"data.path={data}", f"loader.batch_size={B * 2 // world}", f"loader.num_negatives={S}",
+                             "model.hidden_dims=[32]", "model.output_dim=16", "model.item_dim=16",
+                             "model.feature_dim=8", "tracking.enabled=false", "loss.temperature=0.2",
+                             # SGD on both sides: unlike Adagrad and Adam its update is proportional to
+                             # the gradient, so a wrongly scaled gradient shows up in the parameters.
+                             "optim.sparse=sgd", "optim.sparse_lr=0.5", "optim.dense=sgd", "optim.dense_lr=0.5"])
+    env = distributed.init("cpu")
+    job = build(cfg, env)
+    deterministic_tables(job.dmp)
+    global_cfg = load_config(None, [f"data.path={data}", f"loader.batch_size={2 * B}", f"loader.num_negatives={S}"])
+    source = ExampleLoader(data, global_cfg.loader)
+    batches = []
+    for index, batch in enumerate(source.epoch(0)):
+        if index == STEPS:
+            break
+        mine = np.r_[np.arange(rank * 2 * B // world, (rank + 1) * 2 * B // world), np.arange(2 * B, 2 * B + S)]
+        batches.append(select_rows(batch, mine))
+    iterator = iter(batches)
+    losses = [float(job.pipeline.progress(iterator)["loss"]) for _ in range(STEPS)]
+    tables = {}
+    for key, value in job.dmp.state_dict().items():
+        if "embedding_bags" in key:
+            tables[key] = [(shard.metadata.shard_offsets, shard.tensor.clone()) for shard in value.local_shards()]
+        elif "mlp" in key:
+            tables[key] = [((0, 0), value.clone())]
+    torch.save({"losses": losses, "params": tables}, Path(out) / f"{world}-{rank}.pt")
+    distributed.shutdown()
+
+
+@pytest.fixture(scope="module")
+def parity_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "parity"
+    prepare(generate(SyntheticConfig(num_users=400, num_items=150, mean_events=12, num_topics=8)),
+            SplitConfig(max_history=10), path)
+    return path
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_on_the_concatenated_batch(parity_data, tmp_path):
+    for world in (1, 2):
+        mp.spawn(parity_worker, args=(world, free_port(), str(parity_data), str(tmp_path)), nprocs=world)
+    single = torch.load(tmp_path / "1-0.pt")
+    ranks = [torch.load(tmp_path / f"2-{r}.pt") for r in range(2)]
+    torch.testing.assert_close(torch.tensor(single["losses"]),
+                               (torch.tensor(ranks[0]["losses"]) + torch.tensor(ranks[1]["losses"])) / 2,
+                               rtol=1e-4, atol=1e-5)
+    for key, [(_, expected)] in single["params"].items():
+        if "mlp" in key:
+            for rank in ranks:
+                torch.testing.assert_close(rank["params"][key][0][1], expected, rtol=1e-4, atol=1e-6, msg=key)
+            continue
+        for rank in ranks:
+            for (r0, c0), shard in rank["params"].get(key, []):
+                torch.testing.assert_close(shard, expected[r0:r0 + shard.shape[0], c0:c0 + shard.shape[1]],
+                                           rtol=1e-4, atol=1e-6, msg=key)
