@@ -1,7 +1,7 @@
 """TorchX component for the training job: the same trainer, on any scheduler.
 
     torchx run -s local_cwd launch/components.py:train --nnodes 1 --nproc_per_node 2 \
-        --config configs/synthetic.yaml -- train.epochs=2
+        --config configs/synthetic.yaml train.epochs=2
     torchx run -s slurm      launch/components.py:train --nnodes 4 --nproc_per_node 8 --gpu 8 ...
     torchx run -s kubernetes launch/components.py:train --image my/registry/two-tower:tag ...
 

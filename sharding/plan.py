@@ -59,12 +59,18 @@ def pooling_factor(feature: str, meta: Metadata) -> float:
     return max(spec.mean_length, 1.0) if spec and spec.multi else 1.0
 
 
+def kernels(types: list[str], kernel: str) -> list[str]:
+    """The configured kernel; data-parallel tables can only use the dense one (replicated weights)."""
+    return [kernel] + (["dense"] if "data_parallel" in types and kernel != "dense" else [])
+
+
 def constraints(cfg: ShardingConfig, tables: list[EmbeddingBagConfig], meta: Metadata) -> dict:
-    return {t.name: ParameterConstraints(
-        sharding_types=cfg.per_table.get(t.name, cfg.sharding_types),
-        compute_kernels=[cfg.compute_kernel],
-        pooling_factors=[pooling_factor(f, meta) for f in t.feature_names],
-    ) for t in tables}
+    out = {}
+    for t in tables:
+        types = cfg.per_table.get(t.name, cfg.sharding_types)
+        out[t.name] = ParameterConstraints(sharding_types=types, compute_kernels=kernels(types, cfg.compute_kernel),
+                                           pooling_factors=[pooling_factor(f, meta) for f in t.feature_names])
+    return out
 
 
 def build_plan(module: torch.nn.Module, tables: list[EmbeddingBagConfig], cfg: ShardingConfig, meta: Metadata,

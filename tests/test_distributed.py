@@ -3,6 +3,7 @@ training exactly like 1 process on the concatenated batch."""
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from pathlib import Path
@@ -137,3 +138,51 @@ def test_two_processes_train_like_one_on_the_concatenated_batch(parity_data, tmp
             for (r0, c0), shard in rank["params"].get(key, []):
                 torch.testing.assert_close(shard, expected[r0:r0 + shard.shape[0], c0:c0 + shard.shape[1]],
                                            rtol=1e-4, atol=1e-6, msg=key)
+
+
+def sharding_worker(rank: int, world: int, port: int, data: str, sharding_type: str, out: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    from trainer import distributed
+    from trainer.config import load_config
+    from trainer.train import build
+
+    cfg = load_config(None, [f"data.path={data}", "loader.batch_size=32", "loader.num_negatives=16",
+                             "model.hidden_dims=[32]", "model.output_dim=16", "model.item_dim=16",
+                             "model.feature_dim=8", "tracking.enabled=false",
+                             f"sharding.sharding_types=[{sharding_type}]"])
+    job = build(cfg, distributed.init("cpu"))
+
+    def tables():
+        """This rank's copy of every table it holds: a local shard, or a replica (data-parallel)."""
+        out = {}
+        for key, value in job.dmp.state_dict().items():
+            if "embedding_bags" not in key:
+                continue
+            if not hasattr(value, "local_shards"):
+                out[key] = value.detach().clone()
+            elif value.local_shards():
+                out[key] = value.local_shards()[0].tensor.clone()
+        return out
+
+    before = tables()
+    iterator = iter(job.train_loader.epoch(0))
+    losses = [float(job.pipeline.progress(iterator)["loss"]) for _ in range(4)]
+    after = tables()
+    plan = json.loads(job.plan_json)
+    changed = {k: bool((before[k] - after[k]).abs().max() > 0) for k in before}
+    torch.save({"losses": losses, "types": {k: v["sharding_type"] for k, v in plan.items()}, "changed": changed},
+               Path(out) / f"{sharding_type}-{rank}.pt")
+    distributed.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding_type", ["table_wise", "column_wise", "table_column_wise", "data_parallel"])
+def test_each_cpu_sharding_type_trains_on_two_processes(parity_data, tmp_path, sharding_type):
+    mp.spawn(sharding_worker, args=(2, free_port(), str(parity_data), sharding_type, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"{sharding_type}-{rank}.pt")
+        assert set(result["types"].values()) == {sharding_type}, result["types"]
+        assert all(np.isfinite(result["losses"]))
+        assert result["changed"] and all(result["changed"].values()), ("every local table shard was updated",
+                                                                       result["changed"])

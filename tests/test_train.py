@@ -49,7 +49,7 @@ def test_pipelined_losses_equal_the_plain_loop(tiny_data):
         loss.backward()
         plain.pipeline._optimizer.step()
         plain.pipeline._optimizer.zero_grad()
-        plain_losses.append(float(loss))
+        plain_losses.append(float(loss.detach()))
     assert plain_losses[0] != plain_losses[-1], "training moved the parameters"
     torch.testing.assert_close(torch.tensor(pipeline_losses), torch.tensor(plain_losses), rtol=1e-5, atol=1e-6)
 

@@ -6,6 +6,7 @@ rank): only the environment differs.
 
 from __future__ import annotations
 
+import json
 import platform
 import random
 import subprocess
@@ -174,7 +175,7 @@ def fit(job: Job, tracker: Tracker | None) -> dict:
         tracker.log_text(job.plan_json, "sharding_plan.json")
     metric = cfg.train.early_stopping_metric
     best_value, best_epoch, best_test, patience, step = -1.0, -1, None, cfg.train.early_stopping_patience, 0
-    history = []
+    history, throughput = [], []
     examples_per_step = cfg.loader.batch_size * env.world_size
     for epoch in range(cfg.train.epochs):
         data = TimedIterator(job.train_loader.epoch(epoch))
@@ -193,8 +194,8 @@ def fit(job: Job, tracker: Tracker | None) -> dict:
             if step % cfg.train.log_every == 0:
                 elapsed = time.perf_counter() - window_start
                 wait_share = (data.wait - window_wait) / max(elapsed, 1e-9)
-                values = {"train/loss": float(np.mean(losses)),
-                          "train/examples_per_s": window_steps * examples_per_step / elapsed,
+                throughput.append(window_steps * examples_per_step / elapsed)
+                values = {"train/loss": float(np.mean(losses)), "train/examples_per_s": throughput[-1],
                           "train/data_wait_share": wait_share, "train/lr_dense": cfg.optim.dense_lr,
                           "train/lr_sparse": cfg.optim.sparse_lr, "train/temperature": cfg.loss.temperature}
                 bar.set_postfix(loss=f"{values['train/loss']:.3f}", ex_s=f"{values['train/examples_per_s']:,.0f}",
@@ -222,7 +223,9 @@ def fit(job: Job, tracker: Tracker | None) -> dict:
         if cfg.train.max_steps and step >= cfg.train.max_steps:
             break
     summary = {"best_epoch": best_epoch, "steps": step, "valid": history[best_epoch] if history else {},
-               "test": best_test, "history": history}
+               "test": best_test, "history": history, "sharding_plan": json.loads(job.plan_json),
+               # The first window includes pipeline fill and loader start-up.
+               "train_examples_per_s": float(np.median(throughput[1:] or throughput or [0.0]))}
     if cfg.eval.popularity_baseline:
         popularity = popularity_scorer(job.train_loader.catalogue.freq)
         summary["popularity_valid"] = run_eval(job, "valid", popularity)
