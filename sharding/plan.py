@@ -1,5 +1,9 @@
 """Builds the sharding plan with TorchRec's planner, from the real topology and data statistics.
 
+    python -m sharding.plan --config configs/X.yaml --world-size N [--device cuda --hbm-gb 80] [key=value ...]
+
+plans the job's tables for a hypothetical cluster without starting it (planning on paper).
+
 Batch size and per-feature pooling factors come from the prepared data's metadata, not from the
 planner's defaults; allowed sharding types and the compute kernel come from config and are
 checked against what the device can run before any work starts.
@@ -7,7 +11,9 @@ checked against what the device can run before any work starts.
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 
 import torch
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -103,3 +109,34 @@ def plan_as_json(plan: ShardingPlan) -> str:
             out[f"{module_path}.{table}"] = {"sharding_type": spec.sharding_type,
                                              "compute_kernel": spec.compute_kernel, "shards": shards}
     return json.dumps(out, indent=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data.errors import DataError
+    from trainer.config import ConfigError, load_config
+    from trainer.model import TwoTower
+
+    parser = argparse.ArgumentParser(prog="python -m sharding.plan", description="Plans the job's tables for a "
+                                     "cluster of the given size without starting it.")
+    parser.add_argument("--config")
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--hbm-gb", type=float, help="memory per device (GPU HBM), in GiB")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        meta = Metadata.load(cfg.data.path)
+        towers = TwoTower(meta, cfg.loader, cfg.model, torch.device("meta"))
+        plan = build_plan(towers, towers.tables, cfg.sharding, meta, cfg.loader.batch_size + cfg.loader.num_negatives,
+                          args.world_size, torch.device(args.device), hbm_gb=args.hbm_gb)
+    except (ConfigError, DataError, ShardingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(plan_as_json(plan) if args.json else plan)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,8 +12,8 @@ from data.prepare import prepare
 from data.schema import Metadata
 from data.splits import SplitConfig
 from data.synthetic import SyntheticConfig, generate
-from sharding.__main__ import main as plan_main
 from sharding.plan import ShardingError, check_types, pooling_factor
+from sharding.plan import main as plan_main
 from trainer.config import ModelConfig, ShardingConfig
 from trainer.model import table_configs
 

@@ -47,8 +47,8 @@ def test_pipelined_losses_equal_the_plain_loop(tiny_data):
     for batch in batches:
         loss, _ = plain.dmp(batch)
         loss.backward()
-        plain.pipeline._optimizer.step()
-        plain.pipeline._optimizer.zero_grad()
+        plain.dense_optimizer.step()
+        plain.dense_optimizer.zero_grad()
         plain_losses.append(float(loss.detach()))
     assert plain_losses[0] != plain_losses[-1], "training moved the parameters"
     torch.testing.assert_close(torch.tensor(pipeline_losses), torch.tensor(plain_losses), rtol=1e-5, atol=1e-6)

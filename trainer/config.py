@@ -84,6 +84,13 @@ class ShardingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    dir: str = ""  # empty: no checkpoints; otherwise the job resumes from the latest one here
+    every_steps: int = 0  # also checkpoint every N steps (0: only at the end of each epoch)
+    keep_last: int = 3
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else the embedded sqlite:///mlflow.db
@@ -103,6 +110,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
@@ -130,6 +138,8 @@ def validate(cfg: JobConfig) -> None:
                           f"<{'|'.join(METRICS[:-1])}|coverage>@K with K in eval.ks {cfg.eval.ks}")
     if cfg.train.epochs < 1 or cfg.train.log_every < 1 or cfg.train.max_steps < 0:
         raise ConfigError("train.epochs and train.log_every must be >= 1, train.max_steps >= 0")
+    if cfg.checkpoint.keep_last < 1 or cfg.checkpoint.every_steps < 0:
+        raise ConfigError("checkpoint.keep_last must be >= 1 and checkpoint.every_steps >= 0")
     if not cfg.eval.ks or min(cfg.eval.ks) < 1:
         raise ConfigError("eval.ks must list positive cut-offs")
     if cfg.model.item_dim % 4 or cfg.model.feature_dim % 4:

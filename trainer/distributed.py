@@ -47,12 +47,24 @@ def init(device: str, timeout_s: int = 600) -> Env:
     dev = pick_device(device, local_rank)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        if "MASTER_ADDR" in os.environ:
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            dist.init_process_group(backend, store=elastic_store(rank, world, timeout_s), rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=timeout_s))
+        elif "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         else:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                                     timeout=timedelta(seconds=timeout_s))
     return Env(rank, world, local_rank, dev, backend)
+
+
+def elastic_store(rank: int, world: int, timeout_s: int) -> dist.Store:
+    """torchrun's store, namespaced by restart attempt: torchrun reuses its agent store across restarts,
+    and keys left by the previous attempt's ranks (their gloo addresses) would otherwise be read."""
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_hosts_store and rank == 0, timeout=timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"two-tower/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def shutdown() -> None:

@@ -30,10 +30,10 @@ from tqdm import tqdm
 from data.loader import ExampleLoader
 from data.schema import Metadata
 from sharding.plan import build_plan, check_types, plan_as_json
-from trainer import distributed
+from trainer import checkpoint, distributed
 from trainer.config import CPU_FUSED_OPTIMIZERS, ConfigError, JobConfig, dump, flatten, to_dict
 from trainer.evaluate import evaluate, item_kjt_chunks, popularity_scorer
-from trainer.loss import CandidateLogQ, RetrievalLoss
+from trainer.loss import CandidateLogQ, RetrievalLoss, StreamingFrequency
 from trainer.model import RetrievalModel, TwoTower, table_configs
 from trainer.tracking import Tracker
 
@@ -77,6 +77,8 @@ class Job:
     towers: TwoTower
     dmp: DistributedModelParallel
     pipeline: TrainPipelineSparseDist
+    dense_optimizer: KeyedOptimizerWrapper
+    streaming_frequency: StreamingFrequency | None
     plan_text: str
     plan_json: str
 
@@ -105,7 +107,8 @@ def build(cfg: JobConfig, env: distributed.Env) -> Job:
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
                                   lambda params: OPTIMIZERS[cfg.optim.dense](params, lr=cfg.optim.dense_lr))
     pipeline = TrainPipelineSparseDist(dmp, dense, env.device)
-    return Job(cfg, env, meta, train_loader, dmp.module.towers, dmp, pipeline, str(plan), plan_as_json(plan))
+    return Job(cfg, env, meta, train_loader, dmp.module.towers, dmp, pipeline, dense,
+               log_q.streaming if log_q else None, str(plan), plan_as_json(plan))
 
 
 def model_scorer(job: Job):
@@ -151,9 +154,11 @@ def environment_params(env: distributed.Env) -> dict[str, str]:
 
 def train(cfg: JobConfig) -> dict:
     env = distributed.init(cfg.train.device, cfg.train.collective_timeout_s)
-    tracker = Tracker(cfg.tracking) if cfg.tracking.enabled and env.is_main else None
+    resume = checkpoint.latest(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+    run_id = checkpoint.read_state(resume).get("run_id") if resume else None
+    tracker = Tracker(cfg.tracking, run_id) if cfg.tracking.enabled and env.is_main else None
     try:
-        summary = fit(build(cfg, env), tracker)
+        summary = fit(build(cfg, env), tracker, resume)
     except BaseException:
         if tracker:
             tracker.finish("FAILED")
@@ -164,34 +169,56 @@ def train(cfg: JobConfig) -> dict:
     return summary
 
 
-def fit(job: Job, tracker: Tracker | None) -> dict:
+def initial_state(cfg: JobConfig, tracker: Tracker | None) -> dict:
+    """The loop's position and model-selection state: what a checkpoint needs to resume exactly.
+    Rank 0 owns the MLflow run; every rank learns its id, which is kept with each checkpoint."""
+    run_id = [tracker.run_id if tracker else None]
+    torch.distributed.broadcast_object_list(run_id, src=0)
+    return {"epoch": 0, "batch": 0, "step": 0, "best_value": -1.0, "best_epoch": -1, "best_test": None,
+            "patience": cfg.train.early_stopping_patience, "stopped": False, "history": [], "run_id": run_id[0]}
+
+
+def fit(job: Job, tracker: Tracker | None, resume: Path | None = None) -> dict:
     cfg, env = job.cfg, job.env
     if env.is_main:
         print(job.plan_text)
-    if tracker:
+    state = initial_state(cfg, tracker)
+    if resume:
+        state.update(checkpoint.load(job, resume))
+        if env.is_main:
+            print(f"resumed from {resume} at epoch {state['epoch']}, batch {state['batch']}, step {state['step']}")
+    elif tracker:
         tracker.log_params({**flatten(to_dict(cfg)), **environment_params(env)})
         tracker.log_text(dump(cfg), "config.yaml")
         tracker.log_text(job.plan_text, "sharding_plan.txt")
         tracker.log_text(job.plan_json, "sharding_plan.json")
-    metric = cfg.train.early_stopping_metric
-    best_value, best_epoch, best_test, patience, step = -1.0, -1, None, cfg.train.early_stopping_patience, 0
-    history, throughput = [], []
+
+    def save(epoch: int, batch: int) -> None:
+        if cfg.checkpoint.dir:
+            position = {**state, "epoch": epoch, "batch": batch}
+            checkpoint.save(job, cfg.checkpoint.dir, position, cfg.checkpoint.keep_last)
+
+    metric, throughput = cfg.train.early_stopping_metric, []
     examples_per_step = cfg.loader.batch_size * env.world_size
-    for epoch in range(cfg.train.epochs):
-        data = TimedIterator(job.train_loader.epoch(epoch))
-        bar = tqdm(total=len(job.train_loader), desc=f"epoch {epoch}", unit="batch", disable=not env.is_main,
-                   mininterval=0.5 if sys.stderr.isatty() else 30)
+    for epoch in range(state["epoch"], cfg.train.epochs):
+        if state["stopped"]:
+            break
+        batch = state["batch"] if epoch == state["epoch"] else 0
+        data = TimedIterator(job.train_loader.epoch(epoch, start_batch=batch))
+        bar = tqdm(total=len(job.train_loader), initial=batch, desc=f"epoch {epoch}", unit="batch",
+                   disable=not env.is_main, mininterval=0.5 if sys.stderr.isatty() else 30)
         window_start, window_wait, window_steps, losses = time.perf_counter(), 0.0, 0, []
         while True:
             try:
                 stats = job.pipeline.progress(data)
             except StopIteration:
                 break
-            step += 1
+            state["step"] += 1
+            batch += 1
             window_steps += 1
             losses.append(float(stats["loss"]))
             bar.update()
-            if step % cfg.train.log_every == 0:
+            if state["step"] % cfg.train.log_every == 0:
                 elapsed = time.perf_counter() - window_start
                 wait_share = (data.wait - window_wait) / max(elapsed, 1e-9)
                 throughput.append(window_steps * examples_per_step / elapsed)
@@ -201,29 +228,32 @@ def fit(job: Job, tracker: Tracker | None) -> dict:
                 bar.set_postfix(loss=f"{values['train/loss']:.3f}", ex_s=f"{values['train/examples_per_s']:,.0f}",
                                 wait=f"{wait_share:.0%}", refresh=False)
                 if tracker:
-                    tracker.log_metrics(values, step)
+                    tracker.log_metrics(values, state["step"])
                 window_start, window_wait, window_steps, losses = time.perf_counter(), data.wait, 0, []
-            if cfg.train.max_steps and step >= cfg.train.max_steps:
+            if cfg.checkpoint.every_steps and state["step"] % cfg.checkpoint.every_steps == 0:
+                save(epoch, batch)
+            if cfg.train.max_steps and state["step"] >= cfg.train.max_steps:
+                state["stopped"] = True
                 break
         bar.close()
         valid = run_eval(job, "valid")
-        history.append({"epoch": epoch, "step": step, **valid})
+        state["history"].append({"epoch": epoch, "step": state["step"], **valid})
         if tracker:
-            tracker.log_metrics({f"valid/{k}": v for k, v in valid.items() if k != "users"}, step)
+            tracker.log_metrics({f"valid/{k}": v for k, v in valid.items() if k != "users"}, state["step"])
         if env.is_main:
-            print(f"epoch {epoch} step {step}: " + ", ".join(f"{k}={valid[k]:.4f}" for k in sorted(valid)
-                                                             if k.startswith(("hr@", "ndcg@", "mrr"))))
-        if valid[metric] > best_value:
-            best_value, best_epoch, patience = valid[metric], epoch, cfg.train.early_stopping_patience
-            best_test = run_eval(job, "test")  # kept, not looked at: reported once, for the selected epoch
+            print(f"epoch {epoch} step {state['step']}: " + ", ".join(
+                f"{k}={valid[k]:.4f}" for k in sorted(valid) if k.startswith(("hr@", "ndcg@", "mrr"))))
+        if valid[metric] > state["best_value"]:
+            state.update(best_value=valid[metric], best_epoch=epoch, patience=cfg.train.early_stopping_patience)
+            state["best_test"] = run_eval(job, "test")  # kept, not looked at: reported once, for the selected epoch
         else:
-            patience -= 1
-            if patience < 0:
-                break
-        if cfg.train.max_steps and step >= cfg.train.max_steps:
-            break
-    summary = {"best_epoch": best_epoch, "steps": step, "valid": history[best_epoch] if history else {},
-               "test": best_test, "history": history, "sharding_plan": json.loads(job.plan_json),
+            state["patience"] -= 1
+            state["stopped"] |= state["patience"] < 0
+        save(epoch + 1, 0)
+    history, best_epoch = state["history"], state["best_epoch"]
+    summary = {"best_epoch": best_epoch, "steps": state["step"],
+               "valid": next((h for h in history if h["epoch"] == best_epoch), {}), "test": state["best_test"],
+               "history": history, "sharding_plan": json.loads(job.plan_json),
                # The first window includes pipeline fill and loader start-up.
                "train_examples_per_s": float(np.median(throughput[1:] or throughput or [0.0]))}
     if cfg.eval.popularity_baseline:
@@ -231,10 +261,10 @@ def fit(job: Job, tracker: Tracker | None) -> dict:
         summary["popularity_valid"] = run_eval(job, "valid", popularity)
         summary["popularity_test"] = run_eval(job, "test", popularity)
     if tracker:
-        tracker.log_metrics({f"test/{k}": v for k, v in best_test.items() if k != "users"}, step)
+        tracker.log_metrics({f"test/{k}": v for k, v in summary["test"].items() if k != "users"}, state["step"])
         if cfg.eval.popularity_baseline:
             tracker.log_metrics({f"popularity_test/{k}": v for k, v in summary["popularity_test"].items()
-                                 if k != "users"}, step)
+                                 if k != "users"}, state["step"])
         tracker.log_json(eval_table(summary), "eval_table.json")
     return summary
 

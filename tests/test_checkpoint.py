@@ -1,0 +1,119 @@
+"""Checkpoint and resume: exact in dev mode, atomic on disk, and surviving a SIGKILLed rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from data.loader import ExampleLoader, LoaderConfig
+from data.prepare import prepare
+from data.splits import SplitConfig
+from data.synthetic import SyntheticConfig, generate
+from trainer import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["loader.batch_size=64", "loader.num_negatives=32", "model.hidden_dims=[32]", "model.output_dim=16",
+        "model.item_dim=16", "model.feature_dim=8", "eval.batch_size=256", "eval.popularity_baseline=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "tiny"
+    prepare(generate(SyntheticConfig(num_users=800, num_items=300, mean_events=15, num_topics=12)),
+            SplitConfig(max_history=20), path)
+    return path
+
+
+def trainer_cmd(data: Path, ckpt: Path, summary: Path, *extra: str) -> list[str]:
+    return ["-m", "trainer", f"data.path={data}", *TINY, f"checkpoint.dir={ckpt}", "--summary", str(summary), *extra]
+
+
+def test_latest_skips_incomplete_checkpoints(tmp_path):
+    for name in ("step-000000010", "step-000000020"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / checkpoint.STATE_FILE).write_text("{}")
+    (tmp_path / ".step-000000030.tmp").mkdir()  # interrupted while DCP was writing
+    (tmp_path / "step-000000040").mkdir()  # renamed without its state: never chosen either
+    assert checkpoint.latest(tmp_path) == tmp_path / "step-000000020"
+    assert checkpoint.latest(tmp_path / "nowhere") is None
+
+
+@pytest.mark.slow
+def test_resume_from_a_mid_epoch_checkpoint_is_exact(tiny_data, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    args = ["train.epochs=2", "tracking.enabled=false", "checkpoint.every_steps=50", "checkpoint.keep_last=10"]
+    subprocess.run([sys.executable, *trainer_cmd(tiny_data, ckpt, tmp_path / "a.json", *args)], cwd=ROOT,
+                   check=True, capture_output=True)
+    steps = sorted(p.name for p in ckpt.iterdir())
+    assert steps == ["step-000000050", "step-000000100", "step-000000140", "step-000000150", "step-000000200",
+                     "step-000000250", "step-000000280"], "every 50 steps and at each epoch end (140 batches)"
+    for later in steps[steps.index("step-000000200") + 1:]:
+        shutil.rmtree(ckpt / later)
+    out = subprocess.run([sys.executable, *trainer_cmd(tiny_data, ckpt, tmp_path / "b.json", *args)], cwd=ROOT,
+                         check=True, capture_output=True, text=True).stdout
+    assert "resumed from" in out and "epoch 1, batch 60, step 200" in out
+    first, resumed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert resumed["steps"] == first["steps"] == 280
+    assert resumed["test"] == first["test"] and resumed["history"] == first["history"], "bit-for-bit the same"
+
+
+def workers_of(agent: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process(agent.pid).children(recursive=True) if "trainer" in " ".join(p.cmdline())]
+
+
+def start_and_kill_a_rank(tiny_data: Path, tmp_path: Path, max_restarts: int, *extra: str):
+    ckpt = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max_restarts", str(max_restarts), *trainer_cmd(tiny_data, ckpt, tmp_path / "summary.json", *extra)]
+    agent = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while checkpoint.latest(ckpt) is None and time.monotonic() < deadline and agent.poll() is None:
+            time.sleep(0.05)
+        assert checkpoint.latest(ckpt) is not None, "a checkpoint was written before the kill"
+        victims = workers_of(agent)
+        assert len(victims) == 2, [p.cmdline() for p in victims]
+        killed_at = time.monotonic()
+        os.kill(victims[-1].pid, signal.SIGKILL)
+        out, _ = agent.communicate(timeout=600)
+        return agent.returncode, out, time.monotonic() - killed_at
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_sigkilled_rank_restarts_resumes_and_finishes_in_the_same_run(tiny_data, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, out, _ = start_and_kill_a_rank(tiny_data, tmp_path, 1, "train.epochs=3", "checkpoint.every_steps=10",
+                                         f"tracking.uri={uri}")
+    assert code == 0, out[-4000:]
+    assert "resumed from" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    per_rank = len(ExampleLoader(tiny_data, LoaderConfig(batch_size=64), rank=0, world_size=2))
+    assert summary["steps"] == 3 * per_rank, "the step count of an uninterrupted run"
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("two-tower").experiment_id])
+    assert [r.info.run_id for r in runs] == [summary["run_id"]], "the restart continued the same MLflow run"
+    assert runs[0].info.status == "FINISHED"
+    assert len(client.get_metric_history(summary["run_id"], "valid/ndcg_at_10")) == 3
+
+
+@pytest.mark.slow
+def test_killed_rank_without_restarts_fails_the_job_within_the_timeout(tiny_data, tmp_path):
+    timeout_s = 30
+    code, out, seconds = start_and_kill_a_rank(tiny_data, tmp_path, 0, "train.epochs=3", "checkpoint.every_steps=10",
+                                               "tracking.enabled=false", f"train.collective_timeout_s={timeout_s}")
+    assert code != 0, out[-3000:]
+    assert seconds < timeout_s + 60, f"the job hung for {seconds:.0f} s after the kill"
