@@ -15,6 +15,9 @@ from data import schema
 from data.ragged import list_array
 
 ROOT = Path(__file__).resolve().parents[1]
+# A model small enough for multi-process tests on 2 cores.
+TINY_MODEL = ["loader.batch_size=64", "loader.num_negatives=32", "model.hidden_dims=[32]", "model.output_dim=16",
+              "model.item_dim=16", "model.feature_dim=8", "eval.batch_size=256"]
 DATASETS = Path(os.environ.get("TWO_TOWER_DATASETS", ROOT.parent / "shared" / "datasets"))
 
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -86,3 +89,16 @@ def fake_prepared(tmp_path):
         info = write_fake_prepared(path, np.random.default_rng(seed), list(file_sizes), row_group, **kwargs)
         return path, info
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """800 synthetic users, 300 items: a few seconds per epoch."""
+    from data.prepare import prepare
+    from data.splits import SplitConfig
+    from data.synthetic import SyntheticConfig, generate
+
+    path = tmp_path_factory.mktemp("data") / "tiny"
+    prepare(generate(SyntheticConfig(num_users=800, num_items=300, mean_events=15, num_topics=12)),
+            SplitConfig(max_history=20), path)
+    return path

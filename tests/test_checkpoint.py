@@ -16,22 +16,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from data.loader import ExampleLoader, LoaderConfig
-from data.prepare import prepare
-from data.splits import SplitConfig
-from data.synthetic import SyntheticConfig, generate
+from tests.conftest import TINY_MODEL
 from trainer import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["loader.batch_size=64", "loader.num_negatives=32", "model.hidden_dims=[32]", "model.output_dim=16",
-        "model.item_dim=16", "model.feature_dim=8", "eval.batch_size=256", "eval.popularity_baseline=false"]
+TINY = TINY_MODEL + ["eval.popularity_baseline=false"]
 
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "tiny"
-    prepare(generate(SyntheticConfig(num_users=800, num_items=300, mean_events=15, num_topics=12)),
-            SplitConfig(max_history=20), path)
-    return path
 
 
 def trainer_cmd(data: Path, ckpt: Path, summary: Path, *extra: str) -> list[str]:

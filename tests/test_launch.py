@@ -11,14 +11,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from data.prepare import prepare
-from data.splits import SplitConfig
-from data.synthetic import SyntheticConfig, generate
+from tests.conftest import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY = ["loader.batch_size=64", "loader.num_negatives=32", "model.hidden_dims=[32]", "model.output_dim=16",
-        "model.item_dim=16", "model.feature_dim=8", "eval.batch_size=256", "train.epochs=2", "train.log_every=5"]
+TINY = TINY_MODEL + ["train.epochs=2", "train.log_every=5"]
 
 
 def torchx(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -49,13 +46,6 @@ def test_slurm_dryrun_renders_the_job():
     assert out.count("python -m torch.distributed.run") == 2
     assert "--nnodes 2 --nproc_per_node 4 --max_restarts 1 -m trainer --config configs/synthetic.yaml" in out
 
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "tiny"
-    prepare(generate(SyntheticConfig(num_users=800, num_items=300, mean_events=15, num_topics=12)),
-            SplitConfig(max_history=20), path)
-    return path
 
 
 @pytest.mark.slow

@@ -14,23 +14,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from data.prepare import prepare
-from data.splits import SplitConfig
-from data.synthetic import SyntheticConfig, generate
+from tests.conftest import TINY_MODEL
 from trainer.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
-TINY = ["loader.batch_size=64", "loader.num_negatives=32", "model.hidden_dims=[32]", "model.output_dim=16",
-        "model.item_dim=16", "model.feature_dim=8", "eval.batch_size=256"]
+TINY = TINY_MODEL
 
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "tiny"
-    prepare(generate(SyntheticConfig(num_users=800, num_items=300, mean_events=15, num_topics=12)),
-            SplitConfig(max_history=20), path)
-    return path
 
 
 class Server:

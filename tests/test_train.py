@@ -7,26 +7,14 @@ import copy
 import pytest
 import torch
 
-from data.prepare import prepare
-from data.splits import SplitConfig
-from data.synthetic import SyntheticConfig, generate
+from tests.conftest import TINY_MODEL
 from trainer import distributed
 from trainer.config import ConfigError, JobConfig, load_config
 from trainer.train import build, train
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "tiny"
-    prepare(generate(SyntheticConfig(num_users=800, num_items=300, mean_events=15, num_topics=12)),
-            SplitConfig(max_history=20), path)
-    return path
-
-
 def tiny_config(path, **overrides) -> JobConfig:
-    base = [f"data.path={path}", "loader.batch_size=64", "loader.num_negatives=32", "model.hidden_dims=[32]",
-            "model.output_dim=16", "model.item_dim=16", "model.feature_dim=8", "tracking.enabled=false",
-            "eval.batch_size=256", "train.log_every=5"]
+    base = [f"data.path={path}", *TINY_MODEL, "tracking.enabled=false", "train.log_every=5"]
     return load_config(None, base + [f"{k}={v}" for k, v in overrides.items()])
 
 
