@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.conftest import TINY_MODEL
+from tests.conftest import ROOT, TINY_MODEL
 from trainer import distributed
 from trainer.config import ConfigError, JobConfig, load_config
 from trainer.train import build, train
@@ -71,3 +74,17 @@ def test_adam_on_cpu_is_refused_before_work(tiny_data):
     cfg = tiny_config(tiny_data, **{"optim.sparse": "adam"})
     with pytest.raises(ConfigError, match="needs a GPU"):
         build(cfg, distributed.init("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (nccl, FBGEMM CUDA kernels, fused Adam)")
+def test_gpu_dev_mode_trains_with_fused_adam_on_nccl(tiny_data, tmp_path):
+    """A fresh process, so the process group is created for CUDA (nccl), not reused from CPU tests."""
+    summary = tmp_path / "summary.json"
+    result = subprocess.run([sys.executable, "-m", "trainer", f"data.path={tiny_data}", *TINY_MODEL,
+                             "tracking.enabled=false", "train.device=cuda", "optim.sparse=adam", "train.epochs=2",
+                             "sharding.sharding_types=[row_wise,table_wise]", "--summary", str(summary)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank:0/cuda:0" in result.stdout, "tables placed on the GPU"
+    metrics = json.loads(summary.read_text())
+    assert metrics["test"]["hr@50"] > metrics["popularity_test"]["hr@50"]
