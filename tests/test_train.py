@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +54,19 @@ def test_dev_mode_training_beats_popularity_and_is_reproducible(tiny_data):
     assert first["test"]["users"] == 800
     second = train(cfg)
     assert second["test"] == first["test"], "same config and data give the same metrics"
+
+
+def test_streaming_frequency_separate_item_tables_and_user_id_train(tiny_data):
+    cfg = tiny_config(tiny_data, **{"loss.frequency": "streaming", "model.share_item_table": "false",
+                                    "loader.use_user_id": "true"})
+    job = build(cfg, distributed.init("cpu"))
+    assert {"history_item_ids", "candidate_item_ids", "user_ids"} <= {t.name for t in job.towers.tables}
+    assert "user_id" in job.towers.query_keys
+    iterator = iter(job.train_loader.epoch(0))
+    losses = [float(job.pipeline.progress(iterator)["loss"]) for _ in range(8)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert job.streaming_frequency is not None and job.streaming_frequency.step == 8, "updated once per step"
+    assert (job.streaming_frequency.gap > 0).sum() > 50, "positives seen so far have frequency estimates"
 
 
 def test_config_is_strict():
