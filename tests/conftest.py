@@ -91,14 +91,20 @@ def fake_prepared(tmp_path):
     return build
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
-    """800 synthetic users, 300 items: a few seconds per epoch."""
+def synthetic_dataset(tmp_path_factory, name: str, users: int, items: int, mean_events: float, topics: int,
+                      max_history: int) -> Path:
+    """A small synthetic dataset, prepared through the same code path as real data."""
     from data.prepare import prepare
     from data.splits import SplitConfig
     from data.synthetic import SyntheticConfig, generate
 
-    path = tmp_path_factory.mktemp("data") / "tiny"
-    prepare(generate(SyntheticConfig(num_users=800, num_items=300, mean_events=15, num_topics=12)),
-            SplitConfig(max_history=20), path)
+    path = tmp_path_factory.mktemp("data") / name
+    prepare(generate(SyntheticConfig(num_users=users, num_items=items, mean_events=mean_events, num_topics=topics)),
+            SplitConfig(max_history=max_history), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """800 synthetic users, 300 items: a few seconds per epoch."""
+    return synthetic_dataset(tmp_path_factory, "tiny", 800, 300, 15, 12, 20)

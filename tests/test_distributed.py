@@ -16,9 +16,7 @@ import torch.multiprocessing as mp
 
 from data.batch import TrainBatch
 from data.loader import ExampleLoader, make_kjt
-from data.prepare import prepare
-from data.splits import SplitConfig
-from data.synthetic import SyntheticConfig, generate
+from tests.conftest import synthetic_dataset
 from trainer.collectives import all_gather_with_grad
 from trainer.distributed import free_port
 
@@ -114,10 +112,7 @@ def parity_worker(rank: int, world: int, port: int, data: str, out: str) -> None
 
 @pytest.fixture(scope="module")
 def parity_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "parity"
-    prepare(generate(SyntheticConfig(num_users=400, num_items=150, mean_events=12, num_topics=8)),
-            SplitConfig(max_history=10), path)
-    return path
+    return synthetic_dataset(tmp_path_factory, "parity", 400, 150, 12, 8, 10)
 
 
 @pytest.mark.slow

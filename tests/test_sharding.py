@@ -8,22 +8,17 @@ import pytest
 import torch
 
 from data.loader import LoaderConfig
-from data.prepare import prepare
 from data.schema import Metadata
-from data.splits import SplitConfig
-from data.synthetic import SyntheticConfig, generate
 from sharding.plan import ShardingError, check_types, pooling_factor
 from sharding.plan import main as plan_main
+from tests.conftest import synthetic_dataset
 from trainer.config import ModelConfig, ShardingConfig
 from trainer.model import table_configs
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "small"
-    prepare(generate(SyntheticConfig(num_users=300, num_items=100, mean_events=12, num_topics=8)),
-            SplitConfig(max_history=20), path)
-    return path
+    return synthetic_dataset(tmp_path_factory, "small", 300, 100, 12, 8, 20)
 
 
 def test_row_wise_on_cpu_fails_fast_naming_the_possible_types(small):
