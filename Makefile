@@ -18,7 +18,7 @@ $(STAMP): $(REQS)
 		$(PY) -m pip install -q -r requirements.txt; \
 	fi
 	$(PY) -m pip install -q --no-deps -r requirements-torchrec.txt
-	$(PY) -c "import torchrec, fbgemm_gpu, pyarrow, mlflow, torchx"
+	$(PY) -c "import torchrec, fbgemm_gpu, pyarrow, mlflow, torchx, faiss"
 	touch $(STAMP)
 
 demo: setup

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
+from bench.common import machine, peak_rss_mib  # noqa: E402
 from data import schema  # noqa: E402
 from data.batch import TrainBatch  # noqa: E402
 from data.loader import ExampleLoader, LoaderConfig  # noqa: E402
@@ -136,10 +136,7 @@ def rss_child(directory: str) -> None:
     rows = 0
     for batch in loader.epoch(0):
         rows += int(batch.row_mask.sum())
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) parent process.
-    status = Path("/proc/self/status").read_text()
-    peak = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024
-    print(json.dumps({"examples": rows, "rss_before_mib": before, "peak_rss_mib": peak}))
+    print(json.dumps({"examples": rows, "rss_before_mib": before, "peak_rss_mib": peak_rss_mib()}))
 
 
 def rss(scale_users: list[int], workdir: Path) -> dict:
@@ -175,7 +172,7 @@ def main() -> None:
     if not (ml1m / schema.METADATA_FILE).exists():
         prepare(read_movielens(args.ml1m), SplitConfig(), ml1m, overwrite=True)
     result = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "machine": machine(),
         "setup": {"batch_size": BATCH, "negatives": NEGATIVES, "sampler": "unigram^0.75", "runs": args.runs,
                   "batches_per_run": args.batches, "dataset": "ML-1M leave-one-out, max history 50"},
         "throughput_ml1m": throughput(ml1m, args.runs, args.batches),

@@ -15,12 +15,21 @@ from data import schema
 from data.ragged import list_array
 
 ROOT = Path(__file__).resolve().parents[1]
-# A model small enough for multi-process tests on 2 cores.
+# A model small enough for multi-process tests on 2 cores. Export is off unless a test turns it on
+# (with a tmp export.dir), so tests never write into the project's exports/.
 TINY_MODEL = ["loader.batch_size=64", "loader.num_negatives=32", "model.hidden_dims=[32]", "model.output_dim=16",
-              "model.item_dim=16", "model.feature_dim=8", "eval.batch_size=256"]
+              "model.item_dim=16", "model.feature_dim=8", "eval.batch_size=256", "export.enabled=false"]
 DATASETS = Path(os.environ.get("TWO_TOWER_DATASETS", ROOT.parent / "shared" / "datasets"))
 
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def tiny_config(path, **overrides):
+    """A dev-mode JobConfig of the tiny model on `path`, untracked; overrides as section.key=value."""
+    from trainer.config import load_config
+
+    base = [f"data.path={path}", *TINY_MODEL, "tracking.enabled=false", "train.log_every=5"]
+    return load_config(None, base + [f"{k}={v}" for k, v in overrides.items()])
 
 
 def dataset_dir(name: str) -> Path:

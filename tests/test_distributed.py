@@ -1,5 +1,6 @@
-"""Cross-rank behaviour with real processes on gloo: the gradient of the all-gather, and 2 processes
-training exactly like 1 process on the concatenated batch."""
+"""Cross-rank behaviour with real processes on gloo: the gradient of the all-gather, 2 processes
+training exactly like 1 process on the concatenated batch, every CPU sharding type, and exporting
+what they wrote."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from data.loader import ExampleLoader, make_kjt
 from tests.conftest import synthetic_dataset
 from trainer.collectives import all_gather_with_grad
 from trainer.distributed import free_port
+from trainer.export import export
+from trainer.serving import ExportedModel
 
 B, S, STEPS = 32, 16, 3
 
@@ -138,9 +141,10 @@ def test_two_processes_train_like_one_on_the_concatenated_batch(parity_data, tmp
 def sharding_worker(rank: int, world: int, port: int, data: str, sharding_type: str, out: str) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    from trainer import distributed
+    from trainer import checkpoint, distributed
     from trainer.config import load_config
-    from trainer.train import build
+    from trainer.plain import kjt_features
+    from trainer.train import build, eval_loader_cfg, model_scorer
 
     cfg = load_config(None, [f"data.path={data}", "loader.batch_size=32", "loader.num_negatives=16",
                              "model.hidden_dims=[32]", "model.output_dim=16", "model.item_dim=16",
@@ -166,7 +170,12 @@ def sharding_worker(rank: int, world: int, port: int, data: str, sharding_type: 
     after = tables()
     plan = json.loads(job.plan_json)
     changed = {k: bool((before[k] - after[k]).abs().max() > 0) for k in before}
-    torch.save({"losses": losses, "types": {k: v["sharding_type"] for k, v in plan.items()}, "changed": changed},
+    # The sharded model's scores on this rank's first validation batch, and its weights for export.
+    checkpoint.save_model(job, Path(out) / f"{sharding_type}-model", {"epoch": 0, "step": 4})
+    job.pipeline.detach()
+    batch = next(iter(ExampleLoader(data, eval_loader_cfg(cfg), "valid", rank, world).epoch(0)))
+    torch.save({"losses": losses, "types": {k: v["sharding_type"] for k, v in plan.items()}, "changed": changed,
+                "scores": model_scorer(job)(batch), "features": kjt_features(batch.sparse)},
                Path(out) / f"{sharding_type}-{rank}.pt")
     distributed.shutdown()
 
@@ -181,3 +190,12 @@ def test_each_cpu_sharding_type_trains_on_two_processes(parity_data, tmp_path, s
         assert all(np.isfinite(result["losses"]))
         assert result["changed"] and all(result["changed"].values()), ("every local table shard was updated",
                                                                        result["changed"])
+    # Export reassembles the shards of both ranks into one unsharded model that scores like the sharded one.
+    export(tmp_path / f"{sharding_type}-model", tmp_path / "export")
+    model = ExportedModel(tmp_path / "export")
+    for rank in range(2):
+        result = torch.load(tmp_path / f"{sharding_type}-{rank}.pt")
+        with torch.no_grad():
+            query = model.tower.query(result["features"]).numpy()
+        torch.testing.assert_close(torch.from_numpy(query @ model.embeddings.T),
+                                   result["scores"][:, torch.from_numpy(model.item_ids)], rtol=1e-5, atol=1e-5)

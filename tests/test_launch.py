@@ -54,7 +54,8 @@ def test_local_cwd_trains_across_processes_into_one_mlflow_run(tiny_data, tmp_pa
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = torchx("run", "--wait", "--log", "-s", "local_cwd", "launch/components.py:train",
                     "--nnodes", str(nnodes), "--nproc_per_node", str(nproc), "--env", f"MLFLOW_TRACKING_URI={uri}",
-                    f"data.path={tiny_data}", *TINY)
+                    f"data.path={tiny_data}", *TINY, "export.enabled=true", f"export.dir={tmp_path / 'exports'}",
+                    f"checkpoint.dir={tmp_path / 'ckpt'}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("two-tower").experiment_id])
@@ -64,3 +65,7 @@ def test_local_cwd_trains_across_processes_into_one_mlflow_run(tiny_data, tmp_pa
     assert run.data.params["env.world_size"] == "2"
     assert run.data.metrics["test/hr_at_10"] > 0
     assert len(client.get_metric_history(run.info.run_id, "valid/ndcg_at_10")) == 2
+    # Both ranks wrote the best epoch's shards under checkpoint.dir; rank 0 exported them into the run.
+    assert run.data.metrics["export/index_recall_at_10"] >= 0.95
+    assert (tmp_path / "exports" / run.info.run_id / "query_tower.pt").is_file()
+    assert "export" in {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -132,8 +132,8 @@ def test_demo_run_has_params_metric_series_and_artifacts(tmp_path):
                    capture_output=True)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = subprocess.run([sys.executable, "-m", "trainer", "--config", "configs/synthetic.yaml",
-                             f"data.path={data}", f"tracking.uri={uri}"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=900)
+                             f"data.path={data}", f"tracking.uri={uri}", f"export.dir={tmp_path / 'exports'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "mlflow ui --backend-store-uri" in result.stdout
     client = MlflowClient(uri)
@@ -143,8 +143,20 @@ def test_demo_run_has_params_metric_series_and_artifacts(tmp_path):
               if len(client.get_metric_history(run.info.run_id, name)) >= 3]
     assert len(series) >= 3, series
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "sharding_plan.txt", "sharding_plan.json", "eval_table.json"} <= artifacts
+    assert {"config.yaml", "sharding_plan.txt", "sharding_plan.json", "eval_table.json", "export"} <= artifacts
+    exported = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "export")}
+    assert {"export.json", "query_tower.pt", "items.parquet", "items.faiss", "id_maps"} <= exported
+    assert run.data.metrics["export/index_recall_at_10"] >= 0.95
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "eval_table.json", str(tmp_path))).read_text())
     model = {r["metric"]: r["value"] for r in table if r["split"] == "test" and r["scorer"] == "two_tower"}
     popularity = {r["metric"]: r["value"] for r in table if r["split"] == "test" and r["scorer"] == "popularity"}
     assert model["hr@10"] > 2 * popularity["hr@10"], "the synthetic default is clearly beatable"
+    # The recommend CLI reads the export back from the run, by its id.
+    history = ["3", "17", "42"]
+    ranked = subprocess.run([sys.executable, "-m", "trainer.recommend", "--run", run.info.run_id, "--tracking-uri", uri,
+                             "--history", ",".join(history), "-k", "20", "--mmr", "0.3", "--json"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert ranked.returncode == 0, ranked.stderr
+    items = json.loads(ranked.stdout)
+    assert len(items) == 20 and all(r["title"].startswith("Item ") for r in items)
+    assert not set(history) & {r["raw_id"] for r in items}

@@ -11,15 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY_MODEL
+from tests.conftest import ROOT, TINY_MODEL, tiny_config
 from trainer import distributed
-from trainer.config import ConfigError, JobConfig, load_config
+from trainer.config import ConfigError, load_config
 from trainer.train import build, train
-
-
-def tiny_config(path, **overrides) -> JobConfig:
-    base = [f"data.path={path}", *TINY_MODEL, "tracking.enabled=false", "train.log_every=5"]
-    return load_config(None, base + [f"{k}={v}" for k, v in overrides.items()])
 
 
 def test_pipelined_losses_equal_the_plain_loop(tiny_data):

@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         uri = tracking_uri(cfg.tracking)
         print(f"MLflow run {summary['run_id']} in {uri}. To look at it:\n"
               f"  .venv/bin/mlflow ui --backend-store-uri {uri}   # then open http://127.0.0.1:5000")
+    if "export" in summary:
+        print(f"Export (query tower, item embeddings, ANN index) in {summary['export']['dir']}. Top-K for a history:\n"
+              f"  .venv/bin/python -m trainer.recommend --run {summary.get('run_id') or summary['export']['dir']} "
+              f"--history \"<raw item id>,<raw item id>\" -k 20   # or --similar <raw item id>")
     test = summary.get("test") or {}
     popular = summary.get("popularity_test") or {}
     print("test: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(test.items()) if k != "users"))

@@ -1,5 +1,5 @@
 """Checkpoints with torch.distributed.checkpoint: sharded model, fused and dense optimizer state,
-plus the loop's position, RNG, frequency-estimator state and the MLflow run id.
+plus the loop's position, RNG, frequency-estimator state, the MLflow run id and the resolved config.
 
 A checkpoint is written into a hidden temporary directory and renamed to `step-<N>` only after
 every rank has finished and rank 0 has written `state.json`; `latest()` only ever returns such
@@ -18,7 +18,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from trainer.config import dump
+
 STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"  # the resolved job config: export rebuilds the model from it
 PREFIX = "step-"
 
 
@@ -59,29 +62,47 @@ def stateful(job) -> dict:
     return items
 
 
-def save(job, root: str | Path, loop_state: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it at the same step."""
-    root = Path(root)
-    name = f"{PREFIX}{loop_state['step']:09d}"
-    tmp = root / f".{name}.tmp"
+def write_atomically(items: dict, final: Path, files: dict[str, str]) -> None:
+    """Collective. DCP writes into a hidden temp directory; rank 0 adds `files` and only then renames it
+    to `final`, so a reader never sees a half-written directory under that name."""
+    tmp = final.parent / f".{final.name}.tmp"
     if dist.get_rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    dcp.save(stateful(job), checkpoint_id=str(tmp))
+    dcp.save(items, checkpoint_id=str(tmp))
     dist.barrier()
-    final = root / name
     if dist.get_rank() == 0:
-        estimator = job.streaming_frequency
-        state = {**loop_state, "rng": rng_state(), "frequency_step": estimator.step if estimator else 0}
-        (tmp / STATE_FILE).write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        old = final.parent / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
         tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def save(job, root: str | Path, loop_state: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it at the same step."""
+    root = Path(root)
+    final = root / f"{PREFIX}{loop_state['step']:09d}"
+    estimator = job.streaming_frequency
+    state = {**loop_state, "rng": rng_state(), "frequency_step": estimator.step if estimator else 0}
+    write_atomically(stateful(job), final, {STATE_FILE: json.dumps(state), CONFIG_FILE: dump(job.cfg)})
+    if dist.get_rank() == 0:
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def save_model(job, path: Path, info: dict) -> None:
+    """Collective. Model weights only (no optimizer state), with the config that built the model:
+    what export reads."""
+    write_atomically({"model": job.dmp.state_dict()}, path, {STATE_FILE: json.dumps(info), CONFIG_FILE: dump(job.cfg)})
 
 
 def load(job, path: Path) -> dict:

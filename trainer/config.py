@@ -18,6 +18,7 @@ from data.loader import LoaderConfig
 CPU_FUSED_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 SPARSE_OPTIMIZERS = CPU_FUSED_OPTIMIZERS + ("adam",)
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
+INDEX_KINDS = ("hnsw", "flat")
 METRICS = ("hr", "recall", "ndcg", "mrr", "coverage")
 
 
@@ -91,6 +92,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class ExportConfig:
+    enabled: bool = True  # export the best epoch's model at the end of training, and log it to MLflow
+    dir: str = "exports"  # the export goes to <dir>/<MLflow run id> (or <dir>/untracked-<time>)
+    index: str = "hnsw"  # ANN index over the item embeddings: hnsw (faiss HNSW), or flat (exact search)
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 128
+    recall_queries: int = 2000  # validation queries the index's recall@10 against exact search is measured on
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else the embedded sqlite:///mlflow.db
@@ -111,6 +123,7 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
@@ -140,6 +153,12 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("train.epochs and train.log_every must be >= 1, train.max_steps >= 0")
     if cfg.checkpoint.keep_last < 1 or cfg.checkpoint.every_steps < 0:
         raise ConfigError("checkpoint.keep_last must be >= 1 and checkpoint.every_steps >= 0")
+    if cfg.export.index not in INDEX_KINDS:
+        raise ConfigError(f"export.index must be one of {INDEX_KINDS}, got '{cfg.export.index}'")
+    x = cfg.export
+    if min(x.hnsw_m, x.hnsw_ef_construction, x.hnsw_ef_search, x.recall_queries) < 1:
+        raise ConfigError("export.hnsw_m, export.hnsw_ef_construction, export.hnsw_ef_search and "
+                          "export.recall_queries must be >= 1")
     if not cfg.eval.ks or min(cfg.eval.ks) < 1:
         raise ConfigError("eval.ks must list positive cut-offs")
     if cfg.model.item_dim % 4 or cfg.model.feature_dim % 4:

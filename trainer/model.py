@@ -12,12 +12,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    KeyedJaggedTensor,
+    PoolingType,
+)
 
 from data.batch import ITEM_KEY, TrainBatch, candidate_key, history_key
 from data.loader import LoaderConfig, candidate_keys, query_keys
 from data.schema import Metadata
 from trainer.config import ModelConfig
+from trainer.plain import TableSpec, mlp
 
 SHARED_ITEM_TABLE = "item_ids"  # not "items": that name clashes with ModuleDict.items
 
@@ -43,13 +49,8 @@ def table_configs(meta: Metadata, loader: LoaderConfig, cfg: ModelConfig) -> lis
     return tables
 
 
-def mlp(in_dim: int, hidden: list[int], out_dim: int, device: torch.device) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for width in hidden:
-        layers += [nn.Linear(in_dim, width, device=device), nn.ReLU()]
-        in_dim = width
-    layers.append(nn.Linear(in_dim, out_dim, device=device))
-    return nn.Sequential(*layers)
+def table_specs(tables: list[EmbeddingBagConfig]) -> list[TableSpec]:
+    return [TableSpec(t.name, t.num_embeddings, t.embedding_dim, tuple(t.feature_names)) for t in tables]
 
 
 class TwoTower(nn.Module):

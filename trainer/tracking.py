@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 import time
+from pathlib import Path
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -100,6 +101,9 @@ class Tracker:
 
     def log_json(self, data, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=2, default=str), artifact_file)
+
+    def log_artifacts(self, directory: Path, artifact_path: str) -> None:
+        self._submit(artifact_path, lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path))
 
     def finish(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
         """Flushes what is queued (bounded by `timeout_s`), then closes the run."""

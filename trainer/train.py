@@ -7,12 +7,16 @@ rank): only the environment differs.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -31,13 +35,23 @@ from data.loader import ExampleLoader
 from data.schema import Metadata
 from sharding.plan import build_plan, check_types, plan_as_json
 from trainer import checkpoint, distributed
-from trainer.config import CPU_FUSED_OPTIMIZERS, ConfigError, JobConfig, dump, flatten, to_dict
+from trainer.config import (
+    CPU_FUSED_OPTIMIZERS,
+    ConfigError,
+    JobConfig,
+    dump,
+    flatten,
+    to_dict,
+)
 from trainer.evaluate import evaluate, item_kjt_chunks, popularity_scorer
+from trainer.export import RECALL_K, export
 from trainer.loss import CandidateLogQ, RetrievalLoss, StreamingFrequency
 from trainer.model import RetrievalModel, TwoTower, table_configs
 from trainer.tracking import Tracker
 
 ITEM_CHUNK = 8192
+BEST_MODEL = "best"  # the selected epoch's weights, under checkpoint.dir: what export reads
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -69,11 +83,7 @@ class TimedIterator:
 
 
 @dataclass
-class Job:
-    cfg: JobConfig
-    env: distributed.Env
-    meta: Metadata
-    train_loader: ExampleLoader
+class ShardedModel:
     towers: TwoTower
     dmp: DistributedModelParallel
     pipeline: TrainPipelineSparseDist
@@ -83,20 +93,23 @@ class Job:
     plan_json: str
 
 
-def build(cfg: JobConfig, env: distributed.Env) -> Job:
-    if env.device.type != "cuda" and cfg.optim.sparse not in CPU_FUSED_OPTIMIZERS:
-        raise ConfigError(f"optim.sparse={cfg.optim.sparse} needs a GPU; FBGEMM's CPU kernels support "
-                          f"{list(CPU_FUSED_OPTIMIZERS)}")
-    seed_everything(cfg.seed)
-    meta = Metadata.load(cfg.data.path)
-    check_types(cfg.sharding, table_configs(meta, cfg.loader, cfg.model), env.device)
-    train_loader = ExampleLoader(cfg.data.path, cfg.loader, "train", env.rank, env.world_size, meta=meta)
+@dataclass
+class Job(ShardedModel):
+    cfg: JobConfig
+    env: distributed.Env
+    meta: Metadata
+    train_loader: ExampleLoader
+
+
+def build_model(cfg: JobConfig, env: distributed.Env, meta: Metadata, freq: np.ndarray,
+                proposal: np.ndarray) -> ShardedModel:
+    """Towers and loss on the meta device, embedding optimizer fused into the backward, sharded by the
+    planner, and the dense optimizer over what is left. `freq` and `proposal` feed logQ."""
     towers = TwoTower(meta, cfg.loader, cfg.model, env.device)
     log_q = None
     if cfg.loss.logq:
-        freq = torch.from_numpy(train_loader.catalogue.freq).to(env.device)
-        proposal = torch.from_numpy(train_loader.sampler.probs).to(env.device)
-        log_q = CandidateLogQ(freq, proposal, cfg.loader.num_negatives, cfg.loss.in_batch, cfg.loss.frequency,
+        log_q = CandidateLogQ(torch.from_numpy(freq).to(env.device), torch.from_numpy(proposal).to(env.device),
+                              cfg.loader.num_negatives, cfg.loss.in_batch, cfg.loss.frequency,
                               cfg.loss.streaming_buckets, cfg.loss.streaming_alpha)
     model = RetrievalModel(towers, RetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch,
                                                  cfg.loss.logq_on_positive, log_q, env.world_size))
@@ -107,8 +120,21 @@ def build(cfg: JobConfig, env: distributed.Env) -> Job:
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
                                   lambda params: OPTIMIZERS[cfg.optim.dense](params, lr=cfg.optim.dense_lr))
     pipeline = TrainPipelineSparseDist(dmp, dense, env.device)
-    return Job(cfg, env, meta, train_loader, dmp.module.towers, dmp, pipeline, dense,
-               log_q.streaming if log_q else None, str(plan), plan_as_json(plan))
+    return ShardedModel(dmp.module.towers, dmp, pipeline, dense, log_q.streaming if log_q else None, str(plan),
+                        plan_as_json(plan))
+
+
+def build(cfg: JobConfig, env: distributed.Env) -> Job:
+    if env.device.type != "cuda" and cfg.optim.sparse not in CPU_FUSED_OPTIMIZERS:
+        raise ConfigError(f"optim.sparse={cfg.optim.sparse} needs a GPU; FBGEMM's CPU kernels support "
+                          f"{list(CPU_FUSED_OPTIMIZERS)}")
+    seed_everything(cfg.seed)
+    meta = Metadata.load(cfg.data.path)
+    check_types(cfg.sharding, table_configs(meta, cfg.loader, cfg.model), env.device)
+    train_loader = ExampleLoader(cfg.data.path, cfg.loader, "train", env.rank, env.world_size, meta=meta)
+    model = build_model(cfg, env, meta, train_loader.catalogue.freq, train_loader.sampler.probs)
+    return Job(**{f.name: getattr(model, f.name) for f in fields(model)}, cfg=cfg, env=env, meta=meta,
+               train_loader=train_loader)
 
 
 def model_scorer(job: Job):
@@ -198,6 +224,7 @@ def fit(job: Job, tracker: Tracker | None, resume: Path | None = None) -> dict:
             position = {**state, "epoch": epoch, "batch": batch}
             checkpoint.save(job, cfg.checkpoint.dir, position, cfg.checkpoint.keep_last)
 
+    best_model = best_model_dir(cfg, env)
     metric, throughput = cfg.train.early_stopping_metric, []
     examples_per_step = cfg.loader.batch_size * env.world_size
     for epoch in range(state["epoch"], cfg.train.epochs):
@@ -246,6 +273,8 @@ def fit(job: Job, tracker: Tracker | None, resume: Path | None = None) -> dict:
         if valid[metric] > state["best_value"]:
             state.update(best_value=valid[metric], best_epoch=epoch, patience=cfg.train.early_stopping_patience)
             state["best_test"] = run_eval(job, "test")  # kept, not looked at: reported once, for the selected epoch
+            if best_model:
+                checkpoint.save_model(job, best_model, {"epoch": epoch, "step": state["step"], "valid": valid})
         else:
             state["patience"] -= 1
             state["stopped"] |= state["patience"] < 0
@@ -260,6 +289,8 @@ def fit(job: Job, tracker: Tracker | None, resume: Path | None = None) -> dict:
         popularity = popularity_scorer(job.train_loader.catalogue.freq)
         summary["popularity_valid"] = run_eval(job, "valid", popularity)
         summary["popularity_test"] = run_eval(job, "test", popularity)
+    if best_model and env.is_main:
+        summary["export"] = export_best(cfg, best_model, state["run_id"], tracker)
     if tracker:
         tracker.log_metrics({f"test/{k}": v for k, v in summary["test"].items() if k != "users"}, state["step"])
         if cfg.eval.popularity_baseline:
@@ -267,6 +298,38 @@ def fit(job: Job, tracker: Tracker | None, resume: Path | None = None) -> dict:
                                  if k != "users"}, state["step"])
         tracker.log_json(eval_table(summary), "eval_table.json")
     return summary
+
+
+def best_model_dir(cfg: JobConfig, env: distributed.Env) -> Path | None:
+    """Where the best epoch's weights are kept for export: next to the checkpoints, or else in a temp
+    directory, which every rank can only write to when they share one machine."""
+    if not cfg.export.enabled:
+        return None
+    if cfg.checkpoint.dir:
+        return Path(cfg.checkpoint.dir) / BEST_MODEL
+    if env.world_size > int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)):
+        if env.is_main:
+            log.warning("export skipped: a multi-node job keeps the best model under checkpoint.dir, on storage "
+                        "every node shares; set checkpoint.dir to export")
+        return None
+    path = [tempfile.mkdtemp(prefix="two-tower-") if env.is_main else None]
+    torch.distributed.broadcast_object_list(path, src=0)
+    return Path(path[0]) / BEST_MODEL
+
+
+def export_best(cfg: JobConfig, best_model: Path, run_id: str | None, tracker: Tracker | None) -> dict:
+    """Rank 0: the selected epoch's model -> exports/<run id>, logged to MLflow under `export/`."""
+    out = Path(cfg.export.dir) / (run_id or time.strftime("untracked-%Y%m%d-%H%M%S"))
+    info = export(best_model, out, cfg, run_id=run_id)
+    if not cfg.checkpoint.dir:
+        shutil.rmtree(best_model.parent, ignore_errors=True)
+    recall = info["index"][f"recall@{RECALL_K}"]
+    print(f"exported the epoch-{info['source']['state']['epoch']} model to {out} "
+          f"({cfg.export.index} index recall@{RECALL_K} against exact search: {recall:.4f})")
+    if tracker:
+        tracker.log_artifacts(out, "export")
+        tracker.log_metrics({f"export/index_recall@{RECALL_K}": recall}, info["source"]["state"]["step"])
+    return {"dir": str(out), "index": info["index"]}
 
 
 def eval_table(summary: dict) -> list[dict]:

@@ -1,0 +1,148 @@
+"""Export round trip, ANN recall against exact search, MMR, and the recommend CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from data.loader import ExampleLoader
+from tests.conftest import ROOT, dataset_dir, tiny_config
+from trainer import checkpoint, distributed
+from trainer import index as ann
+from trainer.config import ExportConfig, load_config
+from trainer.export import export
+from trainer.plain import kjt_features
+from trainer.recommend import mmr
+from trainer.serving import ExportedModel
+from trainer.train import build, eval_loader_cfg, model_scorer, train
+
+
+def recommend(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer.recommend", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_data, tmp_path_factory):
+    """A dev-mode model trained for a few steps, its model snapshot, and the export written from it."""
+    tmp = tmp_path_factory.mktemp("export")
+    cfg = tiny_config(tiny_data)
+    job = build(cfg, distributed.init("cpu"))
+    batches = iter(job.train_loader.epoch(0))
+    for _ in range(8):
+        job.pipeline.progress(batches)
+    checkpoint.save_model(job, tmp / "best", {"epoch": 0, "step": 8})
+    job.pipeline.detach()
+    batch = next(iter(ExampleLoader(tiny_data, eval_loader_cfg(cfg), "valid").epoch(0)))
+    scores = model_scorer(job)(batch)
+    info = export(tmp / "best", tmp / "out")
+    return SimpleNamespace(dir=tmp / "out", info=info, batch=batch, scores=scores, data=tiny_data)
+
+
+def test_exported_towers_score_like_the_training_model(exported):
+    model = ExportedModel(exported.dir)
+    with torch.no_grad():
+        query = model.tower.query(kjt_features(exported.batch.sparse)).numpy()
+    torch.testing.assert_close(torch.from_numpy(query @ model.embeddings.T),
+                               exported.scores[:, torch.from_numpy(model.item_ids)], rtol=1e-5, atol=1e-5)
+    assert exported.info["index"]["recall@10"] >= 0.95
+
+
+def test_a_query_built_from_raw_inputs_matches_the_loaders(exported):
+    """What the recommend CLI builds from a history and feature values is what training fed the tower."""
+    model = ExportedModel(exported.dir)
+    rows = pq.read_table(exported.data / "valid.parquet").slice(0, 40).to_pylist()
+    with torch.no_grad():
+        expected = model.tower.query(kjt_features(exported.batch.sparse)).numpy()[:40]
+    for row, want in zip(rows, expected):
+        features = {name: row[name] if multi else [row[name]] for name, multi in model.spec.features.items()}
+        np.testing.assert_allclose(model.encode(row["history"], features), want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_query_tower_loads_without_torchrec(exported):
+    code = ("import sys; from trainer.serving import ExportedModel; m = ExportedModel(sys.argv[1]); "
+            "v = m.encode([1, 2, 3], {}); assert v.shape == (m.info['dim'],), v.shape; "
+            "print(sorted(k for k in sys.modules if k.startswith(('torchrec', 'fbgemm'))))")
+    result = subprocess.run([sys.executable, "-c", code, str(exported.dir)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", "serving must not import TorchRec or FBGEMM"
+
+
+def test_recommend_skips_unknown_and_seen_ids(exported):
+    model = ExportedModel(exported.dir)
+    history = model.raw_ids[:5]
+    result = recommend("--run", str(exported.dir), "--history", ",".join([history[0], "no-such-item", *history[1:]]),
+                       "-k", "12", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "unknown item ids, skipped: no-such-item" in result.stderr
+    ranked = json.loads(result.stdout)
+    assert len(ranked) == 12 and not {r["raw_id"] for r in ranked} & set(history)
+    scores = [r["score"] for r in ranked]
+    assert scores == sorted(scores, reverse=True) and all(r["title"] for r in ranked)
+
+    similar = recommend("--run", str(exported.dir), "--similar", history[0], "-k", "5", "--json")
+    assert similar.returncode == 0 and len(json.loads(similar.stdout)) == 5
+    assert history[0] not in {r["raw_id"] for r in json.loads(similar.stdout)}
+    unknown = recommend("--run", str(exported.dir), "--similar", "no-such-item")
+    assert unknown.returncode == 0 and "unknown item ids, skipped: no-such-item" in unknown.stderr
+    bad = recommend("--run", str(exported.dir), "--history", history[0], "--user-features", "u_shoe_size=44")
+    assert bad.returncode == 2 and "no feature u_shoe_size" in bad.stderr and "u_gender" in bad.stderr
+    missing = recommend("--run", str(exported.dir / "nowhere"), "--history", history[0])
+    assert missing.returncode == 2 and "nowhere" in missing.stderr
+
+
+def test_mmr_moves_a_near_duplicate_below_a_diverse_item():
+    vectors = np.array([[1.0, 0.0, 0.0], [0.995, 0.0998, 0.0], [0.0, 0.0, 1.0]])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    relevance = np.array([0.90, 0.89, 0.60])
+    assert mmr(relevance, vectors, 3, 0.0).tolist() == [0, 1, 2], "no diversity: the plain ranking"
+    assert mmr(relevance, vectors, 3, 0.3).tolist() == [0, 2, 1], "the near duplicate of the top item drops"
+    assert mmr(relevance, vectors, 2, 0.3).tolist() == [0, 2]
+
+
+def test_hnsw_with_default_settings_recalls_the_exact_top10():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(200, 64))
+    vectors = centres[rng.integers(0, 200, 30_000)] + 0.6 * rng.normal(size=(30_000, 64))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    queries = centres[rng.integers(0, 200, 500)] + 0.6 * rng.normal(size=(500, 64))
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    ids = np.arange(1, 30_001)
+    _, exact = ann.exact_search(vectors, ids, queries, 10)
+    brute = ids[np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]]
+    assert ann.recall_at_k(exact, brute) == 1.0
+    d = ExportConfig()
+    _, approx = ann.search(ann.build(vectors, ids, "hnsw", d.hnsw_m, d.hnsw_ef_construction, d.hnsw_ef_search),
+                           queries, 10)
+    recall = ann.recall_at_k(approx, exact)
+    assert recall >= 0.95, recall
+    _, flat = ann.search(ann.build(vectors, ids, "flat"), queries, 10)
+    assert ann.recall_at_k(flat, exact) == 1.0
+
+
+@pytest.mark.slow
+def test_ml1m_export_recall_and_recommendations_with_titles(tmp_path):
+    raw = dataset_dir("ml-1m")
+    data = tmp_path / "ml-1m"
+    subprocess.run([sys.executable, "-m", "data.prepare", "movielens", str(raw), "--out", str(data),
+                    "--max-history", "200"], cwd=ROOT, check=True, capture_output=True)
+    cfg = load_config(ROOT / "configs" / "ml1m.yaml", [f"data.path={data}", "train.epochs=1", "train.max_steps=300",
+                                                       "tracking.enabled=false", f"export.dir={tmp_path / 'exports'}"])
+    summary = train(cfg)
+    assert summary["export"]["index"]["recall@10"] >= 0.95, summary["export"]
+    out = Path(summary["export"]["dir"])
+    # Star Wars IV, The Empire Strikes Back, Return of the Jedi, Raiders of the Lost Ark
+    result = recommend("--run", str(out), "--history", "260,1196,1210,1198", "-k", "10", "--json")
+    assert result.returncode == 0, result.stderr
+    ranked = json.loads(result.stdout)
+    assert len(ranked) == 10 and all("(19" in r["title"] or "(20" in r["title"] for r in ranked)
+    assert not {"260", "1196", "1210", "1198"} & {r["raw_id"] for r in ranked}

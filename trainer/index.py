@@ -1,0 +1,66 @@
+"""ANN index over item embeddings, with the training metric: inner product on L2-normalised vectors.
+
+The towers already normalise their outputs, so inner product is cosine and ranks exactly as the
+training scores do (the temperature only rescales). Ids stored in the index are dense item ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+
+def build(vectors: np.ndarray, ids: np.ndarray, kind: str, m: int = 32, ef_construction: int = 200,
+          ef_search: int = 128) -> faiss.Index:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dim = vectors.shape[1]
+    if kind == "hnsw":
+        inner = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = ef_construction
+        inner.hnsw.efSearch = ef_search
+    elif kind == "flat":
+        inner = faiss.IndexFlatIP(dim)
+    else:
+        raise ValueError(f"index kind must be hnsw or flat, got '{kind}'")
+    index = faiss.IndexIDMap2(inner)
+    index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+    return index
+
+
+def set_ef_search(index: faiss.Index, ef_search: int) -> None:
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if isinstance(inner, faiss.IndexHNSWFlat):
+        inner.hnsw.efSearch = ef_search
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids), best first; id -1 where the index holds fewer than k items."""
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, index.ntotal))
+
+
+def exact_search(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k by inner product: the reference the index is checked against."""
+    scores = queries.astype(np.float32) @ vectors.astype(np.float32).T
+    k = min(k, len(ids))
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    top_scores = np.take_along_axis(scores, top, 1)
+    order = np.argsort(-top_scores, axis=1, kind="stable")
+    return np.take_along_axis(top_scores, order, 1), ids[np.take_along_axis(top, order, 1)]
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean share of each query's exact top-k that the index also returned."""
+    hits = [len(np.intersect1d(a, e)) for a, e in zip(approx, exact)]
+    return float(np.mean(hits)) / exact.shape[1]
+
+
+def save(index: faiss.Index, path: Path) -> None:
+    faiss.write_index(index, str(path))
+
+
+def load(path: Path, ef_search: int) -> faiss.Index:
+    index = faiss.read_index(str(path))
+    set_ef_search(index, ef_search)
+    return index
