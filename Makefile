@@ -5,7 +5,7 @@ REQS    := requirements.txt requirements-base.txt requirements-gpu.txt requireme
 DEMO    ?= prepared/synthetic
 TESTS   ?= tests
 
-.PHONY: setup demo test bench-loader bench-quality clean
+.PHONY: setup demo test bench-loader bench-quality bench-train-step clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,9 @@ bench-loader: setup
 
 bench-quality: setup
 	$(PY) bench/quality.py
+
+bench-train-step: setup
+	$(PY) bench/train_step.py
 
 clean:
 	rm -rf .venv prepared

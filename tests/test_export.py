@@ -1,4 +1,5 @@
-"""Export round trip, ANN recall against exact search, MMR, and the recommend CLI."""
+"""Export round trip, ANN recall against exact search, MMR, the recommend CLI, and the plots that
+read the export."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import pytest
 import torch
 
 from data.loader import ExampleLoader
+from data.schema import Metadata
 from tests.conftest import ROOT, dataset_dir, tiny_config
 from trainer import checkpoint, distributed
 from trainer import index as ann
 from trainer.config import ExportConfig, load_config
 from trainer.export import export
 from trainer.plain import kjt_features
+from trainer.plots import embedding_map, figure_rgba, item_labels, recommendation_counts
 from trainer.recommend import mmr
 from trainer.serving import ExportedModel
 from trainer.train import build, eval_loader_cfg, model_scorer, train
@@ -146,3 +149,24 @@ def test_ml1m_export_recall_and_recommendations_with_titles(tmp_path):
     ranked = json.loads(result.stdout)
     assert len(ranked) == 10 and all("(19" in r["title"] or "(20" in r["title"] for r in ranked)
     assert not {"260", "1196", "1210", "1198"} & {r["raw_id"] for r in ranked}
+
+
+def test_popularity_plot_counts_what_the_index_recommends_minus_seen(exported):
+    model = ExportedModel(exported.dir)
+    rows = np.arange(0, len(model.item_ids), 7)
+    seen = [model.item_ids[[r]] for r in rows]  # each query is an item's own vector, and that item is seen
+    counts = recommendation_counts(model, model.embeddings[rows], seen, 5)
+    assert counts.sum() == 5 * len(rows)
+    _, top = ann.exact_search(model.embeddings, model.item_ids, model.embeddings[rows[:1]], 6)
+    expected = [model.row_of_id[int(i)] for i in top[0] if i != model.item_ids[rows[0]]][:5]
+    single = recommendation_counts(model, model.embeddings[rows[:1]], seen[:1], 5)
+    assert sorted(np.flatnonzero(single)) == sorted(expected) and single[rows[0]] == 0
+
+
+def test_embedding_map_is_coloured_by_raw_genre_names(exported):
+    model = ExportedModel(exported.dir)
+    feature, labels = item_labels(exported.data, model.item_ids, Metadata.load(exported.data))
+    genres = set(pq.read_table(exported.data / "id_maps" / "i_genre.parquet").column("raw").to_pylist())
+    assert feature == "i_genre" and len(labels) == len(model.item_ids) and set(labels) <= genres
+    image = figure_rgba(embedding_map(model.embeddings, labels, feature))
+    assert image.ndim == 3 and image.shape[2] == 4 and image[..., :3].std() > 0, "a drawn, non-blank image"

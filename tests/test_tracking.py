@@ -147,6 +147,10 @@ def test_demo_run_has_params_metric_series_and_artifacts(tmp_path):
     exported = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "export")}
     assert {"export.json", "query_tower.pt", "items.parquet", "items.faiss", "id_maps"} <= exported
     assert run.data.metrics["export/index_recall_at_10"] >= 0.95
+    plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"metric_at_k.png", "item_embeddings.png", "popularity_bias.png"}
+    png = Path(client.download_artifacts(run.info.run_id, "plots/popularity_bias.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "eval_table.json", str(tmp_path))).read_text())
     model = {r["metric"]: r["value"] for r in table if r["split"] == "test" and r["scorer"] == "two_tower"}
     popularity = {r["metric"]: r["value"] for r in table if r["split"] == "test" and r["scorer"] == "popularity"}

@@ -94,19 +94,20 @@ def item_embeddings(model: PlainTowers, catalogue: Catalogue, num_items: int) ->
     return np.concatenate(out)
 
 
-def validation_queries(model: PlainTowers, cfg: JobConfig, limit: int) -> np.ndarray:
-    """Query embeddings of up to `limit` validation users: the queries the index recall is measured on."""
+def split_queries(tower: PlainTowers, cfg: JobConfig, split: str, limit: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Query embeddings of up to `limit` users of a split, and each one's seen items."""
     loader = ExampleLoader(cfg.data.path, replace(cfg.loader, batch_size=min(limit, cfg.eval.batch_size),
-                                                  num_negatives=0), "valid")
-    out, total = [], 0
+                                                  num_negatives=0), split)
+    queries, seen = [], []
     with torch.no_grad():
         for batch in loader.epoch(0):
-            query = model.query(kjt_features(batch.sparse))[batch.row_mask]
-            out.append(query.numpy())
-            total += len(query)
-            if total >= limit:
+            rows = batch.row_mask.nonzero().squeeze(1).numpy()
+            queries.append(tower.query(kjt_features(batch.sparse)).numpy()[rows])
+            offsets, values = batch.seen_offsets.numpy(), batch.seen_values.numpy()
+            seen += [values[offsets[r]:offsets[r + 1]] for r in rows]
+            if len(seen) >= limit:
                 break
-    return np.concatenate(out)[:limit]
+    return np.concatenate(queries)[:limit], seen[:limit]
 
 
 def items_table(directory: Path, embeddings: np.ndarray) -> pa.Table:
@@ -152,7 +153,7 @@ def export(checkpoint: str | Path, out: str | Path, cfg: JobConfig | None = None
     x = cfg.export
     index = ann.build(vectors, ids, x.index, x.hnsw_m, x.hnsw_ef_construction, x.hnsw_ef_search)
     build_s = time.perf_counter() - start
-    queries = validation_queries(model, cfg, x.recall_queries)
+    queries, _ = split_queries(model, cfg, "valid", x.recall_queries)
     _, approx = ann.search(index, queries, RECALL_K)
     _, exact = ann.exact_search(vectors, ids, queries, RECALL_K)
     tower = query_side(model)

@@ -102,6 +102,9 @@ class Tracker:
     def log_json(self, data, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=2, default=str), artifact_file)
 
+    def log_image(self, image, artifact_file: str) -> None:
+        self._submit(artifact_file, lambda: self.client.log_image(self.run_id, image, artifact_file=artifact_file))
+
     def log_artifacts(self, directory: Path, artifact_path: str) -> None:
         self._submit(artifact_path, lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path))
 

@@ -47,6 +47,7 @@ from trainer.evaluate import evaluate, item_kjt_chunks, popularity_scorer
 from trainer.export import RECALL_K, export
 from trainer.loss import CandidateLogQ, RetrievalLoss, StreamingFrequency
 from trainer.model import RetrievalModel, TwoTower, table_configs
+from trainer.plots import log_plots
 from trainer.tracking import Tracker
 
 ITEM_CHUNK = 8192
@@ -297,6 +298,7 @@ def fit(job: Job, tracker: Tracker | None, resume: Path | None = None) -> dict:
             tracker.log_metrics({f"popularity_test/{k}": v for k, v in summary["popularity_test"].items()
                                  if k != "users"}, state["step"])
         tracker.log_json(eval_table(summary), "eval_table.json")
+        log_plots(cfg, job.meta, summary, tracker)
     return summary
 
 
