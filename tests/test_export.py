@@ -47,7 +47,8 @@ def exported(tiny_data, tmp_path_factory):
     batch = next(iter(ExampleLoader(tiny_data, eval_loader_cfg(cfg), "valid").epoch(0)))
     scores = model_scorer(job)(batch)
     info = export(tmp / "best", tmp / "out")
-    return SimpleNamespace(dir=tmp / "out", info=info, batch=batch, scores=scores, data=tiny_data)
+    return SimpleNamespace(dir=tmp / "out", info=info, batch=batch, scores=scores, data=tiny_data,
+                           checkpoint=tmp / "best")
 
 
 def test_exported_towers_score_like_the_training_model(exported):
@@ -57,6 +58,21 @@ def test_exported_towers_score_like_the_training_model(exported):
     torch.testing.assert_close(torch.from_numpy(query @ model.embeddings.T),
                                exported.scores[:, torch.from_numpy(model.item_ids)], rtol=1e-5, atol=1e-5)
     assert exported.info["index"]["recall@10"] >= 0.95
+
+
+def test_export_cli_reads_the_checkpoints_config_and_names_a_bad_path(exported, tmp_path):
+    out = tmp_path / "flat"
+    result = subprocess.run([sys.executable, "-m", "trainer.export", "--checkpoint", str(exported.checkpoint),
+                             "--out", str(out), "export.index=flat"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "flat index recall@10 against exact search 1.0000" in result.stdout
+    info = json.loads((out / "export.json").read_text())
+    assert info["index"]["kind"] == "flat" and info["source"]["state"] == {"epoch": 0, "step": 8}
+    bad = subprocess.run([sys.executable, "-m", "trainer.export", "--checkpoint", str(tmp_path / "nope"), "--out",
+                          str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and str(tmp_path / "nope" / "state.json") in bad.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_query_built_from_raw_inputs_matches_the_loaders(exported):
@@ -123,6 +139,8 @@ def test_hnsw_with_default_settings_recalls_the_exact_top10():
     _, exact = ann.exact_search(vectors, ids, queries, 10)
     brute = ids[np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]]
     assert ann.recall_at_k(exact, brute) == 1.0
+    _, chunked = ann.exact_search(vectors, ids, queries, 10, max_scores=70_000)  # 2 queries per chunk
+    assert (chunked == exact).all()
     d = ExportConfig()
     _, approx = ann.search(ann.build(vectors, ids, "hnsw", d.hnsw_m, d.hnsw_ef_construction, d.hnsw_ef_search),
                            queries, 10)

@@ -40,14 +40,22 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, index.ntotal))
 
 
-def exact_search(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force top-k by inner product: the reference the index is checked against."""
-    scores = queries.astype(np.float32) @ vectors.astype(np.float32).T
+def exact_search(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int,
+                 max_scores: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k by inner product: the reference the index is checked against. Queries go
+    in chunks of at most `max_scores` scores, so a large catalogue never needs a full score matrix."""
+    vectors = vectors.astype(np.float32, copy=False)
     k = min(k, len(ids))
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    top_scores = np.take_along_axis(scores, top, 1)
-    order = np.argsort(-top_scores, axis=1, kind="stable")
-    return np.take_along_axis(top_scores, order, 1), ids[np.take_along_axis(top, order, 1)]
+    step = max(1, max_scores // max(len(ids), 1))
+    out_scores, out_ids = [], []
+    for lo in range(0, len(queries), step):
+        scores = queries[lo:lo + step].astype(np.float32) @ vectors.T
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top_scores = np.take_along_axis(scores, top, 1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        out_scores.append(np.take_along_axis(top_scores, order, 1))
+        out_ids.append(ids[np.take_along_axis(top, order, 1)])
+    return np.concatenate(out_scores), np.concatenate(out_ids)
 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
