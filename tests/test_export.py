@@ -4,6 +4,7 @@ read the export."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,7 +97,7 @@ def test_the_query_tower_loads_without_torchrec(exported):
     assert result.stdout.strip() == "[]", "serving must not import TorchRec or FBGEMM"
 
 
-def test_recommend_skips_unknown_and_seen_ids(exported):
+def test_recommend_skips_unknown_and_seen_ids(exported, tmp_path):
     model = ExportedModel(exported.dir)
     history = model.raw_ids[:5]
     result = recommend("--run", str(exported.dir), "--history", ",".join([history[0], "no-such-item", *history[1:]]),
@@ -117,6 +118,11 @@ def test_recommend_skips_unknown_and_seen_ids(exported):
     assert bad.returncode == 2 and "no feature u_shoe_size" in bad.stderr and "u_gender" in bad.stderr
     missing = recommend("--run", str(exported.dir / "nowhere"), "--history", history[0])
     assert missing.returncode == 2 and "nowhere" in missing.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(exported.dir, broken)
+    (broken / "items.faiss").unlink()
+    incomplete = recommend("--run", str(broken), "--history", history[0])
+    assert incomplete.returncode == 2 and f"{broken / 'items.faiss'}: missing" in incomplete.stderr
 
 
 def test_mmr_moves_a_near_duplicate_below_a_diverse_item():

@@ -59,10 +59,11 @@ def query_features(spec: QuerySpec, history: list[int], features: dict[str, list
 class ExportedModel:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
+        for name in (EXPORT_FILE, QUERY_TOWER_FILE, ITEMS_FILE, INDEX_FILE):
+            if not (self.directory / name).is_file():
+                raise FileNotFoundError(f"{self.directory / name}: missing, so {self.directory} is not a complete "
+                                        f"export; write one with `python -m trainer.export`")
         path = self.directory / EXPORT_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not an export directory (no {EXPORT_FILE}); "
-                                    f"write one with `python -m trainer.export`")
         self.info = json.loads(path.read_text())
         tower = self.info["query_tower"]
         self.spec = QuerySpec(tower["history_bags"], tower["max_history"], tower["use_user_id"],
