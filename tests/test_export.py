@@ -64,12 +64,13 @@ def test_exported_towers_score_like_the_training_model(exported):
 def test_export_cli_reads_the_checkpoints_config_and_names_a_bad_path(exported, tmp_path):
     out = tmp_path / "flat"
     result = subprocess.run([sys.executable, "-m", "trainer.export", "--checkpoint", str(exported.checkpoint),
-                             "--out", str(out), "export.index=flat"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
+                             "--out", str(out), "export.index=flat", "export.recall_queries=100"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "flat index recall@10 against exact search 1.0000" in result.stdout
     info = json.loads((out / "export.json").read_text())
-    assert info["index"]["kind"] == "flat" and info["source"]["state"] == {"epoch": 0, "step": 8}
+    assert info["index"]["kind"] == "flat" and info["index"]["recall_queries"] == 100
+    assert info["source"]["state"] == {"epoch": 0, "step": 8}
     bad = subprocess.run([sys.executable, "-m", "trainer.export", "--checkpoint", str(tmp_path / "nope"), "--out",
                           str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and str(tmp_path / "nope" / "state.json") in bad.stderr
@@ -112,6 +113,8 @@ def test_recommend_skips_unknown_and_seen_ids(exported, tmp_path):
     similar = recommend("--run", str(exported.dir), "--similar", history[0], "-k", "5", "--json")
     assert similar.returncode == 0 and len(json.loads(similar.stdout)) == 5
     assert history[0] not in {r["raw_id"] for r in json.loads(similar.stdout)}
+    no_user_table = recommend("--run", str(exported.dir), "--history", history[0], "--user", "3")
+    assert no_user_table.returncode == 0 and "--user ignored: this model has no user-id table" in no_user_table.stderr
     unknown = recommend("--run", str(exported.dir), "--similar", "no-such-item")
     assert unknown.returncode == 0 and "unknown item ids, skipped: no-such-item" in unknown.stderr
     bad = recommend("--run", str(exported.dir), "--history", history[0], "--user-features", "u_shoe_size=44")

@@ -47,6 +47,7 @@ def test_dev_mode_training_beats_popularity_and_is_reproducible(tiny_data):
     first = train(cfg)
     assert first["test"]["hr@50"] > 1.5 * first["popularity_test"]["hr@50"], (first["test"], first["popularity_test"])
     assert first["test"]["users"] == 800
+    assert "export" not in first, "export.enabled=false (the tiny model's setting) writes no export"
     second = train(cfg)
     assert second["test"] == first["test"], "same config and data give the same metrics"
 
