@@ -39,14 +39,7 @@ from trainer.checkpoint import CONFIG_FILE, STATE_FILE
 from trainer.config import ConfigError, JobConfig, load_config
 from trainer.model import table_configs, table_specs
 from trainer.plain import PlainTowers, TableSpec, kjt_features
-from trainer.serving import (
-    EXPORT_FILE,
-    ID_MAPS_DIR,
-    INDEX_FILE,
-    ITEMS_FILE,
-    QUERY_TOWER_FILE,
-    USER_MAP,
-)
+from trainer.serving import EXPORT_FILE, ID_MAPS_DIR, INDEX_FILE, ITEMS_FILE, QUERY_TOWER_FILE, USER_MAP
 
 FORMAT_VERSION = 1
 CHUNK = 8192

@@ -35,14 +35,7 @@ from data.loader import ExampleLoader
 from data.schema import Metadata
 from sharding.plan import build_plan, check_types, plan_as_json
 from trainer import checkpoint, distributed
-from trainer.config import (
-    CPU_FUSED_OPTIMIZERS,
-    ConfigError,
-    JobConfig,
-    dump,
-    flatten,
-    to_dict,
-)
+from trainer.config import CPU_FUSED_OPTIMIZERS, ConfigError, JobConfig, dump, flatten, to_dict
 from trainer.evaluate import evaluate, item_kjt_chunks, popularity_scorer
 from trainer.export import RECALL_K, export
 from trainer.loss import CandidateLogQ, RetrievalLoss, StreamingFrequency
