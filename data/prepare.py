@@ -16,7 +16,7 @@ import hashlib
 import os
 import shutil
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,9 @@ from data import schema
 from data.errors import DataError
 from data.ragged import gather_ragged, list_array, offsets_from_lengths
 from data.sources import RawData, read_interactions, read_movielens, read_sequences
-from data.splits import LEAVE_ONE_OUT, EvalQueries, SplitConfig, core_filter, leave_one_out, time_split, user_bounds
+from data.sources.movielens import with_side_tables
+from data.splits import (LEAVE_ONE_OUT, TIME, EvalQueries, Split, SplitConfig, core_filter, leave_one_out,
+                         repeat_targets, time_split, user_bounds)
 
 ROWS_PER_FILE = 262_144
 ROW_GROUP_ROWS = 16_384
@@ -111,19 +113,89 @@ def write_table(table: pa.Table, path: Path) -> None:
     pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS, compression="zstd")
 
 
+def check_splits(split: Split, counts: np.ndarray, cfg: SplitConfig, origin: str) -> None:
+    """Every split must hold something; otherwise name the split and the filters that emptied it."""
+    hints = {
+        "training": (f"leave-one-out trains on each user's events after the first and before the last two, so "
+                     f"users need at least 4 events (the most active has {int(counts.max())})"
+                     if cfg.protocol == LEAVE_ONE_OUT else
+                     "the time split trains on events before the validation cutoff that follow the user's first"),
+        "validation": ("no user's second-last event passed --min-relevant-rating" if cfg.protocol == LEAVE_ONE_OUT
+                       else "no user with history had a relevant event in the validation window"),
+        "test": ("no user's last event passed --min-relevant-rating" if cfg.protocol == LEAVE_ONE_OUT
+                 else "no user with history had a relevant event in the test window"),
+    }
+    sizes = {"training": len(split.train_targets), "validation": len(split.valid.users), "test": len(split.test.users)}
+    for name, size in sizes.items():
+        if size == 0:
+            raise DataError(origin, None, f"a non-empty {name} split",
+                            f"none: {hints[name]}; filters in force: {filters_in_force(cfg)}")
+
+
+def repeat_summary(repeat: np.ndarray, queries: EvalQueries) -> dict:
+    """How many targets the user had already consumed, and how many queries have nothing else."""
+    per_query = np.add.reduceat(repeat.astype(np.int64), np.cumsum(queries.target_lengths) - queries.target_lengths) \
+        if len(repeat) else np.zeros(0, dtype=np.int64)
+    return {"queries": len(queries.users), "targets": len(repeat), "repeat_targets": int(repeat.sum()),
+            "repeat_share": float(repeat.mean()) if len(repeat) else 0.0,
+            "queries_all_repeat": int((per_query == queries.target_lengths).sum())}
+
+
+def filters_in_force(cfg: SplitConfig) -> str:
+    """The prepare options that decide which events survive, as the user would type them."""
+    parts = [f"--protocol {cfg.protocol}", f"--min-user-events {cfg.min_user_events}",
+             f"--min-item-events {cfg.min_item_events}"]
+    parts += [f"--min-positive-rating {cfg.min_positive_rating}"] if cfg.min_positive_rating is not None else []
+    parts += [f"--min-relevant-rating {cfg.min_relevant_rating}"] if cfg.min_relevant_rating is not None else []
+    if cfg.protocol == TIME:
+        parts += [f"--valid-fraction {cfg.valid_fraction}", f"--test-fraction {cfg.test_fraction}"]
+        parts += ["--keep-cold-users"] * cfg.keep_cold_users + ["--keep-cold-items"] * cfg.keep_cold_items
+    return ", ".join(parts)
+
+
+@dataclass
+class FilterReport:
+    """What deduplication and the k-core filter removed, for the log and metadata.json."""
+
+    duplicate_rows: int
+    events: int
+    users: int
+    items: int
+
+
+def drop_duplicates(events: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Exact duplicates (same user, item and time) are one event written twice: keep the first."""
+    duplicated = events.duplicated(["user", "item", "ts"]).to_numpy()
+    return events[~duplicated], int(duplicated.sum())
+
+
+def apply_filters(events: pd.DataFrame, cfg: SplitConfig, origin: str) -> tuple[pd.DataFrame, FilterReport]:
+    events, duplicates = drop_duplicates(events)
+    user_codes, user_vocab = dense_ids(events["user"].to_numpy())
+    item_codes, item_vocab = dense_ids(events["item"].to_numpy())
+    keep = core_filter(user_codes, item_codes, cfg.min_user_events, cfg.min_item_events)
+    if not keep.any():
+        most_user = int(np.bincount(user_codes).max())
+        most_item = int(np.bincount(item_codes).max())
+        raise DataError(origin, None, f"events left after the filters ({filters_in_force(cfg)}; user and item "
+                                      f"minimums are applied together until both hold)",
+                        f"none: the most active user has {most_user} events and the most consumed item "
+                        f"{most_item}")
+    kept = events[keep]
+    report = FilterReport(duplicates, int((~keep).sum()), len(user_vocab) - kept["user"].nunique(),
+                          len(item_vocab) - kept["item"].nunique())
+    return kept, report
+
+
 class Prepared:
     """Dense, user-sorted events plus encoded features: what the writers need."""
 
     def __init__(self, raw: RawData, cfg: SplitConfig):
-        events = raw.events
-        user_codes, _ = dense_ids(events["user"].to_numpy())
-        item_codes, _ = dense_ids(events["item"].to_numpy())
-        keep = core_filter(user_codes, item_codes, cfg.min_user_events, cfg.min_item_events)
-        events = events[keep]
-        self.dropped_events = int((~keep).sum())
-        if events.empty:
-            raise DataError(raw.origin.get("user", raw.files[0]), None,
-                            "events left after --min-user-events/--min-item-events", "none")
+        origin = raw.origin.get("user", str(raw.files[0]) if raw.files else "input").rsplit(":", 1)[0]
+        if cfg.protocol == TIME and not raw.has_time:
+            raise DataError(origin, None, "event times for --protocol time",
+                            "positions only (a sequence file has no clock): use --protocol leave_one_out")
+        events, self.filtered = apply_filters(raw.events, cfg, origin)
         self.user_ids, self.user_vocab = dense_ids(events["user"].to_numpy())
         self.item_ids, self.item_vocab = dense_ids(events["item"].to_numpy())
         order = np.lexsort((np.arange(len(events)), events["ts"].to_numpy(), self.user_ids))
@@ -149,6 +221,9 @@ class Prepared:
             self.split = leave_one_out(self.users, self.items, self.ratings, cfg)
         else:
             self.split = time_split(self.users, self.items, self.ts, self.ratings, cfg)
+        check_splits(self.split, counts, cfg, origin)
+        self.repeats = {name: repeat_summary(repeat_targets(self.users, self.items, queries), queries)
+                        for name, queries in (("valid", self.split.valid), ("test", self.split.test))}
 
     def query_columns(self, cutoffs: np.ndarray, context_events: np.ndarray, max_len: int) -> dict[str, pa.Array]:
         users = self.users[cutoffs] if len(cutoffs) else np.zeros(0, dtype=np.int64)
@@ -216,43 +291,64 @@ def write_catalogue(prep: Prepared, out: Path) -> np.ndarray:
 
 def build(raw: RawData, cfg: SplitConfig, out: Path, seed: int, source: dict) -> schema.Metadata:
     """Writes the prepared layout into `out` (which must exist and be empty)."""
-    steps = tqdm(total=5, desc="prepare", unit="step")
-    prep = Prepared(raw, cfg)
-    steps.update()
-    train_files = write_train(prep, out, cfg, seed)
-    steps.update()
-    write_eval(prep, prep.split.valid, out / schema.VALID_FILE, cfg)
-    write_eval(prep, prep.split.test, out / schema.TEST_FILE, cfg)
-    steps.update()
-    write_catalogue(prep, out)
-    steps.update()
-    checksum, files = file_checksum(raw.files)
-    train_lengths = np.minimum(prep.split.train_targets - prep.user_start[prep.split.train_targets],
-                               cfg.max_history)
-    split = asdict(cfg)
-    metadata = schema.Metadata(
-        schema_version=schema.SCHEMA_VERSION,
-        source={**source, **raw.params, "checksum": checksum, "files": files},
-        split={"protocol": cfg.protocol, "valid_fraction": cfg.valid_fraction, "test_fraction": cfg.test_fraction,
-               "keep_cold_users": cfg.keep_cold_users, "keep_cold_items": cfg.keep_cold_items, "seed": seed},
-        filters={k: split[k] for k in ("min_user_events", "min_item_events", "min_positive_rating",
-                                       "min_relevant_rating")},
-        max_history=cfg.max_history,
-        num_users=len(prep.user_vocab), num_items=len(prep.item_vocab),
-        counts={"events": len(prep.users), "dropped_events": prep.dropped_events,
-                "train_examples": len(prep.split.train_targets),
-                "valid_rows": len(prep.split.valid.users), "test_rows": len(prep.split.test.users),
-                "valid_dropped_users": prep.split.valid.dropped, "test_dropped_users": prep.split.test.dropped},
-        item_features=feature_specs(prep.item_features),
-        user_features=feature_specs(prep.user_features),
-        context_features=list(CONTEXT_SPECS) if prep.has_time else [],
-        mean_history_length=float(train_lengths.mean()) if len(train_lengths) else 0.0,
-        train_files=train_files,
-    )
-    metadata.save(out)
-    steps.update()
-    steps.close()
+    with tqdm(total=5, desc="prepare", unit="step") as steps:
+        prep = Prepared(raw, cfg)
+        steps.update()
+        train_files = write_train(prep, out, cfg, seed)
+        steps.update()
+        write_eval(prep, prep.split.valid, out / schema.VALID_FILE, cfg)
+        write_eval(prep, prep.split.test, out / schema.TEST_FILE, cfg)
+        steps.update()
+        write_catalogue(prep, out)
+        steps.update()
+        checksum, files = file_checksum(raw.files)
+        train_lengths = np.minimum(prep.split.train_targets - prep.user_start[prep.split.train_targets],
+                                   cfg.max_history)
+        split = asdict(cfg)
+        metadata = schema.Metadata(
+            schema_version=schema.SCHEMA_VERSION,
+            source={**source, **raw.params, "checksum": checksum, "files": files},
+            split={"protocol": cfg.protocol, "valid_fraction": cfg.valid_fraction,
+                   "test_fraction": cfg.test_fraction, "keep_cold_users": cfg.keep_cold_users,
+                   "keep_cold_items": cfg.keep_cold_items, "seed": seed},
+            filters={k: split[k] for k in ("min_user_events", "min_item_events", "min_positive_rating",
+                                           "min_relevant_rating")},
+            max_history=cfg.max_history,
+            num_users=len(prep.user_vocab), num_items=len(prep.item_vocab),
+            counts={"events": len(prep.users), "duplicate_rows": prep.filtered.duplicate_rows,
+                    "dropped_events": prep.filtered.events, "dropped_users": prep.filtered.users,
+                    "dropped_items": prep.filtered.items, "train_examples": len(prep.split.train_targets),
+                    "valid_rows": len(prep.split.valid.users), "test_rows": len(prep.split.test.users),
+                    "valid_dropped_users": prep.split.valid.dropped, "test_dropped_users": prep.split.test.dropped},
+            repeats=prep.repeats,
+            item_features=feature_specs(prep.item_features),
+            user_features=feature_specs(prep.user_features),
+            context_features=list(CONTEXT_SPECS) if prep.has_time else [],
+            mean_history_length=float(train_lengths.mean()) if len(train_lengths) else 0.0,
+            train_files=train_files,
+        )
+        metadata.save(out)
+        steps.update()
     return metadata
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Temp folders left by a prepare that was killed (kill -9 runs no cleanup): their PID is gone."""
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+        for path in out.parent.glob(pattern):
+            pid = path.name.rsplit("-", 1)[1]
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def prepare(raw: RawData, cfg: SplitConfig, out: str | Path, seed: int = 0, overwrite: bool = False,
@@ -261,6 +357,7 @@ def prepare(raw: RawData, cfg: SplitConfig, out: str | Path, seed: int = 0, over
     out = Path(out)
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -279,8 +376,39 @@ def prepare(raw: RawData, cfg: SplitConfig, out: str | Path, seed: int = 0, over
 
 
 def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(out, None, "a directory to write the prepared dataset into (--out)", "an existing file")
     if out.exists() and not overwrite and any(out.iterdir()):
         raise DataError(out, None, "a new or empty output directory (or pass --overwrite)", "it has files")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise DataError(out.parent, None, "a directory to hold --out", "an existing file")
+
+
+def percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "0%"
+
+
+def report(meta: schema.Metadata, out: str) -> list[str]:
+    """What prepare did, in the words a user checks it by: counts, what was dropped, and repeats."""
+    counts = meta.counts
+    lines = [f"prepared {out}: {meta.num_users} users, {meta.num_items} items, {counts['train_examples']} "
+             f"training examples, {counts['valid_rows']} validation and {counts['test_rows']} test queries"]
+    if counts["duplicate_rows"]:
+        lines.append(f"dropped {counts['duplicate_rows']} duplicate rows (the same user, item and time)")
+    lines.append(f"filters (--min-user-events {meta.filters['min_user_events']}, --min-item-events "
+                 f"{meta.filters['min_item_events']}) dropped {counts['dropped_users']} users, "
+                 f"{counts['dropped_items']} items and {counts['dropped_events']} events")
+    valid, test = meta.repeats["valid"], meta.repeats["test"]
+    lines.append(f"repeats: {percent(valid['repeat_targets'], valid['targets'])} of validation targets "
+                 f"({valid['repeat_targets']} of {valid['targets']}) and {percent(test['repeat_targets'], test['targets'])}"
+                 f" of test targets ({test['repeat_targets']} of {test['targets']}) were consumed earlier by the same "
+                 f"user")
+    if valid["repeat_targets"] or test["repeat_targets"]:
+        lines.append(f"  with eval.filter_seen=true (the default) such targets cannot be ranked, so they are left "
+                     f"out: {valid['queries_all_repeat']} validation and {test['queries_all_repeat']} test queries "
+                     f"have no other target and are not evaluated. For domains where repeats are the point "
+                     f"(music, grocery), train with eval.filter_seen=false")
+    return lines
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -299,15 +427,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     inter.add_argument("--item-features", help="CSV/Parquet keyed by --item-col; other columns are features")
     inter.add_argument("--user-features", help="CSV/Parquet keyed by --user-col; other columns are features")
     inter.add_argument("--feature-sep", default="|", help="separator of multi-valued CSV features")
+    inter.add_argument("--encoding", default="utf-8", help="text encoding of CSV files (e.g. latin-1)")
     seq = sub.add_parser("sequences", help="a 'user item item ...' file, optionally gzipped")
     seq.add_argument("path")
     seq.add_argument("--item-attributes", help='JSON {"item": [attribute, ...]}')
     seq.add_argument("--movies", help="MovieLens movies.dat for titles and genres")
     seq.add_argument("--users", help="MovieLens users.dat for user features")
+    seq.add_argument("--string-ids", action="store_true", help="ids are arbitrary tokens, not integers")
     synth = sub.add_parser("synthetic", help="the generated default dataset (see data/synthetic.py)")
     synth.add_argument("--users", type=int, default=None)
     synth.add_argument("--items", type=int, default=None)
     synth.add_argument("--mean-events", type=float, default=None)
+    synth.add_argument("--allow-repeats", action="store_true",
+                       help="users may consume an item again (by default each user's items are distinct)")
     for p in (movielens, inter, seq, synth):
         p.add_argument("--out", required=True)
         p.add_argument("--overwrite", action="store_true")
@@ -330,14 +462,17 @@ def load_source(args: argparse.Namespace) -> RawData:
         return read_movielens(args.path)
     if args.source == "interactions":
         return read_interactions(args.path, args.user_col, args.item_col, args.time_col, args.rating_col,
-                                 args.item_features, args.user_features, feature_sep=args.feature_sep)
+                                 args.item_features, args.user_features, feature_sep=args.feature_sep,
+                                 encoding=args.encoding)
     if args.source == "sequences":
-        return read_sequences(args.path, args.item_attributes, args.movies, args.users)
+        raw = read_sequences(args.path, args.item_attributes, string_ids=args.string_ids)
+        return with_side_tables(raw, Path(args.movies) if args.movies else None,
+                                Path(args.users) if args.users else None, required=True)
     from data.synthetic import SyntheticConfig, generate
 
     overrides = {k: v for k, v in (("num_users", args.users), ("num_items", args.items),
                                    ("mean_events", args.mean_events)) if v is not None}
-    return generate(SyntheticConfig(seed=args.seed, **overrides))
+    return generate(SyntheticConfig(seed=args.seed, allow_repeats=args.allow_repeats, **overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,14 +486,14 @@ def main(argv: list[str] | None = None) -> int:
                           keep_cold_items=args.keep_cold_items)
         check_output(Path(args.out), args.overwrite)
         raw = load_source(args)
+        for warning in raw.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         source = {"kind": args.source, "path": getattr(args, "path", None), "seed": args.seed}
         metadata = prepare(raw, cfg, args.out, seed=args.seed, overwrite=args.overwrite, source=source)
     except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"prepared {args.out}: {metadata.num_users} users, {metadata.num_items} items, "
-          f"{metadata.counts['train_examples']} training examples, {metadata.counts['valid_rows']} validation "
-          f"and {metadata.counts['test_rows']} test queries")
+    print("\n".join(report(metadata, args.out)))
     return 0
 
 

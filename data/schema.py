@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: duplicate, filter and repeat counts
 # Dense id 0 of every vocabulary is reserved: padding, and the id unknown raw values map to.
 PAD_ID = 0
 
@@ -65,6 +65,9 @@ class Metadata:
     context_features: list[FeatureSpec] = field(default_factory=list)
     mean_history_length: float = 0.0
     train_files: list[str] = field(default_factory=list)
+    # Per eval split: queries, targets, repeat_targets (consumed earlier by the same user), repeat_share,
+    # queries_all_repeat (every target is a repeat: a seen-filtering evaluator cannot rank any).
+    repeats: dict = field(default_factory=dict)
 
     @property
     def item_vocab(self) -> int:
@@ -87,7 +90,8 @@ class Metadata:
                             "no such file")
         raw = json.loads(path.read_text())
         if raw.get("schema_version") != SCHEMA_VERSION:
-            raise DataError(path, "schema_version", f"{SCHEMA_VERSION}", str(raw.get("schema_version")))
+            raise DataError(path, "schema_version", f"{SCHEMA_VERSION} (prepare the data again with this version of "
+                            f"`python -m data.prepare`)", str(raw.get("schema_version")))
         for group in ("item_features", "user_features", "context_features"):
             raw[group] = [FeatureSpec(**spec) for spec in raw.get(group, [])]
         return cls(**raw)

@@ -56,6 +56,21 @@ class Split:
     test: EvalQueries
 
 
+def repeat_targets(users: np.ndarray, items: np.ndarray, queries: EvalQueries) -> np.ndarray:
+    """Per target of `queries` (flat, query-major): did the user consume that item before the query's
+    cutoff? Such a target is in the query's seen set, so a seen-filtering evaluator can never rank it.
+    Events must be sorted by user, then time."""
+    if not len(queries.targets):
+        return np.zeros(0, dtype=bool)
+    stride = np.int64(items.max()) + 1
+    pair = users.astype(np.int64) * stride + items
+    unique, first = np.unique(pair, return_index=True)
+    query_users = np.repeat(queries.users, queries.target_lengths)
+    cutoffs = np.repeat(queries.cutoffs, queries.target_lengths)
+    found = first[np.searchsorted(unique, query_users * stride + queries.targets)]
+    return found < cutoffs
+
+
 def core_filter(users: np.ndarray, items: np.ndarray, min_user: int, min_item: int) -> np.ndarray:
     """Mask of events kept by iterated user/item minimum counts (the k-core the tutorials use)."""
     keep = np.ones(len(users), dtype=bool)

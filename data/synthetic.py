@@ -4,7 +4,10 @@
 - users with a few latent interests (topics), and user features that correlate with them;
 - sequential drift: a user's current topic persists from one event to the next, so recent items
   predict the next one better than the whole history does;
-- item features (genres, decade) correlated with the item's topic.
+- item features (genres, decade) correlated with the item's topic;
+- by default no repeat consumption: a user's items are distinct (a draw of an item the user already
+  has is dropped), like MovieLens, so every held-out target can be ranked by a seen-filtering
+  evaluator. `allow_repeats=True` keeps the draws, for domains where repeats are the point.
 
 It returns `RawData`, so the prepared layout comes from the same code path as real data.
 Everything is vectorised over users (one loop step per sequence position), so millions of items
@@ -18,7 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from data.sources import RawData, concat_features, long_form
+from data.sources.raw import RawData, concat_features, long_form
 
 
 @dataclass
@@ -33,6 +36,7 @@ class SyntheticConfig:
     zipf_exponent: float = 1.05
     topic_persistence: float = 0.8  # chance the next event stays in the current topic
     popularity_noise: float = 0.1  # chance an event ignores interests and follows global popularity
+    allow_repeats: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -85,6 +89,8 @@ def generate(cfg: SyntheticConfig) -> RawData:
     ts = (start[:, None] + gaps).astype(np.int64)[valid]
     events = pd.DataFrame({"user": user_of_event.astype(str), "item": items[valid].astype(str), "ts": ts,
                            "rating": np.nan})
+    if not cfg.allow_repeats:
+        events = events[~events.duplicated(["user", "item"])].reset_index(drop=True)
 
     item_ids = pd.Series(np.arange(n_items).astype(str))
     main_genre = topic_of_item % cfg.num_genres

@@ -115,5 +115,5 @@ def synthetic_dataset(tmp_path_factory, name: str, users: int, items: int, mean_
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    """800 synthetic users, 300 items: a few seconds per epoch."""
+    """800 synthetic users (666 with at least 5 distinct items), 300 items: a few seconds per epoch."""
     return synthetic_dataset(tmp_path_factory, "tiny", 800, 300, 15, 12, 20)

@@ -40,20 +40,22 @@ def test_latest_skips_incomplete_checkpoints(tmp_path):
 
 @pytest.mark.slow
 def test_resume_from_a_mid_epoch_checkpoint_is_exact(tiny_data, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    args = ["train.epochs=2", "tracking.enabled=false", "checkpoint.every_steps=50", "checkpoint.keep_last=10"]
+    ckpt, every = tmp_path / "ckpt", 30
+    per_epoch = len(ExampleLoader(tiny_data, LoaderConfig(batch_size=64)))
+    args = ["train.epochs=2", "tracking.enabled=false", f"checkpoint.every_steps={every}", "checkpoint.keep_last=10"]
     subprocess.run([sys.executable, *trainer_cmd(tiny_data, ckpt, tmp_path / "a.json", *args)], cwd=ROOT,
                    check=True, capture_output=True)
-    steps = sorted(p.name for p in ckpt.iterdir())
-    assert steps == ["step-000000050", "step-000000100", "step-000000140", "step-000000150", "step-000000200",
-                     "step-000000250", "step-000000280"], "every 50 steps and at each epoch end (140 batches)"
-    for later in steps[steps.index("step-000000200") + 1:]:
-        shutil.rmtree(ckpt / later)
+    expected = sorted(set(range(every, 2 * per_epoch + 1, every)) | {per_epoch, 2 * per_epoch})
+    assert sorted(p.name for p in ckpt.iterdir()) == [f"step-{s:09d}" for s in expected], \
+        f"every {every} steps and at each epoch end ({per_epoch} batches)"
+    resume_step = max(s for s in expected if per_epoch < s < 2 * per_epoch)
+    for later in [s for s in expected if s > resume_step]:
+        shutil.rmtree(ckpt / f"step-{later:09d}")
     out = subprocess.run([sys.executable, *trainer_cmd(tiny_data, ckpt, tmp_path / "b.json", *args)], cwd=ROOT,
                          check=True, capture_output=True, text=True).stdout
-    assert "resumed from" in out and "epoch 1, batch 60, step 200" in out
+    assert "resumed from" in out and f"epoch 1, batch {resume_step - per_epoch}, step {resume_step}" in out
     first, resumed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
-    assert resumed["steps"] == first["steps"] == 280
+    assert resumed["steps"] == first["steps"] == 2 * per_epoch
     assert resumed["test"] == first["test"] and resumed["history"] == first["history"], "bit-for-bit the same"
 
 

@@ -19,6 +19,7 @@ from data.batch import TrainBatch
 from data.loader import ExampleLoader, make_kjt
 from tests.conftest import synthetic_dataset
 from trainer.collectives import all_gather_with_grad
+from trainer.config import load_config
 from trainer.distributed import free_port
 from trainer.export import export
 from trainer.serving import ExportedModel
@@ -95,10 +96,9 @@ def parity_worker(rank: int, world: int, port: int, data: str, out: str) -> None
     deterministic_tables(job.dmp)
     global_cfg = load_config(None, [f"data.path={data}", f"loader.batch_size={2 * B}", f"loader.num_negatives={S}"])
     source = ExampleLoader(data, global_cfg.loader)
+    epoch = list(source.epoch(0))
     batches = []
-    for index, batch in enumerate(source.epoch(0)):
-        if index == STEPS:
-            break
+    for batch in epoch[:STEPS - 1] + epoch[-1:]:  # the last one is padded, so the ranks' real rows differ
         mine = np.r_[np.arange(rank * 2 * B // world, (rank + 1) * 2 * B // world), np.arange(2 * B, 2 * B + S)]
         batches.append(select_rows(batch, mine))
     iterator = iter(batches)
@@ -115,11 +115,15 @@ def parity_worker(rank: int, world: int, port: int, data: str, out: str) -> None
 
 @pytest.fixture(scope="module")
 def parity_data(tmp_path_factory):
-    return synthetic_dataset(tmp_path_factory, "parity", 400, 150, 12, 8, 10)
+    return synthetic_dataset(tmp_path_factory, "parity", 410, 150, 12, 8, 10)  # 1,521 examples: 49 in the last 64
 
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_on_the_concatenated_batch(parity_data, tmp_path):
+    """Including a padded last batch that leaves rank 1 fewer real rows than rank 0: every row still weighs
+    the same as in one process."""
+    last = list(ExampleLoader(parity_data, load_config(None, [f"loader.batch_size={2 * B}"]).loader).epoch(0))[-1]
+    assert B < int(last.row_mask.sum()) < 2 * B, "rank 0 gets B real rows, rank 1 fewer"
     for world in (1, 2):
         mp.spawn(parity_worker, args=(world, free_port(), str(parity_data), str(tmp_path)), nprocs=world)
     single = torch.load(tmp_path / "1-0.pt")
@@ -144,7 +148,7 @@ def sharding_worker(rank: int, world: int, port: int, data: str, sharding_type: 
     from trainer import checkpoint, distributed
     from trainer.config import load_config
     from trainer.plain import kjt_features
-    from trainer.train import build, eval_loader_cfg, model_scorer
+    from trainer.train import build, model_scorer
 
     cfg = load_config(None, [f"data.path={data}", "loader.batch_size=32", "loader.num_negatives=16",
                              "model.hidden_dims=[32]", "model.output_dim=16", "model.item_dim=16",
@@ -173,7 +177,7 @@ def sharding_worker(rank: int, world: int, port: int, data: str, sharding_type: 
     # The sharded model's scores on this rank's first validation batch, and its weights for export.
     checkpoint.save_model(job, Path(out) / f"{sharding_type}-model", {"epoch": 0, "step": 4})
     job.pipeline.detach()
-    batch = next(iter(ExampleLoader(data, eval_loader_cfg(cfg), "valid", rank, world).epoch(0)))
+    batch = next(iter(job.eval_loaders["valid"].epoch(0)))
     torch.save({"losses": losses, "types": {k: v["sharding_type"] for k, v in plan.items()}, "changed": changed,
                 "scores": model_scorer(job)(batch), "features": kjt_features(batch.sparse)},
                Path(out) / f"{sharding_type}-{rank}.pt")

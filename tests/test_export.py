@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data.loader import ExampleLoader
 from data.schema import Metadata
 from tests.conftest import ROOT, dataset_dir, tiny_config
 from trainer import checkpoint, distributed
@@ -26,7 +25,7 @@ from trainer.plain import kjt_features
 from trainer.plots import embedding_map, figure_rgba, item_labels, recommendation_counts
 from trainer.recommend import mmr
 from trainer.serving import ExportedModel
-from trainer.train import build, eval_loader_cfg, model_scorer, train
+from trainer.train import build, model_scorer, train
 
 
 def recommend(*args: str) -> subprocess.CompletedProcess:
@@ -45,7 +44,7 @@ def exported(tiny_data, tmp_path_factory):
         job.pipeline.progress(batches)
     checkpoint.save_model(job, tmp / "best", {"epoch": 0, "step": 8})
     job.pipeline.detach()
-    batch = next(iter(ExampleLoader(tiny_data, eval_loader_cfg(cfg), "valid").epoch(0)))
+    batch = next(iter(job.eval_loaders["valid"].epoch(0)))
     scores = model_scorer(job)(batch)
     info = export(tmp / "best", tmp / "out")
     return SimpleNamespace(dir=tmp / "out", info=info, batch=batch, scores=scores, data=tiny_data,

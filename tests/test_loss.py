@@ -98,6 +98,27 @@ def test_logq_is_expected_candidate_count():
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
 
 
+def test_logq_counts_only_real_positives_of_a_padded_batch():
+    """The last batch of an epoch is padded with id-0 rows: they draw no in-batch candidate, so G is the
+    number of real positives (5 here), not the batch size (8)."""
+    freq = torch.tensor([0.0, 6.0, 3.0, 1.0])
+    proposal = torch.tensor([0.0, 0.2, 0.3, 0.5])
+    log_q = CandidateLogQ(freq, proposal, num_negatives=10, in_batch=True, frequency="exact", buckets=16, alpha=0.1)
+    got = log_q(torch.tensor([1, 2, 3]), global_positives=torch.tensor([1, 2, 3, 3, 1, 0, 0, 0]))
+    expected = [math.log(5 * f / 10 + 10 * p) for f, p in zip([6, 3, 1], [0.2, 0.3, 0.5])]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
+
+
+def test_normalizer_divides_the_summed_loss():
+    """What a rank with an uneven share of a padded batch uses: sum over its real rows / (global real / world)."""
+    q, c, ids, row_mask, log_q = case()
+    b = q.shape[0]
+    args = dict(num_in_batch=b, temperature=0.3)
+    mean = sampled_softmax_loss(q, c, ids, torch.arange(b), row_mask, log_q, **args)
+    scaled = sampled_softmax_loss(q, c, ids, torch.arange(b), row_mask, log_q, normalizer=torch.tensor(2.5), **args)
+    assert scaled.item() == pytest.approx(mean.item() * int(row_mask.sum()) / 2.5, rel=1e-12)
+
+
 def train_free_embeddings(logq_sign: float, seed: int = 0):
     """Free query/item embeddings trained with in-batch negatives on a skewed distribution.
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from data.schema import Metadata
 from tests.conftest import ROOT, TINY_MODEL, tiny_config
 from trainer import distributed
 from trainer.config import ConfigError, load_config
@@ -46,7 +47,7 @@ def test_dev_mode_training_beats_popularity_and_is_reproducible(tiny_data):
     cfg = tiny_config(tiny_data, **{"train.epochs": 3, "train.early_stopping_metric": "hr@50"})
     first = train(cfg)
     assert first["test"]["hr@50"] > 1.5 * first["popularity_test"]["hr@50"], (first["test"], first["popularity_test"])
-    assert first["test"]["users"] == 800
+    assert first["test"]["users"] == Metadata.load(tiny_data).counts["test_rows"] and first["test"]["skipped"] == 0
     assert "export" not in first, "export.enabled=false (the tiny model's setting) writes no export"
     second = train(cfg)
     assert second["test"] == first["test"], "same config and data give the same metrics"

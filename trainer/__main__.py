@@ -16,6 +16,8 @@ from pathlib import Path
 from data.errors import DataError
 from sharding.plan import ShardingError
 from trainer.config import ConfigError, load_config
+from trainer.distributed import DeviceError
+from trainer.evaluate import EvaluationError
 from trainer.tracking import TrackingError, tracking_uri
 
 
@@ -32,9 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.train import train
 
         summary = train(cfg)
-    except (ConfigError, DataError, ShardingError, TrackingError) as err:
+    except (ConfigError, DataError, DeviceError, ShardingError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except EvaluationError as err:
+        print(f"error: evaluation failed: {err}", file=sys.stderr)
+        return 1
     from trainer import distributed
 
     distributed.shutdown()
@@ -52,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
               f"--history \"<raw item id>,<raw item id>\" -k 20   # or --similar <raw item id>")
     test = summary.get("test") or {}
     popular = summary.get("popularity_test") or {}
-    print("test: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(test.items()) if k != "users"))
+    counts = ("users", "skipped")
+    print(f"test: {int(test['users'])} queries evaluated, {int(test['skipped'])} skipped (no rankable target)")
+    print("test: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(test.items()) if k not in counts))
     if popular:
-        print("popularity test: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(popular.items()) if k != "users"))
+        print("popularity test: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(popular.items()) if k not in counts))
     return 0
 
 

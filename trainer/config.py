@@ -75,6 +75,9 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 50, 200])
     batch_size: int = 1024
     popularity_baseline: bool = True
+    # Remove what the user consumed before the query from the ranking; targets among those are left out
+    # (README "Evaluation protocol"). false: rank everything, for domains where repeats are the point.
+    filter_seen: bool = True
 
 
 @dataclass
@@ -227,7 +230,18 @@ def apply_override(data: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override '{override}': '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = parse_yaml(raw, f"override '{override}'")
+
+
+def parse_yaml(text: str, where: str):
+    """YAML, with a syntax error reported as `where: line L, column C: problem` on one line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        position = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"{where}: {position}invalid YAML: {problem}") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
@@ -236,7 +250,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot be read: {err}") from None
+        data = parse_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     for override in overrides:

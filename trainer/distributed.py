@@ -24,10 +24,17 @@ class Env:
         return self.rank == 0
 
 
+class DeviceError(ValueError):
+    """The configured device does not exist here; a one-line error, like a config error."""
+
+
 def pick_device(wanted: str, local_rank: int) -> torch.device:
     if wanted == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no GPU is visible; use train.device=cpu or auto")
+        raise DeviceError("train.device=cuda but no GPU is visible; use train.device=cpu or auto")
     if wanted in ("cuda", "auto") and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise DeviceError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
+                              f"start at most that many processes per node")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

@@ -155,6 +155,7 @@ def export(checkpoint: str | Path, out: str | Path, cfg: JobConfig | None = None
         "metric": "inner product on L2-normalised vectors (the training score times the temperature)",
         "dim": cfg.model.output_dim,
         "temperature": cfg.loss.temperature,
+        "filter_seen": cfg.eval.filter_seen,  # recommend leaves the history out of the results when true
         "query_tower": {"tables": [t.as_dict() for t in tower.specs], "query_keys": tower.query_keys,
                         "hidden_dims": cfg.model.hidden_dims, "output_dim": cfg.model.output_dim,
                         "history_bags": cfg.loader.history_bags, "max_history": meta.max_history,

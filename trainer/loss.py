@@ -21,8 +21,8 @@ MASKED_LOGIT = -1e9
 def sampled_softmax_loss(query: torch.Tensor, candidates: torch.Tensor, candidate_ids: torch.Tensor,
                          positive_index: torch.Tensor, row_mask: torch.Tensor, log_q: torch.Tensor | None,
                          num_in_batch: int, temperature: float, in_batch: bool = True,
-                         logq_on_positive: bool = True) -> torch.Tensor:
-    """Mean loss over the rows of `row_mask`.
+                         logq_on_positive: bool = True, normalizer: torch.Tensor | None = None) -> torch.Tensor:
+    """Loss summed over the rows of `row_mask`, divided by `normalizer` (default: their number, the mean).
 
     query (B, d); candidates (C, d) with C = num_in_batch + S; candidate_ids (C,); positive_index (B,):
     the column of each row's positive; log_q (C,): log Q of each column's item, or None for no logQ.
@@ -42,7 +42,9 @@ def sampled_softmax_loss(query: torch.Tensor, candidates: torch.Tensor, candidat
     logits = torch.where(masked & ~own, torch.full_like(logits, MASKED_LOGIT), logits)
     per_row = F.cross_entropy(logits, positive_index, reduction="none")
     weights = row_mask.to(per_row.dtype)
-    return (per_row * weights).sum() / weights.sum().clamp(min=1.0)
+    if normalizer is None:
+        normalizer = weights.sum()
+    return (per_row * weights).sum() / normalizer.to(per_row.dtype).clamp(min=1e-6)  # 0 rows: 0 / tiny = 0
 
 
 class StreamingFrequency:
@@ -98,11 +100,13 @@ class CandidateLogQ:
         self.streaming = StreamingFrequency(buckets, alpha, freq.device) if frequency == "streaming" else None
 
     def __call__(self, candidate_ids: torch.Tensor, global_positives: torch.Tensor) -> torch.Tensor:
+        """`global_positives` are the ids of the global batch's positives; 0 marks a padding row, which
+        draws no in-batch candidate: G counts the real positives only."""
         if self.streaming is not None:
             self.streaming.update(global_positives)
             in_batch = self.streaming.per_step_count(candidate_ids)
         else:
-            in_batch = len(global_positives) * self.unigram[candidate_ids]
+            in_batch = (global_positives > 0).sum() * self.unigram[candidate_ids]
         expected = self.num_negatives * self.proposal[candidate_ids]
         if self.in_batch:
             expected = expected + in_batch
@@ -123,7 +127,12 @@ class RetrievalLoss(torch.nn.Module):
         self.log_q = log_q
 
     def forward(self, query: torch.Tensor, candidates: torch.Tensor, batch) -> torch.Tensor:
-        """In-batch positives are gathered from every rank, so the negatives are the global batch."""
+        """In-batch positives are gathered from every rank, so the negatives are the global batch.
+
+        Gradients are averaged over ranks (DDP for the MLPs, TorchRec's gradient division for the
+        tables), so each rank divides its summed loss by the global number of real rows over the world
+        size: the average is then the mean over the global batch's real rows, even when an epoch's
+        padded last batch leaves the ranks with different numbers of real rows."""
         b = query.shape[0]
         positives, positive_ids = candidates[:b], batch.candidate_ids[:b]
         offset = 0
@@ -134,6 +143,8 @@ class RetrievalLoss(torch.nn.Module):
         ids = torch.cat([positive_ids, batch.candidate_ids[b:]])
         log_q = self.log_q(ids, positive_ids) if self.log_q is not None else None
         positive_index = offset + torch.arange(b, device=query.device)
+        normalizer = (positive_ids > 0).sum() / self.world_size
         return sampled_softmax_loss(query, candidates, ids, positive_index, batch.row_mask, log_q,
                                     num_in_batch=len(positive_ids), temperature=self.temperature,
-                                    in_batch=self.in_batch, logq_on_positive=self.logq_on_positive)
+                                    in_batch=self.in_batch, logq_on_positive=self.logq_on_positive,
+                                    normalizer=normalizer)

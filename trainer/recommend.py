@@ -3,8 +3,8 @@
     python -m trainer.recommend --run <MLflow run id | export dir> --history "1193,661,914" -k 20 [--mmr 0.3]
     python -m trainer.recommend --run <MLflow run id | export dir> --similar 1193 -k 10
 
-History ids are raw ids as in the source data, oldest first. Items already in the history are never
-recommended. Unknown ids and feature values are reported on stderr and skipped. `--mmr D` re-ranks
+History ids are raw ids as in the source data, oldest first. Items already in the history are not
+recommended, unless the model was trained with eval.filter_seen=false (repeats are the point). Unknown ids and feature values are reported on stderr and skipped. `--mmr D` re-ranks
 the top `--candidates` by maximal marginal relevance: each pick maximises
 (1 - D) * score - D * (highest cosine to an item already picked), so D = 0 is the plain ranking.
 """
@@ -113,7 +113,8 @@ class Recommender:
                   diversity: float = 0.0, candidates: int = 200) -> list[Ranked]:
         seen = self.items(history)
         query = self.model.encode(seen, self.features(features), self.user(user))
-        return self.rank(query, set(seen), k, diversity, candidates)
+        exclude = set(seen) if self.model.info.get("filter_seen", True) else set()
+        return self.rank(query, exclude, k, diversity, candidates)
 
     def similar(self, raw_id: str, k: int = 20, diversity: float = 0.0, candidates: int = 200) -> list[Ranked]:
         ids = self.items([raw_id])

@@ -31,6 +31,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
+from data.errors import DataError
 from data.loader import ExampleLoader
 from data.schema import Metadata
 from sharding.plan import build_plan, check_types, plan_as_json
@@ -44,6 +45,7 @@ from trainer.plots import log_plots
 from trainer.tracking import Tracker
 
 ITEM_CHUNK = 8192
+COUNTS = ("users", "skipped")  # evaluation counts, not metrics
 BEST_MODEL = "best"  # the selected epoch's weights, under checkpoint.dir: what export reads
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ class Job(ShardedModel):
     env: distributed.Env
     meta: Metadata
     train_loader: ExampleLoader
+    eval_loaders: dict[str, ExampleLoader]
 
 
 def build_model(cfg: JobConfig, env: distributed.Env, meta: Metadata, freq: np.ndarray,
@@ -118,17 +121,51 @@ def build_model(cfg: JobConfig, env: distributed.Env, meta: Metadata, freq: np.n
                         plan_as_json(plan))
 
 
+def check_splits(cfg: JobConfig, meta: Metadata) -> None:
+    """Before the first step: every split has queries, and the evaluation protocol leaves some to rank."""
+    where = Path(cfg.data.path) / "metadata.json"
+    if meta.counts["train_examples"] == 0:
+        raise DataError(where, "counts.train_examples", "training examples", "none (prepare the data again)")
+    for split, name in (("valid", "validation"), ("test", "test")):
+        rows = meta.counts[f"{split}_rows"]
+        if rows == 0:
+            raise DataError(where, f"counts.{split}_rows", f"{name} queries", "none (prepare the data again)")
+        if cfg.eval.filter_seen and meta.repeats[split]["queries_all_repeat"] == rows:
+            raise ConfigError(f"eval.filter_seen=true leaves no {name} query to evaluate: all {rows} have only "
+                              f"targets their user consumed before ({where}: repeats); set eval.filter_seen=false")
+
+
+def protocol_summary(cfg: JobConfig, meta: Metadata) -> str:
+    """One line saying what the evaluation numbers will mean."""
+    filtering = ("seen items filtered (eval.filter_seen=true); queries whose targets were all consumed before "
+                 "are skipped" if cfg.eval.filter_seen else "nothing filtered (eval.filter_seen=false)")
+    counts = []
+    for split, name in (("valid", "validation"), ("test", "test")):
+        skipped = meta.repeats[split]["queries_all_repeat"] if cfg.eval.filter_seen else 0
+        counts.append(f"{name} {meta.counts[f'{split}_rows'] - skipped} queries ({skipped} skipped)")
+    return (f"evaluation: {meta.split['protocol']} split, full catalogue of {meta.num_items} items, {filtering}; "
+            f"{', '.join(counts)}")
+
+
 def build(cfg: JobConfig, env: distributed.Env) -> Job:
     if env.device.type != "cuda" and cfg.optim.sparse not in CPU_FUSED_OPTIMIZERS:
         raise ConfigError(f"optim.sparse={cfg.optim.sparse} needs a GPU; FBGEMM's CPU kernels support "
                           f"{list(CPU_FUSED_OPTIMIZERS)}")
     seed_everything(cfg.seed)
     meta = Metadata.load(cfg.data.path)
+    check_splits(cfg, meta)
     check_types(cfg.sharding, table_configs(meta, cfg.loader, cfg.model), env.device)
     train_loader = ExampleLoader(cfg.data.path, cfg.loader, "train", env.rank, env.world_size, meta=meta)
+    eval_cfg = replace(cfg.loader, batch_size=cfg.eval.batch_size, num_negatives=0)
+    eval_loaders = {split: ExampleLoader(cfg.data.path, eval_cfg, split, env.rank, env.world_size, meta=meta)
+                    for split in ("valid", "test")}
+    large = [k for k in cfg.eval.ks if k >= meta.num_items]
+    if large and env.is_main:
+        log.warning("eval.ks %s reach the catalogue size (%d items): those metrics are close to 1 by construction",
+                    large, meta.num_items)
     model = build_model(cfg, env, meta, train_loader.catalogue.freq, train_loader.sampler.probs)
     return Job(**{f.name: getattr(model, f.name) for f in fields(model)}, cfg=cfg, env=env, meta=meta,
-               train_loader=train_loader)
+               train_loader=train_loader, eval_loaders=eval_loaders)
 
 
 def model_scorer(job: Job):
@@ -147,18 +184,12 @@ def model_scorer(job: Job):
 
 
 def run_eval(job: Job, split: str, scorer=None) -> dict[str, float]:
-    cfg = job.cfg
-    loader = ExampleLoader(cfg.data.path, eval_loader_cfg(cfg), split, job.env.rank, job.env.world_size,
-                           meta=job.meta)
     job.pipeline.detach()
     job.dmp.eval()
-    metrics = evaluate(scorer or model_scorer(job), loader.epoch(0), cfg.eval.ks, job.meta.num_items, job.env.device)
+    metrics = evaluate(scorer or model_scorer(job), job.eval_loaders[split].epoch(0), job.cfg.eval.ks,
+                       job.meta.num_items, job.env.device, job.cfg.eval.filter_seen)
     job.dmp.train()
     return metrics
-
-
-def eval_loader_cfg(cfg: JobConfig):
-    return replace(cfg.loader, batch_size=cfg.eval.batch_size, num_negatives=0)
 
 
 def environment_params(env: distributed.Env) -> dict[str, str]:
@@ -202,6 +233,7 @@ def fit(job: Job, tracker: Tracker | None, resume: Path | None = None) -> dict:
     cfg, env = job.cfg, job.env
     if env.is_main:
         print(job.plan_text)
+        print(protocol_summary(cfg, job.meta))
     state = initial_state(cfg, tracker)
     if resume:
         state.update(checkpoint.load(job, resume))
@@ -226,41 +258,40 @@ def fit(job: Job, tracker: Tracker | None, resume: Path | None = None) -> dict:
             break
         batch = state["batch"] if epoch == state["epoch"] else 0
         data = TimedIterator(job.train_loader.epoch(epoch, start_batch=batch))
-        bar = tqdm(total=len(job.train_loader), initial=batch, desc=f"epoch {epoch}", unit="batch",
-                   disable=not env.is_main, mininterval=0.5 if sys.stderr.isatty() else 30)
-        window_start, window_wait, window_steps, losses = time.perf_counter(), 0.0, 0, []
-        while True:
-            try:
-                stats = job.pipeline.progress(data)
-            except StopIteration:
-                break
-            state["step"] += 1
-            batch += 1
-            window_steps += 1
-            losses.append(float(stats["loss"]))
-            bar.update()
-            if state["step"] % cfg.train.log_every == 0:
-                elapsed = time.perf_counter() - window_start
-                wait_share = (data.wait - window_wait) / max(elapsed, 1e-9)
-                throughput.append(window_steps * examples_per_step / elapsed)
-                values = {"train/loss": float(np.mean(losses)), "train/examples_per_s": throughput[-1],
-                          "train/data_wait_share": wait_share, "train/lr_dense": cfg.optim.dense_lr,
-                          "train/lr_sparse": cfg.optim.sparse_lr, "train/temperature": cfg.loss.temperature}
-                bar.set_postfix(loss=f"{values['train/loss']:.3f}", ex_s=f"{values['train/examples_per_s']:,.0f}",
-                                wait=f"{wait_share:.0%}", refresh=False)
-                if tracker:
-                    tracker.log_metrics(values, state["step"])
-                window_start, window_wait, window_steps, losses = time.perf_counter(), data.wait, 0, []
-            if cfg.checkpoint.every_steps and state["step"] % cfg.checkpoint.every_steps == 0:
-                save(epoch, batch)
-            if cfg.train.max_steps and state["step"] >= cfg.train.max_steps:
-                state["stopped"] = True
-                break
-        bar.close()
+        with tqdm(total=len(job.train_loader), initial=batch, desc=f"epoch {epoch}", unit="batch",
+                   disable=not env.is_main, mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
+            window_start, window_wait, window_steps, losses = time.perf_counter(), 0.0, 0, []
+            while True:
+                try:
+                    stats = job.pipeline.progress(data)
+                except StopIteration:
+                    break
+                state["step"] += 1
+                batch += 1
+                window_steps += 1
+                losses.append(float(stats["loss"]))
+                bar.update()
+                if state["step"] % cfg.train.log_every == 0:
+                    elapsed = time.perf_counter() - window_start
+                    wait_share = (data.wait - window_wait) / max(elapsed, 1e-9)
+                    throughput.append(window_steps * examples_per_step / elapsed)
+                    values = {"train/loss": float(np.mean(losses)), "train/examples_per_s": throughput[-1],
+                              "train/data_wait_share": wait_share, "train/lr_dense": cfg.optim.dense_lr,
+                              "train/lr_sparse": cfg.optim.sparse_lr, "train/temperature": cfg.loss.temperature}
+                    bar.set_postfix(loss=f"{values['train/loss']:.3f}", ex_s=f"{values['train/examples_per_s']:,.0f}",
+                                    wait=f"{wait_share:.0%}", refresh=False)
+                    if tracker:
+                        tracker.log_metrics(values, state["step"])
+                    window_start, window_wait, window_steps, losses = time.perf_counter(), data.wait, 0, []
+                if cfg.checkpoint.every_steps and state["step"] % cfg.checkpoint.every_steps == 0:
+                    save(epoch, batch)
+                if cfg.train.max_steps and state["step"] >= cfg.train.max_steps:
+                    state["stopped"] = True
+                    break
         valid = run_eval(job, "valid")
         state["history"].append({"epoch": epoch, "step": state["step"], **valid})
         if tracker:
-            tracker.log_metrics({f"valid/{k}": v for k, v in valid.items() if k != "users"}, state["step"])
+            tracker.log_metrics({f"valid/{k}": v for k, v in valid.items() if k not in COUNTS}, state["step"])
         if env.is_main:
             print(f"epoch {epoch} step {state['step']}: " + ", ".join(
                 f"{k}={valid[k]:.4f}" for k in sorted(valid) if k.startswith(("hr@", "ndcg@", "mrr"))))
@@ -286,10 +317,10 @@ def fit(job: Job, tracker: Tracker | None, resume: Path | None = None) -> dict:
     if best_model and env.is_main:
         summary["export"] = export_best(cfg, best_model, state["run_id"], tracker)
     if tracker:
-        tracker.log_metrics({f"test/{k}": v for k, v in summary["test"].items() if k != "users"}, state["step"])
+        tracker.log_metrics({f"test/{k}": v for k, v in summary["test"].items() if k not in COUNTS}, state["step"])
         if cfg.eval.popularity_baseline:
             tracker.log_metrics({f"popularity_test/{k}": v for k, v in summary["popularity_test"].items()
-                                 if k != "users"}, state["step"])
+                                 if k not in COUNTS}, state["step"])
         tracker.log_json(eval_table(summary), "eval_table.json")
         log_plots(cfg, job.meta, summary, tracker)
     return summary
