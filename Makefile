@@ -1,11 +1,11 @@
-# Every target is idempotent: `setup` (re)builds .venv only when a requirements file changed.
+# Every target is idempotent: `setup` (re)builds .venv only when a requirements file or pyproject.toml changed.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
-REQS    := requirements.txt requirements-base.txt requirements-gpu.txt requirements-torchrec.txt
+REQS    := requirements.txt requirements-base.txt requirements-gpu.txt requirements-torchrec.txt pyproject.toml
 DEMO    ?= prepared/synthetic
 TESTS   ?= tests
 
-.PHONY: setup demo test bench-loader bench-quality bench-train-step clean
+.PHONY: setup demo lint test bench-loader bench-quality bench-train-step clean
 
 setup: $(STAMP)
 
@@ -18,24 +18,28 @@ $(STAMP): $(REQS)
 		$(PY) -m pip install -q -r requirements.txt; \
 	fi
 	$(PY) -m pip install -q --no-deps -r requirements-torchrec.txt
-	$(PY) -c "import torchrec, fbgemm_gpu, pyarrow, mlflow, torchx, faiss"
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -c "import torchrec, fbgemm_gpu, pyarrow, mlflow, torchx, faiss, trainer, serving"
 	touch $(STAMP)
 
 demo: setup
 	$(PY) -m data.prepare synthetic --out $(DEMO) --overwrite
 	$(PY) -m trainer --config configs/synthetic.yaml data.path=$(DEMO)
 
-test: setup
+lint: setup
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest $(TESTS) -q -ra
 
 bench-loader: setup
-	$(PY) bench/loader.py
+	$(PY) -m bench.loader
 
 bench-quality: setup
-	$(PY) bench/quality.py
+	$(PY) -m bench.quality
 
 bench-train-step: setup
-	$(PY) bench/train_step.py
+	$(PY) -m bench.train_step
 
 clean:
 	rm -rf .venv prepared

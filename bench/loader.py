@@ -1,6 +1,6 @@
 """Loader benchmark: our pipelined loader against the tutorials' map-style Dataset + collate_fn.
 
-    python bench/loader.py [--ml1m ../shared/datasets/ml-1m] [--runs 5] [--batches 150]
+    python -m bench.loader [--ml1m ../shared/datasets/ml-1m] [--runs 5] [--batches 150]
 
 - Throughput on prepared ML-1M, batch 1024 with 1024 mixed negatives (unigram^0.75), both loaders
   in the same run, one warm-up each, then `--runs` timed runs; median reported. Our loader is timed
@@ -22,24 +22,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from bench.common import machine, peak_rss_mib
+from config import LoaderConfig
+from data import schema
+from data.batch import TrainBatch
+from data.keys import ITEM_KEY, candidate_key, history_key
+from data.loader import open_loader
+from data.prepare import prepare
+from data.sources import read_movielens
+from data.splits import SplitConfig
+from data.synthetic import SyntheticConfig, generate
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
-
-from bench.common import machine, peak_rss_mib  # noqa: E402
-from data import schema  # noqa: E402
-from data.batch import TrainBatch  # noqa: E402
-from data.loader import ExampleLoader, LoaderConfig  # noqa: E402
-from data.prepare import prepare  # noqa: E402
-from data.sources import read_movielens  # noqa: E402
-from data.splits import SplitConfig  # noqa: E402
-from data.synthetic import SyntheticConfig, generate  # noqa: E402
 
 BATCH, NEGATIVES = 1024, 1024
 
@@ -57,8 +59,8 @@ class NaiveDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         history = self.columns[schema.HISTORY][i]
-        row = {"hist_last1": history[-1:], "hist_last10": history[-10:], "hist_all": history,
-               "target": self.columns[schema.TARGET][i]}
+        row = {history_key(k): history[-k:] if k else history for k in LoaderConfig().history_bags}
+        row["target"] = self.columns[schema.TARGET][i]
         for name in self.user_features:
             row[name] = [self.columns[name][i]]
         return row
@@ -82,11 +84,11 @@ class NaiveCollate:
                 lengths.append(len(row[key]))
                 values.extend(row[key])
             lengths.extend([0] * NEGATIVES)
-        keys.append("cand_item")
+        keys.append(ITEM_KEY)
         lengths.extend([1] * len(candidates))
         values.extend(candidates)
         for name in self.feature_names:
-            keys.append(f"cand_{name}")
+            keys.append(candidate_key(name))
             for item in candidates:
                 value = self.item_features[item][name]
                 value = value if isinstance(value, list) else [value]
@@ -111,15 +113,15 @@ def time_batches(make_iterator, batches: int | None) -> float:
 
 def throughput(directory: Path, runs: int, batches: int) -> dict:
     meta = schema.Metadata.load(directory)
-    loader = ExampleLoader(directory, LoaderConfig(batch_size=BATCH, num_negatives=NEGATIVES), meta=meta)
+    loader = open_loader(directory, LoaderConfig(batch_size=BATCH, num_negatives=NEGATIVES), meta=meta)
     start = time.perf_counter()
     naive_loader = torch.utils.data.DataLoader(NaiveDataset(directory, meta), batch_size=BATCH, shuffle=True,
                                                collate_fn=NaiveCollate(directory, meta), drop_last=True)
     naive_setup = time.perf_counter() - start
     results = {}
     for name, make, count in (("ours", loader.epoch, None), ("naive", lambda e: naive_loader, batches)):
-        time_batches(lambda: make(100), count)
-        samples = [time_batches(lambda: make(run), count) for run in range(runs)]
+        time_batches(partial(make, 100), count)
+        samples = [time_batches(partial(make, run), count) for run in range(runs)]
         results[name] = {"examples_per_s_median": statistics.median(samples), "examples_per_s_runs": samples}
     results["ratio_ours_over_naive"] = (results["ours"]["examples_per_s_median"]
                                         / results["naive"]["examples_per_s_median"])
@@ -129,7 +131,7 @@ def throughput(directory: Path, runs: int, batches: int) -> dict:
 
 def rss_child(directory: str) -> None:
     """Streams one epoch; prints peak RSS and the RSS before the first batch, in MiB."""
-    loader = ExampleLoader(directory, LoaderConfig(batch_size=BATCH, num_negatives=NEGATIVES))
+    loader = open_loader(directory, LoaderConfig(batch_size=BATCH, num_negatives=NEGATIVES))
     import psutil
 
     before = psutil.Process().memory_info().rss / 2**20
@@ -145,7 +147,7 @@ def rss(scale_users: list[int], workdir: Path) -> dict:
         directory = workdir / f"synthetic-{users}"
         if not (directory / schema.METADATA_FILE).exists():
             prepare(generate(SyntheticConfig(num_users=users)), SplitConfig(), directory, overwrite=True)
-        out = subprocess.run([sys.executable, __file__, "--rss-child", str(directory)], check=True,
+        out = subprocess.run([sys.executable, "-m", "bench.loader", "--rss-child", str(directory)], check=True,
                              capture_output=True, text=True).stdout
         results[f"{users}_users"] = json.loads(out.strip().splitlines()[-1])
     return results

@@ -1,6 +1,6 @@
 """Quality on ML-1M (leave-one-out, full-corpus ranking, seen items filtered) plus the loss ablation.
 
-    python bench/quality.py [--ml1m ../shared/datasets/ml-1m] [--prepared prepared/ml-1m]
+    python -m bench.quality [--ml1m ../shared/datasets/ml-1m] [--prepared prepared/ml-1m]
 
 Trains `configs/ml1m.yaml` as committed (in-batch + mixed negatives + logQ) and, on the same data with
 the same epoch budget and early-stopping rule, two ablations: in-batch negatives only, and in-batch +

@@ -1,6 +1,6 @@
 """Scaling: training examples/s with 1 and 2 processes (gloo, CPU) on the synthetic default set.
 
-    python bench/scaling.py [--runs 3] [--max-steps 120]
+    python -m bench.scaling [--runs 3] [--max-steps 120]
 
 Each run is a real job: `python -m trainer` for 1 process, `torchrun --nproc_per_node 2 -m trainer`
 for 2, both with configs/synthetic.yaml and a fixed global batch per process. Throughput is the

@@ -13,7 +13,7 @@ RSS is its own; each runs `--warmup` steps, then times `--steps` steps and takes
 configuration runs in `--repeats` processes, interleaved across implementations; the table reports
 the median of those.
 
-    .venv/bin/python bench/train_step.py [--sizes 10000 100000 1000000 10000000] [--out ...]
+    .venv/bin/python -m bench.train_step [--sizes 10000 100000 1000000 10000000] [--out ...]
 """
 
 from __future__ import annotations
@@ -26,22 +26,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from bench.common import machine, peak_rss_mib
+from config import JobConfig, load_config
+from data import schema
+from data.batch import TrainBatch, make_kjt
+from data.keys import QueryLayout, candidate_keys
+from data.sampler import NegativeSampler
+from serving.plain import PlainTowers
+from sharding.tables import table_configs
+from trainer.export import kjt_features
+from trainer.loss import CandidateLogQ, RetrievalLoss
+from trainer.model import table_specs
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench.common import machine, peak_rss_mib  # noqa: E402
-from data import schema  # noqa: E402
-from data.batch import TrainBatch  # noqa: E402
-from data.loader import candidate_keys, make_kjt, query_keys  # noqa: E402
-from data.ragged import gather_ragged  # noqa: E402
-from data.sampler import NegativeSampler  # noqa: E402
-from trainer.config import JobConfig, load_config  # noqa: E402
-from trainer.loss import CandidateLogQ, RetrievalLoss  # noqa: E402
-from trainer.model import table_configs, table_specs  # noqa: E402
-from trainer.plain import PlainTowers, kjt_features  # noqa: E402
 
 IMPLS = ("torchrec", "sparse_adam", "dense_adam")
 MAX_HISTORY = 50
@@ -61,26 +61,25 @@ def popularity(num_items: int) -> np.ndarray:
 
 def batches(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, count: int,
             seed: int) -> tuple[list[TrainBatch], NegativeSampler]:
-    """`count` distinct batches, as the loader would build them (stride B + S, negatives from the sampler)."""
+    """`count` distinct batches, as the loader would build them (stride B + S, negatives from the sampler):
+    the query through the same `QueryLayout` the loader and serving use."""
     rng = np.random.default_rng(seed)
     cdf = np.cumsum(probs)
-    draw = lambda n: np.minimum(np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right"),  # noqa: E731
+    draw = lambda n: np.minimum(np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right"),
                                 meta.num_items).astype(np.int64)
     sampler = NegativeSampler((probs * 1e9).astype(np.int64) + (np.arange(len(probs)) > 0), cfg.loader.sampler,
                               cfg.loader.unigram_alpha)
+    layout = QueryLayout.for_data(meta, cfg.loader.history_bags, cfg.loader.use_user_id)
     b, s = cfg.loader.batch_size, cfg.loader.num_negatives
     out = []
     for _ in range(count):
         lengths = rng.integers(1, MAX_HISTORY + 1, b)
-        history = draw(int(lengths.sum()))
-        ends = np.cumsum(lengths)
-        arrays = []
-        for k in cfg.loader.history_bags:
-            bag = lengths if k == 0 else np.minimum(lengths, k)
-            arrays.append((np.r_[bag, np.zeros(s, dtype=np.int64)], gather_ragged(history, ends - bag, bag)))
+        history = (np.r_[0, np.cumsum(lengths)], draw(int(lengths.sum())))
+        queries = layout.arrays(history, np.zeros(b, dtype=np.int64), {}, np.arange(b))
+        arrays = [(np.r_[bag, np.zeros(s, dtype=np.int64)], values) for bag, values in queries]
         candidates = np.r_[draw(b), sampler.sample(s, rng)]
         arrays.append((np.ones(b + s, dtype=np.int64), candidates))
-        out.append(TrainBatch(sparse=make_kjt(query_keys(meta, cfg.loader) + candidate_keys(meta), arrays),
+        out.append(TrainBatch(sparse=make_kjt(layout.keys + candidate_keys([]), arrays),
                               candidate_ids=torch.from_numpy(candidates), row_mask=torch.ones(b, dtype=torch.bool)))
     return out, sampler
 
@@ -93,7 +92,7 @@ def loss_module(cfg: JobConfig, probs: np.ndarray, sampler: NegativeSampler) -> 
 
 def torchrec_step(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, sampler: NegativeSampler):
     from trainer import distributed
-    from trainer.train import build_model
+    from trainer.build import build_model
 
     env = distributed.init("auto")
     model = build_model(cfg, env, meta, (probs * 1e9).astype(np.int64), sampler.probs)
@@ -106,8 +105,9 @@ def torchrec_step(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, samp
 
 def plain_step(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, sampler: NegativeSampler, sparse: bool):
     specs = table_specs(table_configs(meta, cfg.loader, cfg.model))
-    towers = PlainTowers(specs, query_keys(meta, cfg.loader), candidate_keys(meta), cfg.model.hidden_dims,
-                         cfg.model.output_dim, sparse=sparse)
+    query_keys = QueryLayout.for_data(meta, cfg.loader.history_bags, cfg.loader.use_user_id).keys
+    towers = PlainTowers(specs, query_keys, candidate_keys([]), cfg.model.hidden_dims, cfg.model.output_dim,
+                         sparse=sparse)
     loss_fn = loss_module(cfg, probs, sampler)
     tables = list(towers.tables.parameters())
     dense = [p for name, p in towers.named_parameters() if not name.startswith("tables.")]
@@ -160,8 +160,8 @@ def run_worker(impl: str, items: int, warmup: int, steps: int) -> dict:
     if impl == "dense_adam" and items >= 10**7:
         # Dense Adam rewrites all 10^7 rows and their two moments every step (~10 s here): a few steps suffice.
         warmup, steps = min(warmup, 2), min(steps, 3)
-    out = subprocess.run([sys.executable, __file__, "--worker", impl, "--items", str(items), "--warmup", str(warmup),
-                          "--steps", str(steps)], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "bench.train_step", "--worker", impl, "--items", str(items),
+                          "--warmup", str(warmup), "--steps", str(steps)], capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise SystemExit(f"{impl} at {items} items failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

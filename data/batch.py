@@ -10,20 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-ITEM_KEY = "cand_item"
+from data.keys import Jagged
 
 
-def history_key(last_k: int) -> str:
-    """Feature key of the history bag over the last k items (0 = the whole history)."""
-    return "hist_all" if last_k == 0 else f"hist_last{last_k}"
-
-
-def candidate_key(item_feature: str) -> str:
-    return f"cand_{item_feature}"
+def make_kjt(keys: list[str], arrays: list[Jagged]) -> KeyedJaggedTensor:
+    """One KJT from (lengths, values) per key, in key order."""
+    lengths = np.concatenate([a[0] for a in arrays], dtype=np.int32)
+    values = np.concatenate([a[1] for a in arrays], dtype=np.int64)
+    return KeyedJaggedTensor(keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths))
 
 
 class TensorFields(Pipelineable):

@@ -14,8 +14,9 @@ import time
 
 from tqdm import tqdm
 
+from config import ConfigError, LoaderConfig
 from data.errors import DataError
-from data.loader import ExampleLoader, LoaderConfig
+from data.loader import open_loader
 from data.schema import Metadata
 
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         meta = Metadata.load(args.path)
-        loader = ExampleLoader(args.path, LoaderConfig(batch_size=args.batch_size, num_negatives=args.negatives))
+        loader = open_loader(args.path, LoaderConfig(batch_size=args.batch_size, num_negatives=args.negatives))
         print(f"{args.path}: {meta.num_users} users, {meta.num_items} items, split {meta.split['protocol']}")
         print("counts: " + ", ".join(f"{k}={v}" for k, v in meta.counts.items()))
         print(f"query keys: {loader.query_keys}\ncandidate keys: {loader.candidate_keys}")
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in tqdm(loader.epoch(0), total=len(loader), desc="epoch 0", unit="batch"):
             rows += int(batch.row_mask.sum())
         seconds = time.perf_counter() - start
-    except DataError as err:
+    except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"streamed {rows} examples in {len(loader)} batches of {args.batch_size} (+{args.negatives} negatives) "

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
-import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,12 +24,23 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from data import schema
+from data.atomic import atomic_directory
 from data.errors import DataError
 from data.ragged import gather_ragged, list_array, offsets_from_lengths
 from data.sources import RawData, read_interactions, read_movielens, read_sequences
 from data.sources.movielens import with_side_tables
-from data.splits import (LEAVE_ONE_OUT, TIME, EvalQueries, Split, SplitConfig, core_filter, leave_one_out,
-                         repeat_targets, time_split, user_bounds)
+from data.splits import (
+    LEAVE_ONE_OUT,
+    TIME,
+    EvalQueries,
+    Split,
+    SplitConfig,
+    core_filter,
+    leave_one_out,
+    repeat_targets,
+    time_split,
+    user_bounds,
+)
 
 ROWS_PER_FILE = 262_144
 ROW_GROUP_ROWS = 16_384
@@ -332,47 +341,13 @@ def build(raw: RawData, cfg: SplitConfig, out: Path, seed: int, source: dict) ->
     return metadata
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(out: Path) -> None:
-    """Temp folders left by a prepare that was killed (kill -9 runs no cleanup): their PID is gone."""
-    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
-        for path in out.parent.glob(pattern):
-            pid = path.name.rsplit("-", 1)[1]
-            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-                shutil.rmtree(path, ignore_errors=True)
-
-
 def prepare(raw: RawData, cfg: SplitConfig, out: str | Path, seed: int = 0, overwrite: bool = False,
             source: dict | None = None) -> schema.Metadata:
     """Atomic: builds in a sibling temp directory, then renames it over `out`."""
     out = Path(out)
     check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        metadata = build(raw, cfg, tmp, seed, source or {})
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return metadata
+    with atomic_directory(out) as tmp:
+        return build(raw, cfg, tmp, seed, source or {})
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -399,10 +374,9 @@ def report(meta: schema.Metadata, out: str) -> list[str]:
                  f"{meta.filters['min_item_events']}) dropped {counts['dropped_users']} users, "
                  f"{counts['dropped_items']} items and {counts['dropped_events']} events")
     valid, test = meta.repeats["valid"], meta.repeats["test"]
-    lines.append(f"repeats: {percent(valid['repeat_targets'], valid['targets'])} of validation targets "
-                 f"({valid['repeat_targets']} of {valid['targets']}) and {percent(test['repeat_targets'], test['targets'])}"
-                 f" of test targets ({test['repeat_targets']} of {test['targets']}) were consumed earlier by the same "
-                 f"user")
+    shares = [f"{percent(r['repeat_targets'], r['targets'])} of {name} targets ({r['repeat_targets']} of "
+              f"{r['targets']})" for name, r in (("validation", valid), ("test", test))]
+    lines.append(f"repeats: {shares[0]} and {shares[1]} were consumed earlier by the same user")
     if valid["repeat_targets"] or test["repeat_targets"]:
         lines.append(f"  with eval.filter_seen=true (the default) such targets cannot be ranked, so they are left "
                      f"out: {valid['queries_all_repeat']} validation and {test['queries_all_repeat']} test queries "

@@ -32,11 +32,6 @@ RAW_ID = "raw_id"
 TITLE = "title"
 FREQ = "freq"
 
-# Feature name prefixes tell the group a feature belongs to.
-ITEM_PREFIX = "i_"
-USER_PREFIX = "u_"
-CONTEXT_PREFIX = "c_"
-
 
 @dataclass
 class FeatureSpec:

@@ -13,17 +13,12 @@ the whole job (local schedulers ignore it).
 
 import os
 import shlex
-import socket
 from typing import Dict, List, Optional
 
 import torchx.specs as specs
 from torchx.specs import macros
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+from trainer.distributed import free_port
 
 
 def train(
@@ -65,7 +60,7 @@ def train(
     if nnodes == 1:
         endpoint = "localhost:0"  # one agent: torchrun picks a free port itself
     else:
-        port = rdzv_port or free_port()
+        port = rdzv_port or free_port("")
         endpoint = f"$${{{macros.rank0_env}:=localhost}}:{port}"
     job_env = {"LOGLEVEL": "WARNING", "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd: List[str] = [

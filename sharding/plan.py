@@ -6,7 +6,8 @@ plans the job's tables for a hypothetical cluster without starting it (planning 
 
 Batch size and per-feature pooling factors come from the prepared data's metadata, not from the
 planner's defaults; allowed sharding types and the compute kernel come from config and are
-checked against what the device can run before any work starts.
+checked against what the device can run before any work starts. The tables are those of
+sharding/tables.py, which the model declares too.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ import json
 import sys
 
 import torch
+from torchrec import EmbeddingBagCollection
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+from config import ConfigError, ShardingConfig, load_config
+from data.errors import DataError
+from data.keys import candidate_feature, history_window
 from data.schema import Metadata
-from trainer.config import ShardingConfig
+from sharding.tables import table_configs
 
 CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
 GPU_SHARDING_TYPES = CPU_SHARDING_TYPES + ("row_wise", "table_row_wise")
@@ -55,13 +60,12 @@ def check_types(cfg: ShardingConfig, tables: list[EmbeddingBagConfig], device: t
 
 
 def pooling_factor(feature: str, meta: Metadata) -> float:
-    """Mean ids per bag of a feature, from the prepared data."""
-    if feature == "hist_all":
-        return max(meta.mean_history_length, 1.0)
-    if feature.startswith("hist_last"):
-        return max(min(float(feature.removeprefix("hist_last")), meta.mean_history_length), 1.0)
+    """Mean ids per bag of a feature key, from the prepared data."""
+    window = history_window(feature)
+    if window is not None:
+        return max(min(float(window or meta.mean_history_length), meta.mean_history_length), 1.0)
     specs = {f.name: f for f in meta.item_features + meta.user_features + meta.context_features}
-    spec = specs.get(feature.removeprefix("cand_"))
+    spec = specs.get(candidate_feature(feature) or feature)
     return max(spec.mean_length, 1.0) if spec and spec.multi else 1.0
 
 
@@ -82,8 +86,8 @@ def constraints(cfg: ShardingConfig, tables: list[EmbeddingBagConfig], meta: Met
 def build_plan(module: torch.nn.Module, tables: list[EmbeddingBagConfig], cfg: ShardingConfig, meta: Metadata,
                batch_size: int, world_size: int, device: torch.device, process_group=None,
                hbm_gb: float | None = None) -> ShardingPlan:
-    """The plan for `module`; collective when a process group is given, so all ranks agree."""
-    check_types(cfg, tables, device)
+    """The plan for `module`'s tables (checked with `check_types` first); collective when a process group is
+    given, so all ranks agree."""
     topology_args = {"world_size": world_size, "compute_device": device.type}
     if hbm_gb is not None:
         topology_args["hbm_cap"] = int(hbm_gb * 2**30)
@@ -112,10 +116,6 @@ def plan_as_json(plan: ShardingPlan) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data.errors import DataError
-    from trainer.config import ConfigError, load_config
-    from trainer.model import TwoTower
-
     parser = argparse.ArgumentParser(prog="python -m sharding.plan", description="Plans the job's tables for a "
                                      "cluster of the given size without starting it.")
     parser.add_argument("--config")
@@ -128,9 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         meta = Metadata.load(cfg.data.path)
-        towers = TwoTower(meta, cfg.loader, cfg.model, torch.device("meta"))
-        plan = build_plan(towers, towers.tables, cfg.sharding, meta, cfg.loader.batch_size + cfg.loader.num_negatives,
-                          args.world_size, torch.device(args.device), hbm_gb=args.hbm_gb)
+        tables = table_configs(meta, cfg.loader, cfg.model)
+        device = torch.device(args.device)
+        check_types(cfg.sharding, tables, device)
+        module = torch.nn.ModuleDict({"ebc": EmbeddingBagCollection(tables=tables, device=torch.device("meta"))})
+        plan = build_plan(module, tables, cfg.sharding, meta, cfg.loader.batch_size + cfg.loader.num_negatives,
+                          args.world_size, device, hbm_gb=args.hbm_gb)
     except (ConfigError, DataError, ShardingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 def tiny_config(path, **overrides):
     """A dev-mode JobConfig of the tiny model on `path`, untracked; overrides as section.key=value."""
-    from trainer.config import load_config
+    from config import load_config
 
     base = [f"data.path={path}", *TINY_MODEL, "tracking.enabled=false", "train.log_every=5"]
     return load_config(None, base + [f"{k}={v}" for k, v in overrides.items()])

@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from config import LoaderConfig
 from data.errors import DataError
-from data.loader import ExampleLoader, LoaderConfig
+from data.loader import open_loader
 from data.prepare import main as prepare_main
 from tests.conftest import ROOT
 
@@ -137,7 +138,7 @@ def corrupt_part(path, info, transform):
 
 def loader_error(path) -> str:
     with pytest.raises(DataError) as err:
-        for _ in ExampleLoader(path, LoaderConfig(batch_size=8, num_negatives=2)).epoch(0):
+        for _ in open_loader(path, LoaderConfig(batch_size=8, num_negatives=2)).epoch(0):
             pass
     return str(err.value)
 
@@ -170,7 +171,7 @@ def test_loader_rejects_bad_prepared_files(fake_prepared, case, transform, expec
 def test_loader_hashes_out_of_vocabulary_ids_when_configured(fake_prepared):
     path, info = fake_prepared()
     corrupt_part(path, info, lambda t: t.set_column(2, "u_age", pa.array(np.full(len(t), 8 * 3 + 5))))
-    loader = ExampleLoader(path, LoaderConfig(batch_size=8, num_negatives=2, out_of_vocab="hash"))
+    loader = open_loader(path, LoaderConfig(batch_size=8, num_negatives=2, out_of_vocab="hash"))
     ages = set()
     for batch in loader.epoch(0):
         ages.update(batch.sparse["u_age"].values().tolist())
@@ -192,7 +193,7 @@ def test_loader_rejects_corrupt_empty_and_missing_parquet(fake_prepared):
 
 def test_missing_metadata_says_how_to_prepare(tmp_path):
     with pytest.raises(DataError) as err:
-        ExampleLoader(tmp_path, LoaderConfig())
+        open_loader(tmp_path, LoaderConfig())
     assert "metadata.json" in str(err.value) and "data.prepare" in str(err.value)
 
 

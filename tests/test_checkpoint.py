@@ -15,7 +15,8 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from data.loader import ExampleLoader, LoaderConfig
+from config import LoaderConfig
+from data.loader import open_loader
 from tests.conftest import TINY_MODEL
 from trainer import checkpoint
 
@@ -41,13 +42,15 @@ def test_latest_skips_incomplete_checkpoints(tmp_path):
 @pytest.mark.slow
 def test_resume_from_a_mid_epoch_checkpoint_is_exact(tiny_data, tmp_path):
     ckpt, every = tmp_path / "ckpt", 30
-    per_epoch = len(ExampleLoader(tiny_data, LoaderConfig(batch_size=64)))
-    args = ["train.epochs=2", "tracking.enabled=false", f"checkpoint.every_steps={every}", "checkpoint.keep_last=10"]
+    per_epoch = len(open_loader(tiny_data, LoaderConfig(batch_size=64)))
+    # Streaming logQ too: its estimator's state goes through the checkpoint like the model's.
+    args = ["train.epochs=2", "tracking.enabled=false", f"checkpoint.every_steps={every}", "checkpoint.keep_last=10",
+            "loss.frequency=streaming"]
     subprocess.run([sys.executable, *trainer_cmd(tiny_data, ckpt, tmp_path / "a.json", *args)], cwd=ROOT,
                    check=True, capture_output=True)
     expected = sorted(set(range(every, 2 * per_epoch + 1, every)) | {per_epoch, 2 * per_epoch})
-    assert sorted(p.name for p in ckpt.iterdir()) == [f"step-{s:09d}" for s in expected], \
-        f"every {every} steps and at each epoch end ({per_epoch} batches)"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["best"] + [f"step-{s:09d}" for s in expected], \
+        f"the best epoch's weights, and a checkpoint every {every} steps and at each epoch end ({per_epoch} batches)"
     resume_step = max(s for s in expected if per_epoch < s < 2 * per_epoch)
     for later in [s for s in expected if s > resume_step]:
         shutil.rmtree(ckpt / f"step-{later:09d}")
@@ -93,7 +96,7 @@ def test_sigkilled_rank_restarts_resumes_and_finishes_in_the_same_run(tiny_data,
     assert code == 0, out[-4000:]
     assert "resumed from" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
-    per_rank = len(ExampleLoader(tiny_data, LoaderConfig(batch_size=64), rank=0, world_size=2))
+    per_rank = len(open_loader(tiny_data, LoaderConfig(batch_size=64), rank=0, world_size=2))
     assert summary["steps"] == 3 * per_rank, "the step count of an uninterrupted run"
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("two-tower").experiment_id])

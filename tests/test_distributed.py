@@ -15,14 +15,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from data.batch import TrainBatch
-from data.loader import ExampleLoader, make_kjt
+from config import dump, load_config
+from data.batch import TrainBatch, make_kjt
+from data.loader import open_loader
+from serving.model import ExportedModel
 from tests.conftest import synthetic_dataset
 from trainer.collectives import all_gather_with_grad
-from trainer.config import load_config
 from trainer.distributed import free_port
-from trainer.export import export
-from trainer.serving import ExportedModel
+from trainer.export import export, kjt_features
 
 B, S, STEPS = 32, 16, 3
 
@@ -81,8 +81,8 @@ def deterministic_tables(dmp) -> None:
 def parity_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    from config import load_config
     from trainer import distributed
-    from trainer.config import load_config
     from trainer.train import build
 
     cfg = load_config(None, [f"data.path={data}", f"loader.batch_size={B * 2 // world}", f"loader.num_negatives={S}",
@@ -93,18 +93,18 @@ def parity_worker(rank: int, world: int, port: int, data: str, out: str) -> None
                              "optim.sparse=sgd", "optim.sparse_lr=0.5", "optim.dense=sgd", "optim.dense_lr=0.5"])
     env = distributed.init("cpu")
     job = build(cfg, env)
-    deterministic_tables(job.dmp)
+    deterministic_tables(job.model.dmp)
     global_cfg = load_config(None, [f"data.path={data}", f"loader.batch_size={2 * B}", f"loader.num_negatives={S}"])
-    source = ExampleLoader(data, global_cfg.loader)
+    source = open_loader(data, global_cfg.loader)
     epoch = list(source.epoch(0))
     batches = []
     for batch in epoch[:STEPS - 1] + epoch[-1:]:  # the last one is padded, so the ranks' real rows differ
         mine = np.r_[np.arange(rank * 2 * B // world, (rank + 1) * 2 * B // world), np.arange(2 * B, 2 * B + S)]
         batches.append(select_rows(batch, mine))
     iterator = iter(batches)
-    losses = [float(job.pipeline.progress(iterator)["loss"]) for _ in range(STEPS)]
+    losses = [float(job.model.pipeline.progress(iterator)["loss"]) for _ in range(STEPS)]
     tables = {}
-    for key, value in job.dmp.state_dict().items():
+    for key, value in job.model.dmp.state_dict().items():
         if "embedding_bags" in key:
             tables[key] = [(shard.metadata.shard_offsets, shard.tensor.clone()) for shard in value.local_shards()]
         elif "mlp" in key:
@@ -122,7 +122,7 @@ def parity_data(tmp_path_factory):
 def test_two_processes_train_like_one_on_the_concatenated_batch(parity_data, tmp_path):
     """Including a padded last batch that leaves rank 1 fewer real rows than rank 0: every row still weighs
     the same as in one process."""
-    last = list(ExampleLoader(parity_data, load_config(None, [f"loader.batch_size={2 * B}"]).loader).epoch(0))[-1]
+    last = list(open_loader(parity_data, load_config(None, [f"loader.batch_size={2 * B}"]).loader).epoch(0))[-1]
     assert B < int(last.row_mask.sum()) < 2 * B, "rank 0 gets B real rows, rank 1 fewer"
     for world in (1, 2):
         mp.spawn(parity_worker, args=(world, free_port(), str(parity_data), str(tmp_path)), nprocs=world)
@@ -146,9 +146,7 @@ def sharding_worker(rank: int, world: int, port: int, data: str, sharding_type: 
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     from trainer import checkpoint, distributed
-    from trainer.config import load_config
-    from trainer.plain import kjt_features
-    from trainer.train import build, model_scorer
+    from trainer.train import build
 
     cfg = load_config(None, [f"data.path={data}", "loader.batch_size=32", "loader.num_negatives=16",
                              "model.hidden_dims=[32]", "model.output_dim=16", "model.item_dim=16",
@@ -159,7 +157,7 @@ def sharding_worker(rank: int, world: int, port: int, data: str, sharding_type: 
     def tables():
         """This rank's copy of every table it holds: a local shard, or a replica (data-parallel)."""
         out = {}
-        for key, value in job.dmp.state_dict().items():
+        for key, value in job.model.dmp.state_dict().items():
             if "embedding_bags" not in key:
                 continue
             if not hasattr(value, "local_shards"):
@@ -169,17 +167,18 @@ def sharding_worker(rank: int, world: int, port: int, data: str, sharding_type: 
         return out
 
     before = tables()
-    iterator = iter(job.train_loader.epoch(0))
-    losses = [float(job.pipeline.progress(iterator)["loss"]) for _ in range(4)]
+    iterator = iter(job.data.train_loader.epoch(0))
+    losses = [float(job.model.pipeline.progress(iterator)["loss"]) for _ in range(4)]
     after = tables()
-    plan = json.loads(job.plan_json)
+    plan = json.loads(job.model.plan_json)
     changed = {k: bool((before[k] - after[k]).abs().max() > 0) for k in before}
     # The sharded model's scores on this rank's first validation batch, and its weights for export.
-    checkpoint.save_model(job, Path(out) / f"{sharding_type}-model", {"epoch": 0, "step": 4})
-    job.pipeline.detach()
-    batch = next(iter(job.eval_loaders["valid"].epoch(0)))
+    checkpoint.save_model(job.model.dmp, Path(out) / f"{sharding_type}-model", {"epoch": 0, "step": 4}, dump(cfg))
+    job.model.pipeline.detach()
+    batch = next(iter(job.data.eval_loaders["valid"].epoch(0)))
+    scores = job.model.scorer(job.data, torch.device("cpu"))(batch)
     torch.save({"losses": losses, "types": {k: v["sharding_type"] for k, v in plan.items()}, "changed": changed,
-                "scores": model_scorer(job)(batch), "features": kjt_features(batch.sparse)},
+                "scores": scores, "features": kjt_features(batch.sparse)},
                Path(out) / f"{sharding_type}-{rank}.pt")
     distributed.shutdown()
 

@@ -15,22 +15,21 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from config import ExportConfig, dump, load_config
 from data.schema import Metadata
+from serving import index as ann
+from serving.model import ExportedModel
+from serving.recommend import mmr
 from tests.conftest import ROOT, dataset_dir, tiny_config
 from trainer import checkpoint, distributed
-from trainer import index as ann
-from trainer.config import ExportConfig, load_config
-from trainer.export import export
-from trainer.plain import kjt_features
+from trainer.export import export, kjt_features
 from trainer.plots import embedding_map, figure_rgba, item_labels, recommendation_counts
-from trainer.recommend import mmr
-from trainer.serving import ExportedModel
-from trainer.train import build, model_scorer, train
+from trainer.train import build, train
 
 
-def recommend(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer.recommend", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+def recommend(*args: str, module: str = "serving.recommend") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +38,15 @@ def exported(tiny_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
     cfg = tiny_config(tiny_data)
     job = build(cfg, distributed.init("cpu"))
-    batches = iter(job.train_loader.epoch(0))
+    batches = iter(job.data.train_loader.epoch(0))
     for _ in range(8):
-        job.pipeline.progress(batches)
-    checkpoint.save_model(job, tmp / "best", {"epoch": 0, "step": 8})
-    job.pipeline.detach()
-    batch = next(iter(job.eval_loaders["valid"].epoch(0)))
-    scores = model_scorer(job)(batch)
-    info = export(tmp / "best", tmp / "out")
-    return SimpleNamespace(dir=tmp / "out", info=info, batch=batch, scores=scores, data=tiny_data,
+        job.model.pipeline.progress(batches)
+    checkpoint.save_model(job.model.dmp, tmp / "best", {"epoch": 0, "step": 8}, dump(cfg))
+    job.model.pipeline.detach()
+    batch = next(iter(job.data.eval_loaders["valid"].epoch(0)))
+    scores = job.model.scorer(job.data, torch.device("cpu"))(batch)
+    manifest = export(tmp / "best", tmp / "out")
+    return SimpleNamespace(dir=tmp / "out", manifest=manifest, batch=batch, scores=scores, data=tiny_data,
                            checkpoint=tmp / "best")
 
 
@@ -57,7 +56,7 @@ def test_exported_towers_score_like_the_training_model(exported):
         query = model.tower.query(kjt_features(exported.batch.sparse)).numpy()
     torch.testing.assert_close(torch.from_numpy(query @ model.embeddings.T),
                                exported.scores[:, torch.from_numpy(model.item_ids)], rtol=1e-5, atol=1e-5)
-    assert exported.info["index"]["recall@10"] >= 0.95
+    assert exported.manifest.index["recall@10"] >= 0.95
 
 
 def test_export_cli_reads_the_checkpoints_config_and_names_a_bad_path(exported, tmp_path):
@@ -83,18 +82,52 @@ def test_a_query_built_from_raw_inputs_matches_the_loaders(exported):
     with torch.no_grad():
         expected = model.tower.query(kjt_features(exported.batch.sparse)).numpy()[:40]
     for row, want in zip(rows, expected):
-        features = {name: row[name] if multi else [row[name]] for name, multi in model.spec.features.items()}
+        features = {name: row[name] if multi else [row[name]] for name, multi in model.features.items()}
         np.testing.assert_allclose(model.encode(row["history"], features), want, rtol=1e-5, atol=1e-6)
 
 
-def test_the_query_tower_loads_without_torchrec(exported):
-    code = ("import sys; from trainer.serving import ExportedModel; m = ExportedModel(sys.argv[1]); "
-            "v = m.encode([1, 2, 3], {}); assert v.shape == (m.info['dim'],), v.shape; "
-            "print(sorted(k for k in sys.modules if k.startswith(('torchrec', 'fbgemm'))))")
-    result = subprocess.run([sys.executable, "-c", code, str(exported.dir)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]", "serving must not import TorchRec or FBGEMM"
+LOADED_TORCHREC = ("import sys; print('LOADED', sorted(m for m in sys.modules "
+                   "if m.split('.')[0] in ('torchrec', 'fbgemm_gpu')))")
+
+
+def fresh_interpreter(code: str) -> subprocess.CompletedProcess:
+    """Runs `code`, then prints which TorchRec/FBGEMM modules it loaded, in a new Python process."""
+    return subprocess.run([sys.executable, "-c", f"{code}\n{LOADED_TORCHREC}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def cli(module: str, *args: str) -> str:
+    """Python that runs `python -m module args` in-process, keeping the interpreter alive afterwards."""
+    return (f"import runpy, sys; sys.argv = {[module, *args]!r}\n"
+            f"try:\n    runpy.run_module({module!r}, run_name='__main__')\nexcept SystemExit as e:\n"
+            f"    assert not e.code, e.code")
+
+
+def test_every_serving_entry_point_runs_without_torchrec(exported, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("serving", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(experiment).info.run_id
+    client.log_artifacts(run, str(exported.dir), "export")
+    item = ExportedModel(exported.dir).raw_ids[0]
+    entry_points = {
+        "ExportedModel": "from serving.model import ExportedModel\n"
+                         f"m = ExportedModel({str(exported.dir)!r}); assert m.encode([1, 2, 3], {{}}).shape == "
+                         f"(m.manifest.dim,)",
+        "recommend --history": cli("serving.recommend", "--run", str(exported.dir), "--history", item, "-k", "3"),
+        "recommend --similar": cli("serving.recommend", "--run", str(exported.dir), "--similar", item, "-k", "3"),
+        "recommend --run <MLflow run id>": cli("serving.recommend", "--run", run, "--tracking-uri", uri,
+                                               "--history", item, "-k", "3"),
+        "trainer.recommend (the old command)": cli("trainer.recommend", "--run", str(exported.dir), "--history",
+                                                   item, "-k", "3"),
+    }
+    for name, code in entry_points.items():
+        result = fresh_interpreter(code)
+        assert result.returncode == 0, (name, result.stderr[-2000:])
+        assert result.stdout.strip().splitlines()[-1] == "LOADED []", (name, result.stdout[-500:])
+    assert fresh_interpreter("import trainer.train").stdout.strip() != "LOADED []", "the check can see TorchRec"
 
 
 def test_recommend_skips_unknown_and_seen_ids(exported, tmp_path):

@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data.batch import history_key
+from config import LoaderConfig
 from data.errors import DataError
-from data.loader import ExampleLoader, LoaderConfig
+from data.keys import history_key
+from data.loader import open_loader
 
 
 def jagged_rows(kjt, key):
@@ -35,7 +36,7 @@ def test_two_ranks_yield_every_example_exactly_once_with_equal_batch_counts(fake
     cfg = LoaderConfig(batch_size=batch_size, num_negatives=5, shuffle_buffer=buffer, seed=3)
     seen, counts = Counter(), []
     for rank in range(2):
-        loader = ExampleLoader(path, cfg, rank=rank, world_size=2)
+        loader = open_loader(path, cfg, rank=rank, world_size=2)
         batches = list(loader.epoch(0))
         counts.append(len(batches))
         assert len(batches) == len(loader)
@@ -56,7 +57,7 @@ def test_kjt_equals_per_row_reference_including_empty_histories(fake_prepared):
     items = {row["item"]: row for row in info["items"]}
     assert any(len(row["history"]) == 0 for row in info["rows"])
     cfg = LoaderConfig(batch_size=13, num_negatives=4, history_bags=[1, 3, 0], use_user_id=True, shuffle_buffer=50)
-    loader = ExampleLoader(path, cfg)
+    loader = open_loader(path, cfg)
     assert loader.query_keys == ["hist_last1", "hist_last3", "hist_all", "user_id", "u_age", "u_tags"]
     checked_empty = False
     for batch in loader.epoch(0):
@@ -87,7 +88,7 @@ def test_kjt_equals_per_row_reference_including_empty_histories(fake_prepared):
 def test_shuffling_is_seeded_and_changes_between_epochs(fake_prepared):
     path, _ = fake_prepared()
     def order(seed, epoch):
-        loader = ExampleLoader(path, LoaderConfig(batch_size=16, num_negatives=3, seed=seed, shuffle_buffer=64))
+        loader = open_loader(path, LoaderConfig(batch_size=16, num_negatives=3, seed=seed, shuffle_buffer=64))
         return [b.candidate_ids.tolist() for b in loader.epoch(epoch)]
     assert order(0, 0) == order(0, 0)
     assert order(0, 0) != order(0, 1)
@@ -96,7 +97,7 @@ def test_shuffling_is_seeded_and_changes_between_epochs(fake_prepared):
 
 def test_resume_from_a_batch_gives_the_remaining_batches_unchanged(fake_prepared):
     path, _ = fake_prepared()
-    loader = ExampleLoader(path, LoaderConfig(batch_size=16, num_negatives=3, shuffle_buffer=64))
+    loader = open_loader(path, LoaderConfig(batch_size=16, num_negatives=3, shuffle_buffer=64))
     full = [(b.candidate_ids.tolist(), b.sparse.values().tolist()) for b in loader.epoch(2)]
     tail = [(b.candidate_ids.tolist(), b.sparse.values().tolist()) for b in loader.epoch(2, start_batch=5)]
     assert tail == full[5:]
@@ -105,7 +106,7 @@ def test_resume_from_a_batch_gives_the_remaining_batches_unchanged(fake_prepared
 @pytest.mark.parametrize("mode,alpha", [("uniform", 1.0), ("unigram", 1.0), ("unigram", 0.5)])
 def test_negatives_follow_the_proposal(fake_prepared, mode, alpha):
     path, info = fake_prepared(file_sizes=(400,), row_group=100)
-    loader = ExampleLoader(path, LoaderConfig(batch_size=50, num_negatives=2000, sampler=mode, unigram_alpha=alpha))
+    loader = open_loader(path, LoaderConfig(batch_size=50, num_negatives=2000, sampler=mode, unigram_alpha=alpha))
     freq = np.array([0] + [row["freq"] for row in info["items"]], dtype=np.float64)
     weights = np.ones_like(freq) if mode == "uniform" else np.where(freq > 0, freq ** alpha, 0.0)
     weights[0] = 0
@@ -136,7 +137,7 @@ def test_eval_split_yields_each_user_once_with_targets_and_seen(tmp_path):
     valid = pq.read_table(tmp_path / "syn" / "valid.parquet").to_pylist()
     by_user = {row["user"]: row for row in valid}
     for rank in range(2):
-        loader = ExampleLoader(tmp_path / "syn", LoaderConfig(batch_size=64), split="valid", rank=rank, world_size=2)
+        loader = open_loader(tmp_path / "syn", LoaderConfig(batch_size=64), split="valid", rank=rank, world_size=2)
         for batch in loader.epoch(0):
             t_off, s_off = batch.target_offsets.tolist(), batch.seen_offsets.tolist()
             for i, user in enumerate(batch.users.tolist()):
@@ -156,7 +157,7 @@ def test_loader_errors_surface_from_the_background_thread(fake_prepared):
     import pyarrow as pa
     bad = pa.ListArray.from_arrays(history.offsets, pa.array(np.full(len(history.values), 10_000)))
     pq.write_table(table.set_column(1, "history", bad), part, row_group_size=16)
-    loader = ExampleLoader(path, LoaderConfig(batch_size=8, num_negatives=2))
+    loader = open_loader(path, LoaderConfig(batch_size=8, num_negatives=2))
     with pytest.raises(DataError) as err:
         for _ in loader.epoch(0):
             pass
@@ -165,7 +166,7 @@ def test_loader_errors_surface_from_the_background_thread(fake_prepared):
 
 def test_train_batch_moves_as_one_pipelineable(fake_prepared):
     path, _ = fake_prepared()
-    batch = next(iter(ExampleLoader(path, LoaderConfig(batch_size=8, num_negatives=2)).epoch(0)))
+    batch = next(iter(open_loader(path, LoaderConfig(batch_size=8, num_negatives=2)).epoch(0)))
     moved = batch.to(torch.device("cpu"), non_blocking=True)
     assert type(moved) is type(batch)
     assert torch.equal(moved.sparse.values(), batch.sparse.values())

@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-from data.loader import ExampleLoader, LoaderConfig
+from config import ConfigError, LoaderConfig
+from data.loader import open_loader
 from data.prepare import main as prepare_main
 from data.schema import Metadata
 from tests.conftest import ROOT, TINY_MODEL, tiny_config
 from trainer import distributed
-from trainer.config import ConfigError
 from trainer.evaluate import evaluate, popularity_scorer
 from trainer.train import build
 
@@ -44,7 +44,7 @@ def prepared(tmp_path, capsys, sequences, copies=1):
 
 
 def popularity_metrics(out, split, filter_seen=True):
-    loader = ExampleLoader(out, LoaderConfig(batch_size=3, num_negatives=0), split)
+    loader = open_loader(out, LoaderConfig(batch_size=3, num_negatives=0), split)
     return evaluate(popularity_scorer(loader.catalogue.freq), loader.epoch(0), [1, 2, 3], loader.meta.num_items,
                     torch.device("cpu"), filter_seen)
 
@@ -149,7 +149,7 @@ def test_the_trainer_refuses_splits_it_could_not_evaluate(tmp_path, capsys):
     with pytest.raises(ConfigError, match="leaves no test query to evaluate.*eval.filter_seen=false"):
         build(tiny_config(out), distributed.init("cpu"))
     job = build(tiny_config(out, **{"eval.filter_seen": "false"}), distributed.init("cpu"))
-    assert set(job.eval_loaders) == {"valid", "test"}
+    assert set(job.data.eval_loaders) == {"valid", "test"}
 
 
 def test_a_time_split_needs_times(tmp_path, capsys):

@@ -7,13 +7,12 @@ import json
 import pytest
 import torch
 
-from data.loader import LoaderConfig
+from config import LoaderConfig, ModelConfig, ShardingConfig
 from data.schema import Metadata
 from sharding.plan import ShardingError, check_types, pooling_factor
 from sharding.plan import main as plan_main
+from sharding.tables import table_configs
 from tests.conftest import synthetic_dataset
-from trainer.config import ModelConfig, ShardingConfig
-from trainer.model import table_configs
 
 
 @pytest.fixture(scope="module")

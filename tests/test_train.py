@@ -11,18 +11,20 @@ import numpy as np
 import pytest
 import torch
 
+from config import ConfigError, load_config
 from data.schema import Metadata
 from tests.conftest import ROOT, TINY_MODEL, tiny_config
 from trainer import distributed
-from trainer.config import ConfigError, load_config
+from trainer.state import LoopState
 from trainer.train import build, train
 
 
 def test_pipelined_losses_equal_the_plain_loop(tiny_data):
     cfg = tiny_config(tiny_data)
     env = distributed.init("cpu")
-    pipelined = build(cfg, env)
-    batches = list(pipelined.train_loader.epoch(0))[:6]
+    first = build(cfg, env)
+    pipelined = first.model
+    batches = list(first.data.train_loader.epoch(0))[:6]
     pipeline_losses = []
     iterator = iter(copy.deepcopy(batches))
     for _ in range(len(batches)):
@@ -30,7 +32,7 @@ def test_pipelined_losses_equal_the_plain_loop(tiny_data):
     assert [type(m).__name__ for m in pipelined.pipeline._pipelined_modules] == ["ShardedEmbeddingBagCollection"], \
         "the EBC must be pipelined (input_dist ahead of forward), not left out of the pipeline"
 
-    plain = build(cfg, env)
+    plain = build(cfg, env).model
     plain_losses = []
     for batch in batches:
         loss, _ = plain.dmp(batch)
@@ -57,13 +59,13 @@ def test_streaming_frequency_separate_item_tables_and_user_id_train(tiny_data):
     cfg = tiny_config(tiny_data, **{"loss.frequency": "streaming", "model.share_item_table": "false",
                                     "loader.use_user_id": "true"})
     job = build(cfg, distributed.init("cpu"))
-    assert {"history_item_ids", "candidate_item_ids", "user_ids"} <= {t.name for t in job.towers.tables}
-    assert "user_id" in job.towers.query_keys
-    iterator = iter(job.train_loader.epoch(0))
-    losses = [float(job.pipeline.progress(iterator)["loss"]) for _ in range(8)]
+    assert {"history_item_ids", "candidate_item_ids", "user_ids"} <= {t.name for t in job.model.towers.tables}
+    assert "user_id" in job.model.towers.query_keys
+    iterator = iter(job.data.train_loader.epoch(0))
+    losses = [float(job.model.pipeline.progress(iterator)["loss"]) for _ in range(8)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-    assert job.streaming_frequency is not None and job.streaming_frequency.step == 8, "updated once per step"
-    assert (job.streaming_frequency.gap > 0).sum() > 50, "positives seen so far have frequency estimates"
+    assert job.model.frequency is not None and job.model.frequency.step == 8, "updated once per step"
+    assert (job.model.frequency.gap > 0).sum() > 50, "positives seen so far have frequency estimates"
 
 
 def test_config_is_strict():
@@ -99,3 +101,23 @@ def test_gpu_dev_mode_trains_with_fused_adam_on_nccl(tiny_data, tmp_path):
     assert "rank:0/cuda:0" in result.stdout, "tables placed on the GPU"
     metrics = json.loads(summary.read_text())
     assert metrics["test"]["hr@50"] > metrics["popularity_test"]["hr@50"]
+
+
+@pytest.mark.parametrize("patience", [1, 2, 3])
+def test_early_stopping_stops_after_patience_epochs_without_improvement(patience):
+    """As in Keras and Lightning: patience N trains N epochs past the best one, then stops."""
+    state, ran = LoopState(), 0
+    for epoch, value in enumerate([0.1, 0.3, 0.2, 0.25, 0.28, 0.29, 0.5]):
+        if state.stopped:
+            break
+        state.select(epoch, value, patience)
+        ran += 1
+    assert (state.best_epoch, ran, state.epochs_without_improvement) == (1, 2 + patience, patience)
+
+
+@pytest.mark.slow
+def test_training_stops_one_epoch_after_the_best_with_patience_one(tiny_data):
+    summary = train(tiny_config(tiny_data, **{"train.epochs": 12, "train.early_stopping_patience": 1,
+                                              "eval.popularity_baseline": "false"}))
+    assert len(summary["history"]) < 12, "stopped early"
+    assert len(summary["history"]) == summary["best_epoch"] + 2

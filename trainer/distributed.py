@@ -40,9 +40,10 @@ def pick_device(wanted: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now ("" checks every interface: for a rendezvous other machines reach)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

@@ -15,9 +15,10 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 import torch.distributed as dist
+from torchrec import KeyedJaggedTensor
 
-from data.batch import EvalBatch
-from data.loader import Catalogue, make_kjt
+from data.batch import EvalBatch, make_kjt
+from data.catalogue import Catalogue
 
 Scorer = Callable[[EvalBatch], torch.Tensor]  # (B, num_items + 1) scores; column 0 is the pad id
 NEVER = float(1 << 40)  # the rank of a target outside every cut-off
@@ -109,11 +110,15 @@ def popularity_scorer(freq: np.ndarray) -> Scorer:
     return lambda batch: table.expand(len(batch.row_mask), -1)
 
 
-def item_kjt_chunks(catalogue: Catalogue, query_keys: list[str], candidate_keys: list[str], num_items: int,
-                    chunk: int):
-    """KJTs over all item ids in chunks, query keys empty: input for the candidate tower."""
-    for lo in range(0, num_items + 1, chunk):
-        ids = np.arange(lo, min(lo + chunk, num_items + 1), dtype=np.int64)
-        empty = (np.zeros(len(ids), dtype=np.int64), np.zeros(0, dtype=np.int64))
-        arrays = [empty] * len(query_keys) + catalogue.candidate_arrays(ids)
-        yield make_kjt(query_keys + candidate_keys, arrays)
+def catalogue_embeddings(encode: Callable[[KeyedJaggedTensor], torch.Tensor], catalogue: Catalogue,
+                         query_keys: list[str], candidate_keys: list[str], chunk: int = 8192) -> torch.Tensor:
+    """(num_items + 1, dim) candidate-tower outputs of every item (row 0 is the padding id), in chunks so a
+    large catalogue never needs one huge batch. `encode` maps a KJT whose query keys are empty to
+    candidate embeddings: the sharded training towers and the exported plain ones both fit."""
+    parts = []
+    with torch.no_grad():
+        for ids in catalogue.chunks(chunk):
+            empty = (np.zeros(len(ids), dtype=np.int64), np.zeros(0, dtype=np.int64))
+            parts.append(encode(make_kjt(query_keys + candidate_keys,
+                                         [empty] * len(query_keys) + catalogue.candidate_arrays(ids))))
+    return torch.cat(parts)

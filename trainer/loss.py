@@ -79,8 +79,9 @@ class StreamingFrequency:
         gap = self.gap[self._hash(ids)]
         return torch.where(gap > 0, 1.0 / gap.clamp(min=1e-12), torch.zeros_like(gap))
 
-    def state_dict(self) -> dict:
-        return {"last_step": self.last_step, "gap": self.gap, "step": self.step}
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only, so torch.distributed.checkpoint saves and loads it like the model."""
+        return {"last_step": self.last_step, "gap": self.gap, "step": torch.tensor(self.step, dtype=torch.int64)}
 
     def load_state_dict(self, state: dict) -> None:
         self.last_step.copy_(state["last_step"])

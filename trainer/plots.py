@@ -21,7 +21,10 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from data import schema  # noqa: E402
 from data.ragged import list_offsets_values  # noqa: E402
-from trainer import index as ann  # noqa: E402
+from serving import index as ann  # noqa: E402
+from serving.format import ITEM_EMBEDDINGS_FILE  # noqa: E402
+from serving.model import ExportedModel  # noqa: E402
+from trainer.export import split_queries  # noqa: E402
 
 MAX_LABELS = 8  # colours in the embedding map; rarer values are grouped as "other"
 MAX_QUERIES = 20_000  # test users behind the popularity-bias plot
@@ -130,25 +133,24 @@ def first_values(column) -> np.ndarray:
     return first
 
 
-def log_plots(cfg, meta: schema.Metadata, summary: dict, tracker) -> None:
-    """Rank 0, at the end of training. The last two plots read the export: the selected epoch's model."""
-    from trainer.export import split_queries
-    from trainer.serving import ITEMS_FILE, ExportedModel
-
+def plots(cfg, meta: schema.Metadata, summary: dict) -> dict[str, np.ndarray]:
+    """{artifact file: RGBA image} at the end of training. The last two read the export: the selected
+    epoch's model, through the serving path."""
+    images = {}
     if summary.get("popularity_test"):
         fig = metric_curves(summary["test"], summary["popularity_test"], cfg.eval.ks)
-        tracker.log_image(figure_rgba(fig), "plots/metric_at_k.png")
+        images["plots/metric_at_k.png"] = figure_rgba(fig)
     if "export" not in summary:
-        return
+        return images
     model = ExportedModel(summary["export"]["dir"])
     feature, labels = item_labels(Path(cfg.data.path), model.item_ids, meta)
-    tracker.log_image(figure_rgba(embedding_map(model.embeddings, labels, feature, seed=cfg.seed)),
-                      "plots/item_embeddings.png")
+    images["plots/item_embeddings.png"] = figure_rgba(embedding_map(model.embeddings, labels, feature, seed=cfg.seed))
     k = min(cfg.eval.ks)
     queries, seen = split_queries(model.tower, cfg, "test", MAX_QUERIES)
     counts = recommendation_counts(model, queries, seen, k)
-    freq = pq.read_table(model.directory / ITEMS_FILE, columns=[schema.FREQ]).column(schema.FREQ).to_numpy()
-    tracker.log_image(figure_rgba(popularity_vs_recommended(freq, counts, k)), "plots/popularity_bias.png")
+    freq = pq.read_table(model.directory / ITEM_EMBEDDINGS_FILE, columns=[schema.FREQ]).column(schema.FREQ).to_numpy()
+    images["plots/popularity_bias.png"] = figure_rgba(popularity_vs_recommended(freq, counts, k))
+    return images
 
 
 def figure_rgba(fig: Figure) -> np.ndarray:

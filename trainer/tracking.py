@@ -1,8 +1,11 @@
-"""MLflow tracking for rank 0: every call returns at once, a worker thread does the sending.
+"""Where a run's params, metrics and artifacts go: one small interface, `MetricsLogger`, with an
+MLflow implementation for rank 0 and a null one for the other ranks (and tracking.enabled=false),
+so the training loop never asks whether it is tracked.
 
-A failing or unreachable server during training is warned about and retried a bounded number of
-times, never raised into the training loop and never blocking a step. Unreachable at start is a
-clear error, because then nothing of the run would be recorded.
+`MlflowLogger`: every call returns at once, a worker thread does the sending. A failing or
+unreachable server during training is warned about and retried a bounded number of times, never
+raised into the training loop and never blocking a step. Unreachable at start is a clear error,
+because then nothing of the run would be recorded.
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ import queue
 import threading
 import time
 from pathlib import Path
+from typing import Protocol
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from trainer.config import TrackingConfig
+from config import TrackingConfig
+from serving.runs import default_tracking_uri
 
 log = logging.getLogger(__name__)
-DEFAULT_URI = "sqlite:///mlflow.db"
 ATTEMPTS = 3
 MAX_PENDING = 10_000
 
@@ -31,10 +35,53 @@ class TrackingError(RuntimeError):
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
-    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    return default_tracking_uri(cfg.uri)
 
 
-class Tracker:
+class MetricsLogger(Protocol):
+    run_id: str | None
+
+    def log_params(self, params: dict[str, str]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+    def log_json(self, data, artifact_file: str) -> None: ...
+    def log_image(self, image, artifact_file: str) -> None: ...
+    def log_images(self, make) -> None: ...
+    def log_artifacts(self, directory: Path, artifact_path: str) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class NullLogger:
+    """Logs nothing: ranks other than 0, and runs with tracking.enabled=false."""
+
+    run_id = None
+
+    def log_params(self, params: dict[str, str]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_json(self, data, artifact_file: str) -> None:
+        pass
+
+    def log_image(self, image, artifact_file: str) -> None:
+        pass
+
+    def log_images(self, make) -> None:
+        """`make()` returns {artifact file: RGBA array}; not called here, so nothing is drawn for nobody."""
+
+    def log_artifacts(self, directory: Path, artifact_path: str) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class MlflowLogger:
     def __init__(self, cfg: TrackingConfig, run_id: str | None = None):
         # MLflow's own client retries for minutes by default; we retry ourselves, off the hot path.
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(cfg.request_timeout_s)
@@ -104,6 +151,11 @@ class Tracker:
 
     def log_image(self, image, artifact_file: str) -> None:
         self._submit(artifact_file, lambda: self.client.log_image(self.run_id, image, artifact_file=artifact_file))
+
+    def log_images(self, make) -> None:
+        """`make()` returns {artifact file: RGBA array}: drawn only by a logger that keeps them."""
+        for artifact_file, image in make().items():
+            self.log_image(image, artifact_file)
 
     def log_artifacts(self, directory: Path, artifact_path: str) -> None:
         self._submit(artifact_path, lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path))

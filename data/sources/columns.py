@@ -187,7 +187,8 @@ def time_column(table: pa.Table, column: str, path: Path) -> np.ndarray:
         bad = ~np.isfinite(values) | (np.abs(values) >= 2.0**62)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise DataError(path, column, "finite times", f"{values[row].item()!r} on {position(row, first_line_of(path))}")
+            where = position(row, first_line_of(path))
+            raise DataError(path, column, "finite times", f"{values[row].item()!r} on {where}")
         return values.astype(np.int64)
     if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
         return integer_tokens(pd.Series(array.to_pandas()), path, column, first_line_of(path),
@@ -204,5 +205,6 @@ def numeric_column(table: pa.Table, column: str, path: Path) -> np.ndarray:
     values = array.to_numpy().astype(np.float64)
     if not np.isfinite(values).all():
         row = int(np.flatnonzero(~np.isfinite(values))[0])
-        raise DataError(path, column, "finite numbers", f"{values[row].item()!r} on {position(row, first_line_of(path))}")
+        where = position(row, first_line_of(path))
+        raise DataError(path, column, "finite numbers", f"{values[row].item()!r} on {where}")
     return values

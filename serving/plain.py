@@ -3,6 +3,7 @@
 Two users: the exported query tower (serving loads it with `torch.load(weights_only=True)` and no
 sharding code) and the training-step benchmark's plain-PyTorch baseline. Parameter names mirror
 `TwoTower` (`tables.<table>.weight`, `query_mlp.*`, `candidate_mlp.*`), so weights move across by name.
+The training model builds its MLPs with the same `mlp`, so both sides have the same layers.
 """
 
 from __future__ import annotations
@@ -78,12 +79,3 @@ class PlainTowers(nn.Module):
     def towers(self, features: Features, num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Same contract as `TwoTower.towers`: queries of rows [0, num_queries), candidates of all rows."""
         return self.query(features, num_queries), self.candidate(features)
-
-
-def kjt_features(kjt) -> Features:
-    """A KeyedJaggedTensor's (lengths, values) per key, without copying values."""
-    lengths = kjt.lengths().long()
-    per_key = kjt.length_per_key()
-    values = torch.split(kjt.values(), per_key)
-    counts = torch.split(lengths, [kjt.stride()] * len(kjt.keys()))
-    return {key: (counts[i], values[i]) for i, key in enumerate(kjt.keys())}

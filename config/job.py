@@ -1,0 +1,217 @@
+"""The config sections and their checks. Every field is read somewhere; each check names its key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or inconsistent; the message names the key."""
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer name, its class, and where it may run: `fused` is the device class on which
+    FBGEMM runs it fused into the embedding backward ("cpu": everywhere, "gpu": CUDA only, "": never)."""
+
+    path: str
+    fused: str
+    dense: bool
+
+
+# The one list of optimizer names: config checks read it, the trainer resolves `path` from it.
+OPTIMIZERS = {
+    "rowwise_adagrad": OptimizerSpec("torchrec.optim.rowwise_adagrad.RowWiseAdagrad", fused="cpu", dense=False),
+    "adagrad": OptimizerSpec("torch.optim.Adagrad", fused="cpu", dense=True),
+    "sgd": OptimizerSpec("torch.optim.SGD", fused="cpu", dense=True),
+    "adam": OptimizerSpec("torch.optim.Adam", fused="gpu", dense=True),
+}
+SPARSE_OPTIMIZERS = tuple(name for name, spec in OPTIMIZERS.items() if spec.fused)
+CPU_FUSED_OPTIMIZERS = tuple(name for name, spec in OPTIMIZERS.items() if spec.fused == "cpu")
+DENSE_OPTIMIZERS = tuple(name for name, spec in OPTIMIZERS.items() if spec.dense)
+INDEX_KINDS = ("hnsw", "flat")
+METRICS = ("hr", "recall", "ndcg", "mrr", "coverage")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class DataConfig:
+    path: str = "prepared/synthetic"
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 1024
+    num_negatives: int = 1024
+    sampler: str = "unigram"  # "uniform" or "unigram" (freq ** unigram_alpha)
+    unigram_alpha: float = 0.75
+    history_bags: list[int] = field(default_factory=lambda: [1, 10, 0])  # last-k bags; 0 = whole history
+    use_user_id: bool = False
+    out_of_vocab: str = "error"  # "error", or "hash" (id modulo the vocabulary, for open vocabularies)
+    shuffle_buffer: int = 65_536  # rows mixed across row groups before batching
+    prefetch_batches: int = 4
+    seed: int = 0  # not a config key: the job's top-level seed is copied here
+
+    def __post_init__(self) -> None:
+        check(min(self.batch_size, self.shuffle_buffer, self.prefetch_batches) >= 1 and self.num_negatives >= 0,
+              "loader.batch_size, loader.shuffle_buffer and loader.prefetch_batches must be >= 1, "
+              "loader.num_negatives >= 0")
+        check(self.sampler in ("uniform", "unigram"), f"loader.sampler must be 'uniform' or 'unigram', got "
+                                                      f"'{self.sampler}'")
+        check(self.out_of_vocab in ("error", "hash"), f"loader.out_of_vocab must be 'error' or 'hash', got "
+                                                      f"'{self.out_of_vocab}'")
+        check(bool(self.history_bags) and min(self.history_bags) >= 0
+              and len(set(self.history_bags)) == len(self.history_bags),
+              f"loader.history_bags must be distinct non-negative lengths, got {self.history_bags}")
+
+
+@dataclass
+class ModelConfig:
+    item_dim: int = 64  # the item id table (shared by history bags and the candidate tower by default)
+    feature_dim: int = 16  # user, context and item feature tables
+    hidden_dims: list[int] = field(default_factory=lambda: [256])
+    output_dim: int = 64
+    share_item_table: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.item_dim % 4 == 0 and self.feature_dim % 4 == 0 and min(self.item_dim, self.feature_dim) > 0,
+              "model.item_dim and model.feature_dim must be positive multiples of 4 (FBGEMM row alignment)")
+        check(self.output_dim >= 1 and all(d >= 1 for d in self.hidden_dims),
+              "model.output_dim and model.hidden_dims must be >= 1")
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.05
+    in_batch: bool = True  # in-batch positives of other rows are negatives; mixed ones come from loader.num_negatives
+    logq: bool = True
+    logq_on_positive: bool = True
+    frequency: str = "exact"  # "exact" catalogue counts, or "streaming" (Yi et al. 2019)
+    streaming_alpha: float = 0.01
+    streaming_buckets: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        check(self.frequency in ("exact", "streaming"), f"loss.frequency must be 'exact' or 'streaming', got "
+                                                        f"'{self.frequency}'")
+        check(self.temperature > 0, "loss.temperature must be > 0")
+        check(0 < self.streaming_alpha <= 1 and self.streaming_buckets >= 1,
+              "loss.streaming_alpha must be in (0, 1] and loss.streaming_buckets >= 1")
+
+
+@dataclass
+class OptimConfig:
+    sparse: str = "rowwise_adagrad"  # fused into the embedding backward; adam needs a GPU
+    sparse_lr: float = 0.05
+    dense: str = "adam"  # adam, adagrad or sgd, over the MLPs only
+    dense_lr: float = 0.001
+
+    def __post_init__(self) -> None:
+        check(self.sparse in SPARSE_OPTIMIZERS, f"optim.sparse must be one of {SPARSE_OPTIMIZERS}, got '{self.sparse}'")
+        check(self.dense in DENSE_OPTIMIZERS, f"optim.dense must be one of {DENSE_OPTIMIZERS}, got '{self.dense}'")
+        check(self.sparse_lr > 0 and self.dense_lr > 0, "optim.sparse_lr and optim.dense_lr must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    max_steps: int = 0  # 0 = no cap; handy for smoke runs
+    log_every: int = 20
+    early_stopping_metric: str = "ndcg@10"
+    early_stopping_patience: int = 2  # stop after this many epochs in a row without improvement (as Keras)
+    device: str = "auto"  # auto, cpu or cuda
+    collective_timeout_s: int = 600  # a dead rank fails the job after this long instead of hanging it
+
+    def __post_init__(self) -> None:
+        check(self.device in DEVICES, f"train.device must be auto, cpu or cuda, got '{self.device}'")
+        check(self.epochs >= 1 and self.log_every >= 1 and self.max_steps >= 0 and self.early_stopping_patience >= 0
+              and self.collective_timeout_s >= 1,
+              "train.epochs, train.log_every and train.collective_timeout_s must be >= 1, train.max_steps and "
+              "train.early_stopping_patience >= 0")
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [10, 50, 200])
+    batch_size: int = 1024
+    popularity_baseline: bool = True
+    # Remove what the user consumed before the query from the ranking; targets among those are left out
+    # (README "Evaluation protocol"). false: rank everything, for domains where repeats are the point.
+    filter_seen: bool = True
+
+    def __post_init__(self) -> None:
+        check(bool(self.ks) and min(self.ks) >= 1, "eval.ks must list positive cut-offs")
+        check(self.batch_size >= 1, "eval.batch_size must be >= 1")
+
+
+@dataclass
+class ShardingConfig:
+    sharding_types: list[str] = field(default_factory=lambda: ["table_wise"])
+    compute_kernel: str = "fused"
+    per_table: dict[str, list[str]] = field(default_factory=dict)  # table name -> allowed sharding types
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # empty: no checkpoints; otherwise the job resumes from the latest one here
+    every_steps: int = 0  # also checkpoint every N steps (0: only at the end of each epoch)
+    keep_last: int = 3
+
+    def __post_init__(self) -> None:
+        check(self.keep_last >= 1 and self.every_steps >= 0,
+              "checkpoint.keep_last must be >= 1 and checkpoint.every_steps >= 0")
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True  # export the best epoch's model at the end of training, and log it to MLflow
+    dir: str = "exports"  # the export goes to <dir>/<MLflow run id> (or <dir>/untracked-<time>)
+    index: str = "hnsw"  # ANN index over the item embeddings: hnsw (faiss HNSW), or flat (exact search)
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 128
+    recall_queries: int = 2000  # validation queries the index's recall@10 against exact search is measured on
+
+    def __post_init__(self) -> None:
+        check(self.index in INDEX_KINDS, f"export.index must be one of {INDEX_KINDS}, got '{self.index}'")
+        check(min(self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search, self.recall_queries) >= 1,
+              "export.hnsw_m, export.hnsw_ef_construction, export.hnsw_ef_search and export.recall_queries must "
+              "be >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else the embedded sqlite:///mlflow.db
+    experiment: str = "two-tower"
+    run_name: str = ""
+    request_timeout_s: int = 10  # bounds each MLflow HTTP call, so logging never stalls training for long
+
+
+@dataclass
+class JobConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        self.loader.seed = self.seed
+        check(self.loss.in_batch or self.loader.num_negatives > 0,
+              "loss.in_batch=false needs loader.num_negatives > 0: there would be no negatives")
+        name, _, k = self.train.early_stopping_metric.partition("@")
+        check((name == "mrr" and not k) or (name in METRICS and k.isdigit() and int(k) in self.eval.ks),
+              f"train.early_stopping_metric '{self.train.early_stopping_metric}' must be mrr or "
+              f"<{'|'.join(METRICS[:-1])}|coverage>@K with K in eval.ks {self.eval.ks}")

@@ -1,0 +1,126 @@
+"""Strict loading: YAML file plus `section.key=value` overrides -> `JobConfig`, and back to text."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import yaml
+
+from config.job import ConfigError, JobConfig, LoaderConfig
+
+NOT_KEYS = {LoaderConfig: {"seed"}}  # fields a config file may not set (copied from elsewhere)
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Builds dataclass `cls` from a dict, rejecting unknown keys and values of the wrong type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)} - NOT_KEYS.get(cls, set())
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}"
+                          f" (allowed in {where.rstrip('.') or 'the top level'}: {', '.join(sorted(known))})")
+    kwargs = {key: coerce(hints[key], value, f"{where}{key}") for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: {err}") from err
+
+
+def coerce(hint, value, key: str):
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value or {}, f"{key}.")
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(hint)
+        return {str(k): coerce(item, v, f"{key}.{k}") for k, v in value.items()}
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def parse_yaml(text: str, where: str):
+    """YAML, with a syntax error reported as `where: line L, column C: problem` on one line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        position = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"{where}: {position}invalid YAML: {problem}") from None
+
+
+def apply_override(data: dict, override: str) -> None:
+    """`a.b.c=value` with a YAML value (so 3, 0.1, true, [1, 2] keep their types)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{override}' must look like section.key=value")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{override}': '{part}' is not a section")
+    node[parts[-1]] = parse_yaml(raw, f"override '{override}'")
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> JobConfig:
+    data: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot be read: {err}") from None
+        data = parse_yaml(text, str(path)) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for override in overrides:
+        apply_override(data, override)
+    return from_dict(JobConfig, data)
+
+
+def to_dict(cfg: JobConfig) -> dict:
+    data = dataclasses.asdict(cfg)
+    data["loader"].pop("seed")
+    return data
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}: MLflow params."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
+def dump(cfg: JobConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

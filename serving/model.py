@@ -1,0 +1,77 @@
+"""An export directory (serving/format.py) loaded for serving, without TorchRec.
+
+Loading needs torch, numpy, pyarrow and faiss only: the query tower is plain `nn.EmbeddingBag`s
+loaded with `torch.load(weights_only=True)`, the items are Parquet and the index is faiss. A query
+is built by `data.keys.QueryLayout`, the code the training loader uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from data.keys import QueryLayout
+from data.schema import PAD_ID
+from serving import index as ann
+from serving.format import (
+    EMBEDDING_COLUMN,
+    ID_MAPS_DIR,
+    INDEX_FILE,
+    ITEM_EMBEDDINGS_FILE,
+    QUERY_TOWER_FILE,
+    ExportError,
+    Manifest,
+    check_complete,
+)
+from serving.plain import PlainTowers
+
+
+class ExportedModel:
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        check_complete(self.directory)
+        self.manifest = Manifest.load(self.directory)
+        tower = self.manifest.query_tower
+        self.layout = QueryLayout.of(tower.history_bags, tower.use_user_id,
+                                     [(f["name"], f["multi"]) for f in tower.features])
+        if self.layout.keys != tower.query_keys:
+            raise ExportError(f"{self.directory}: the manifest's query keys {tower.query_keys} are not those of its "
+                              f"query layout {self.layout.keys}")
+        self.tower = PlainTowers(tower.tables, tower.query_keys, [], tower.hidden_dims, tower.output_dim)
+        self.tower.load_state_dict(torch.load(self.directory / QUERY_TOWER_FILE, weights_only=True))
+        self.tower.eval()
+        items = pq.read_table(self.directory / ITEM_EMBEDDINGS_FILE)
+        self.item_ids = items.column("item").to_numpy()
+        self.raw_ids = [str(r) for r in items.column("raw_id").to_pylist()]
+        self.titles = items.column("title").to_pylist() if "title" in items.column_names else [None] * len(self.raw_ids)
+        flat = pc.list_flatten(items.column(EMBEDDING_COLUMN)).to_numpy()
+        self.embeddings = flat.astype(np.float32).reshape(len(self.raw_ids), self.manifest.dim)
+        self.row_of_raw = {raw: row for row, raw in enumerate(self.raw_ids)}
+        self.row_of_id = {int(i): row for row, i in enumerate(self.item_ids)}
+        self.index = ann.load(self.directory / INDEX_FILE, self.manifest.index["ef_search"])
+        self.id_maps = {}
+        maps = self.directory / ID_MAPS_DIR
+        for file in sorted(maps.glob("*.parquet")) if maps.is_dir() else []:
+            table = pq.read_table(file)
+            raw = map(str, table.column("raw").to_pylist())
+            self.id_maps[file.stem] = dict(zip(raw, table.column("id").to_pylist()))
+
+    @property
+    def features(self) -> dict[str, bool]:
+        """User and context features the query takes: name -> is a list."""
+        return dict(self.layout.features)
+
+    def query_input(self, history: list[int], features: dict[str, list[int]],
+                    user: int = PAD_ID) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The tower input of one query (dense ids, history oldest first), as the training loader builds it."""
+        arrays = self.layout.single(history, features, user, self.manifest.query_tower.max_history, PAD_ID)
+        return {key: (torch.from_numpy(lengths), torch.from_numpy(values))
+                for key, (lengths, values) in zip(self.layout.keys, arrays)}
+
+    def encode(self, history: list[int], features: dict[str, list[int]], user: int = PAD_ID) -> np.ndarray:
+        with torch.no_grad():
+            return self.tower.query(self.query_input(history, features, user)).numpy()[0]

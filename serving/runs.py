@@ -1,0 +1,38 @@
+"""Where an export is found: a directory, or the `export/` artifacts of an MLflow run.
+
+The tracking URI default is defined here, the layer below the trainer, so that training logs to the
+same place that serving reads from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from serving.format import MANIFEST_FILE
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXPORT_ARTIFACT = "export"  # where training logs the export in the MLflow run
+
+
+def default_tracking_uri(configured: str = "") -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def resolve(run: str, tracking_uri: str | None = None) -> Path:
+    """An export directory as given, or the `export/` artifacts of an MLflow run (downloaded)."""
+    path = Path(run)
+    if (path / MANIFEST_FILE).is_file():
+        return path
+    if (path / EXPORT_ARTIFACT / MANIFEST_FILE).is_file():
+        return path / EXPORT_ARTIFACT
+    if path.exists():
+        raise FileNotFoundError(f"{path}: no {MANIFEST_FILE} here or in {path / EXPORT_ARTIFACT}")
+    import mlflow
+
+    uri = default_tracking_uri(tracking_uri or "")
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run, artifact_path=EXPORT_ARTIFACT, tracking_uri=uri))
+    except Exception as err:  # noqa: BLE001 - any MLflow failure means the same thing to the user
+        raise FileNotFoundError(f"'{run}' is neither an export directory nor an MLflow run with an "
+                                f"'{EXPORT_ARTIFACT}' artifact in {uri}: {str(err).splitlines()[0]}") from err
