@@ -160,6 +160,8 @@ class CheckpointConfig:
     dir: str = ""  # empty: no checkpoints; otherwise the job resumes from the latest one here
     every_steps: int = 0  # also checkpoint every N steps (0: only at the end of each epoch)
     keep_last: int = 3
+    # Config keys a resume may change beyond the always-safe ones (README "Reliability"), e.g. [optim.sparse_lr].
+    allow_changes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check(self.keep_last >= 1 and self.every_steps >= 0,
@@ -190,6 +192,12 @@ class TrackingConfig:
     experiment: str = "two-tower"
     run_name: str = ""
     request_timeout_s: int = 10  # bounds each MLflow HTTP call, so logging never stalls training for long
+    flush_timeout_s: int = 60  # at the end, how long to wait for unsent records before writing them to the outbox
+    outbox: str = "mlflow-outbox"  # unsent records go to <outbox>/<run id>.jsonl (python -m trainer.tracking replay)
+
+    def __post_init__(self) -> None:
+        check(self.request_timeout_s >= 1 and self.flush_timeout_s >= 0,
+              "tracking.request_timeout_s must be >= 1 and tracking.flush_timeout_s >= 0")
 
 
 @dataclass

@@ -5,9 +5,10 @@
     torchx run -s slurm      launch/components.py:train --nnodes 4 --nproc_per_node 8 --gpu 8 ...
     torchx run -s kubernetes launch/components.py:train --image my/registry/two-tower:tag ...
 
-Every node runs torchrun, which starts nproc_per_node ranks and restarts them up to `max_restarts`
-times (the trainer resumes from its latest checkpoint); `max_retries` asks the scheduler to re-run
-the whole job (local schedulers ignore it).
+Every node runs torchrun (`python -m launch.run`, which also records a killed worker as the job's
+root cause), which starts nproc_per_node ranks and restarts them up to `max_restarts` times (the
+trainer resumes from its latest verified checkpoint); `max_retries` asks the scheduler to re-run the
+whole job (local schedulers ignore it).
 """
 
 
@@ -62,9 +63,12 @@ def train(
     else:
         port = rdzv_port or free_port("")
         endpoint = f"$${{{macros.rank0_env}:=localhost}}:{port}"
-    job_env = {"LOGLEVEL": "WARNING", "PYTHONUNBUFFERED": "1", **(env or {})}
+    # A fresh rendezvous store per restart round, hosted by rank 0: torchrun's shared agent store would make
+    # the ranks of a restarted multi-node job wait in different namespaces (trainer/distributed.py).
+    job_env = {"LOGLEVEL": "WARNING", "PYTHONUNBUFFERED": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+               **(env or {})}
     cmd: List[str] = [
-        python, "-m", "torch.distributed.run",
+        python, "-m", "launch.run",  # torchrun that also records a killed worker as the root cause
         "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", macros.app_id,
         "--nnodes", str(nnodes), "--nproc_per_node", str(nproc_per_node), "--max_restarts", str(max_restarts),
         "-m", "trainer", "--config", config, *overrides,

@@ -31,7 +31,8 @@ def test_kubernetes_dryrun_renders_the_job():
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout.split("=== SCHEDULER REQUEST ===")[1]
     assert "image: registry/two-tower:1" in out and "nvidia.com/gpu: '8'" in out
-    assert out.count("python -m torch.distributed.run") == 2, "one pod per node"
+    assert out.count("python -m launch.run") == 2, "one pod per node, each running torchrun"
+    assert out.count("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == 2, "a fresh rendezvous store per restart round"
     assert "--nnodes 2 --nproc_per_node 8" in out and "maxRetry: 3" in out
     assert "-m trainer --config configs/ml1m.yaml train.epochs=5" in out
 
@@ -43,7 +44,8 @@ def test_slurm_dryrun_renders_the_job():
     out = result.stdout.split("=== SCHEDULER REQUEST ===")[1]
     assert "#SBATCH hetjob" in out and "--gpus-per-task=4" in out
     assert "trainer-0.out" in out and "trainer-1.out" in out, "one het-job component per node"
-    assert out.count("python -m torch.distributed.run") == 2
+    assert out.count("python -m launch.run") == 2
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in out
     assert "--nnodes 2 --nproc_per_node 4 --max_restarts 1 -m trainer --config configs/synthetic.yaml" in out
 
 

@@ -81,6 +81,7 @@ def test_config_is_strict():
         load_config(None, ["loader.seed=3"])
     cfg = load_config("configs/synthetic.yaml", ["seed=7", "loss.temperature=1"])
     assert cfg.loader.seed == 7 and cfg.loss.temperature == 1.0
+    assert load_config(None, ["loss.temperature=1e-3"]).loss.temperature == 1e-3, "YAML 1.1 reads 1e-3 as text"
 
 
 def test_adam_on_cpu_is_refused_before_work(tiny_data):

@@ -13,14 +13,28 @@ import os
 import sys
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
+
 from config import ConfigError, load_config
 from data.errors import DataError
 from sharding.plan import ShardingError
+from trainer.checkpoint import CheckpointError
 from trainer.distributed import DeviceError
 from trainer.evaluate import EvaluationError
 from trainer.tracking import TrackingError, tracking_uri
+from trainer.train import TrainingError, train
 
 
+def fail(err: Exception, code: int, prefix: str = "") -> int:
+    """One line for the user; under torchrun also the error file, so its summary names this rank's cause
+    instead of `error_file: <N/A>`."""
+    print(f"error: {prefix}{err}", file=sys.stderr)
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        get_error_handler().record_exception(err)
+    return code
+
+
+@record
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,15 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
-        from trainer.train import train
-
         summary = train(cfg)
-    except (ConfigError, DataError, DeviceError, ShardingError, TrackingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ConfigError, DataError, DeviceError, ShardingError, TrackingError, CheckpointError) as err:
+        return fail(err, 2)
     except EvaluationError as err:
-        print(f"error: evaluation failed: {err}", file=sys.stderr)
-        return 1
+        return fail(err, 1, "evaluation failed: ")
+    except TrainingError as err:
+        return fail(err, 1)
     from trainer import distributed
 
     distributed.shutdown()
@@ -47,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.summary:
         Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
-    if "run_id" in summary:
+    if summary.get("tracking_outbox"):
+        outbox = summary["tracking_outbox"]
+        print(f"warning: the MLflow run {summary['run_id']} in {tracking_uri(cfg.tracking)} is incomplete: what "
+              f"could not be sent is in {outbox}. Once the server is back:\n"
+              f"  .venv/bin/python -m trainer.tracking replay {outbox}", file=sys.stderr)
+    elif "run_id" in summary:
         uri = tracking_uri(cfg.tracking)
         print(f"MLflow run {summary['run_id']} in {uri}. To look at it:\n"
               f"  .venv/bin/mlflow ui --backend-store-uri {uri}   # then open http://127.0.0.1:5000")

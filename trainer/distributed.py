@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -9,6 +10,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,8 +58,8 @@ def init(device: str, timeout_s: int = 600) -> Env:
     dev = pick_device(device, local_rank)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
-            dist.init_process_group(backend, store=elastic_store(rank, world, timeout_s), rank=rank, world_size=world,
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            dist.init_process_group(backend, store=agent_store(rank, world, timeout_s), rank=rank, world_size=world,
                                     timeout=timedelta(seconds=timeout_s))
         elif "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
@@ -66,12 +69,22 @@ def init(device: str, timeout_s: int = 600) -> Env:
     return Env(rank, world, local_rank, dev, backend)
 
 
-def elastic_store(rank: int, world: int, timeout_s: int) -> dist.Store:
-    """torchrun's store, namespaced by restart attempt: torchrun reuses its agent store across restarts,
-    and keys left by the previous attempt's ranks (their gloo addresses) would otherwise be read."""
-    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=not agent_hosts_store and rank == 0, timeout=timedelta(seconds=timeout_s))
+def agent_store(rank: int, world: int, timeout_s: int) -> dist.Store:
+    """torchrun's agent store, which lives across restarts, namespaced by restart attempt so that keys
+    left by the previous attempt's ranks (their gloo addresses) are not read.
+
+    The attempt is the local agent's restart count, which only a single node can rely on: after one
+    node's worker fails, the healthy node restarts its workers without counting a restart, so two
+    nodes would wait in different namespaces. Multi-node jobs therefore run torchrun with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the torchx component sets it): then every rendezvous round
+    gets a fresh store, hosted by rank 0, and `init` never comes here."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if world > local_world and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0 and rank == 0:
+        log.warning("a multi-node job with restarts shares torchrun's agent store: a restart can hang until "
+                    "train.collective_timeout_s. Set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (the "
+                    "torchx component does)")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(seconds=timeout_s))
     return dist.PrefixStore(f"two-tower/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 

@@ -2,32 +2,46 @@
 MLflow implementation for rank 0 and a null one for the other ranks (and tracking.enabled=false),
 so the training loop never asks whether it is tracked.
 
-`MlflowLogger`: every call returns at once, a worker thread does the sending. A failing or
-unreachable server during training is warned about and retried a bounded number of times, never
-raised into the training loop and never blocking a step. Unreachable at start is a clear error,
-because then nothing of the run would be recorded.
+`MlflowLogger` never blocks a step and never loses a record while the job runs:
+- every call becomes a record (a JSON-able dict; images are written to PNG files first) in a
+  bounded queue, which a worker thread sends in order;
+- while the server is unreachable the worker retries the same record with back-off (1 s to 30 s),
+  for as long as the job runs; records beyond the queue's bound are appended to the outbox file
+  (`<tracking.outbox>/<run id>.jsonl`) instead of being dropped;
+- `finish` waits up to `tracking.flush_timeout_s` for the queue, then writes whatever is unsent to
+  the outbox file and says so: `python -m trainer.tracking replay FILE` sends it once the server is
+  back (metrics keep their original steps and times; the run's final status comes last).
+A server unreachable at start is a clear error, because then nothing of the run would be recorded.
 """
 
 from __future__ import annotations
 
+import argparse
+import collections
 import json
 import logging
 import os
-import queue
+import shutil
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
-from mlflow.entities import Metric, Param
-from mlflow.tracking import MlflowClient
+import matplotlib
 
-from config import TrackingConfig
-from serving.runs import default_tracking_uri
+matplotlib.use("Agg")
+import matplotlib.image  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from config import TrackingConfig  # noqa: E402
+from serving.runs import default_tracking_uri  # noqa: E402
 
 log = logging.getLogger(__name__)
-ATTEMPTS = 3
-MAX_PENDING = 10_000
+MAX_PENDING = 10_000  # records held in memory; more go to the outbox file
+BACKOFF_S = (1, 2, 4, 8, 16, 30)
+PARAMS_PER_CALL = 100
 
 
 class TrackingError(RuntimeError):
@@ -45,10 +59,9 @@ class MetricsLogger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_json(self, data, artifact_file: str) -> None: ...
-    def log_image(self, image, artifact_file: str) -> None: ...
-    def log_images(self, make) -> None: ...
+    def log_images(self, make: Callable[[], dict]) -> None: ...
     def log_artifacts(self, directory: Path, artifact_path: str) -> None: ...
-    def finish(self, status: str = "FINISHED") -> None: ...
+    def finish(self, status: str = "FINISHED") -> str | None: ...
 
 
 class NullLogger:
@@ -68,17 +81,34 @@ class NullLogger:
     def log_json(self, data, artifact_file: str) -> None:
         pass
 
-    def log_image(self, image, artifact_file: str) -> None:
-        pass
-
-    def log_images(self, make) -> None:
+    def log_images(self, make: Callable[[], dict]) -> None:
         """`make()` returns {artifact file: RGBA array}; not called here, so nothing is drawn for nobody."""
 
     def log_artifacts(self, directory: Path, artifact_path: str) -> None:
         pass
 
-    def finish(self, status: str = "FINISHED") -> None:
-        pass
+    def finish(self, status: str = "FINISHED") -> str | None:
+        return None
+
+
+def send(client: MlflowClient, run_id: str, record: dict) -> None:
+    """Sends one record; raises on any failure (the caller retries or keeps it)."""
+    kind = record["kind"]
+    if kind == "params":
+        client.log_batch(run_id, params=[Param(k, v) for k, v in record["params"].items()])
+    elif kind == "metrics":
+        client.log_batch(run_id, metrics=[Metric(k, v, record["timestamp"], record["step"])
+                                          for k, v in record["metrics"].items()])
+    elif kind == "text":
+        client.log_text(run_id, record["text"], record["file"])
+    elif kind == "file":
+        client.log_artifact(run_id, record["path"], record["artifact_path"] or None)
+    elif kind == "artifacts":
+        client.log_artifacts(run_id, record["dir"], record["artifact_path"])
+    elif kind == "status":
+        client.set_terminated(run_id, status=record["status"], end_time=record["timestamp"])
+    else:
+        raise ValueError(f"unknown tracking record kind '{kind}'")
 
 
 class MlflowLogger:
@@ -100,73 +130,176 @@ class MlflowLogger:
                                 f"{str(err).splitlines()[0]}. Start the server, set tracking.uri (or "
                                 f"MLFLOW_TRACKING_URI), or set tracking.enabled=false") from err
         self.run_id = run_id
-        self.failures = 0
-        self.pending: queue.Queue = queue.Queue(maxsize=MAX_PENDING)
+        self.flush_timeout_s = cfg.flush_timeout_s
+        self.outbox = Path(cfg.outbox) / f"{run_id}.jsonl"
+        self.files = Path(cfg.outbox) / run_id  # images waiting to be sent
+        self.pending: collections.deque = collections.deque()
+        self.spilled = 0
+        self.lock = threading.Condition()
+        self.closing = threading.Event()
         self.worker = threading.Thread(target=self._work, daemon=True, name="mlflow-logger")
         self.worker.start()
 
-    def _submit(self, description: str, call) -> None:
-        try:
-            self.pending.put_nowait((description, call))
-        except queue.Full:
-            self.failures += 1
-            log.warning("MLflow logging is %d calls behind; dropping %s", MAX_PENDING, description)
+    def _submit(self, record: dict) -> None:
+        with self.lock:
+            if len(self.pending) >= MAX_PENDING:
+                self._spill([record])
+                return
+            self.pending.append(record)
+            self.lock.notify()
+
+    def _spill(self, records: list[dict]) -> None:
+        """Appends records to the outbox file (created with a header naming the run and the server)."""
+        if not records:
+            return
+        self.outbox.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.outbox.exists()
+        with open(self.outbox, "a") as handle:
+            if new:
+                handle.write(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri}) + "\n")
+            handle.writelines(json.dumps(r) + "\n" for r in records)
+        self.spilled += len(records)
 
     def _work(self) -> None:
+        failures = 0
         while True:
-            item = self.pending.get()
-            if item is None:
-                self.pending.task_done()
-                return
-            description, call = item
-            for attempt in range(ATTEMPTS):
-                try:
-                    call()
-                    break
-                except Exception as err:  # noqa: BLE001 - logging must never kill training
-                    if attempt == ATTEMPTS - 1:
-                        self.failures += 1
-                        log.warning("MLflow: giving up on %s after %d attempts: %s", description, ATTEMPTS,
-                                    str(err).splitlines()[0])
-                    else:
-                        time.sleep(2 ** attempt)
-            self.pending.task_done()
+            with self.lock:
+                while not self.pending and not self.closing.is_set():
+                    self.lock.wait()
+                if not self.pending:
+                    return
+                record = self.pending[0]
+            try:
+                send(self.client, self.run_id, record)
+            except Exception as err:  # noqa: BLE001 - logging must never kill training
+                if failures == 0:
+                    log.warning("MLflow at %s is failing (%s); buffering and retrying until it is back",
+                                self.uri, str(err).splitlines()[0][:200])
+                if self.closing.wait(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]):
+                    return  # finish takes over what is left
+                failures += 1
+                continue
+            if failures:
+                log.warning("MLflow at %s is back after %d failed attempts; sending what was buffered", self.uri,
+                            failures)
+            failures = 0
+            with self.lock:
+                self.pending.popleft()
 
     def log_params(self, params: dict[str, str]) -> None:
-        items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
-        for lo in range(0, len(items), 100):
-            chunk = items[lo:lo + 100]
-            self._submit("params", lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk))
+        items = sorted((k, str(v)[:6000]) for k, v in params.items())
+        for lo in range(0, len(items), PARAMS_PER_CALL):
+            self._submit({"kind": "params", "params": dict(items[lo:lo + PARAMS_PER_CALL])})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        batch = [Metric(k.replace("@", "_at_"), float(v), now, step) for k, v in metrics.items()]
-        self._submit(f"metrics at step {step}", lambda: self.client.log_batch(self.run_id, metrics=batch))
+        self._submit({"kind": "metrics", "step": step, "timestamp": int(time.time() * 1000),
+                      "metrics": {k.replace("@", "_at_"): float(v) for k, v in metrics.items()}})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._submit(artifact_file, lambda: self.client.log_text(self.run_id, text, artifact_file))
+        self._submit({"kind": "text", "text": text, "file": artifact_file})
 
     def log_json(self, data, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=2, default=str), artifact_file)
 
-    def log_image(self, image, artifact_file: str) -> None:
-        self._submit(artifact_file, lambda: self.client.log_image(self.run_id, image, artifact_file=artifact_file))
-
-    def log_images(self, make) -> None:
-        """`make()` returns {artifact file: RGBA array}: drawn only by a logger that keeps them."""
+    def log_images(self, make: Callable[[], dict]) -> None:
+        """`make()` returns {artifact file: RGBA array}; each is written as a PNG, then sent."""
         for artifact_file, image in make().items():
-            self.log_image(image, artifact_file)
+            path = self.files / artifact_file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            matplotlib.image.imsave(path, image)
+            self._submit({"kind": "file", "path": str(path), "artifact_path": str(Path(artifact_file).parent)})
 
     def log_artifacts(self, directory: Path, artifact_path: str) -> None:
-        self._submit(artifact_path, lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path))
+        self._submit({"kind": "artifacts", "dir": str(Path(directory).resolve()), "artifact_path": artifact_path})
 
-    def finish(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
-        """Flushes what is queued (bounded by `timeout_s`), then closes the run."""
-        self._submit("run status", lambda: self.client.set_terminated(self.run_id, status=status))
-        deadline = time.monotonic() + timeout_s
-        while not self.pending.empty() and time.monotonic() < deadline:
+    def finish(self, status: str = "FINISHED") -> str | None:
+        """Flushes what is queued (waiting at most tracking.flush_timeout_s) and closes the run. Returns
+        None when the run's record is complete, else the outbox file holding what could not be sent."""
+        self._submit({"kind": "status", "status": status, "timestamp": int(time.time() * 1000)})
+        deadline = time.monotonic() + self.flush_timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not self.pending:
+                    break
             time.sleep(0.05)
-        self.pending.put(None)
-        self.worker.join(timeout=max(deadline - time.monotonic(), 0.1))
-        if self.worker.is_alive() or self.failures:
-            log.warning("MLflow: %d logging calls failed or were dropped for run %s", self.failures, self.run_id)
+        self.closing.set()
+        with self.lock:
+            self.lock.notify_all()
+        self.worker.join(timeout=self.request_budget())
+        with self.lock:
+            left = list(self.pending)
+            self.pending.clear()
+        if left:
+            self._spill(left)
+        elif self.spilled:
+            replay(self.outbox, self.client)  # spilled during a long outage; the server is back now
+        if not self.outbox.exists():
+            remove_staged(self.files)
+            return None
+        log.warning("MLflow: %d records of run %s could not be sent to %s; they are in %s. Once the server is "
+                    "back: python -m trainer.tracking replay %s", count_records(self.outbox), self.run_id, self.uri,
+                    self.outbox, self.outbox)
+        return str(self.outbox)
+
+    def request_budget(self) -> float:
+        return float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", 10)) + 1.0
+
+
+def count_records(path: Path) -> int:
+    with open(path) as handle:
+        return max(sum(1 for _ in handle) - 1, 0)
+
+
+def replay(path: Path, client: MlflowClient | None = None) -> list[dict]:
+    """Sends an outbox file's records in order; keeps the ones not sent (file rewritten), or removes the
+    file and the run's staged images when all went through. Returns what is left."""
+    path = Path(path)
+    with open(path) as handle:
+        header, *records = [json.loads(line) for line in handle if line.strip()]
+    client = client or MlflowClient(tracking_uri=header["tracking_uri"])
+    for sent, record in enumerate(records):
+        try:
+            send(client, header["run_id"], record)
+        except Exception as err:  # noqa: BLE001 - reported, and kept for the next replay
+            log.warning("replay stopped at record %d of %d: %s", sent + 1, len(records), str(err).splitlines()[0])
+            left = records[sent:]
+            path.write_text("".join(json.dumps(r) + "\n" for r in [header, *left]))
+            return left
+    path.unlink()
+    remove_staged(path.with_suffix(""))
+    return []
+
+
+def remove_staged(files: Path) -> None:
+    """Removes a run's staged images, and the outbox folder itself once nothing is left in it."""
+    shutil.rmtree(files, ignore_errors=True)
+    try:
+        files.parent.rmdir()
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.tracking",
+                                     description="Sends what a job could not send to MLflow (its outbox file).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    command = sub.add_parser("replay", help="replay an outbox file into its run")
+    command.add_argument("file")
+    command.add_argument("--tracking-uri", help="send to this server instead of the one recorded in the file")
+    args = parser.parse_args(argv)
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"error: {path}: no such outbox file", file=sys.stderr)
+        return 2
+    total = count_records(path)
+    left = replay(path, MlflowClient(tracking_uri=args.tracking_uri) if args.tracking_uri else None)
+    if left:
+        print(f"error: sent {total - len(left)} of {total} records; {len(left)} are still in {path} (run this again "
+              f"once the server answers)", file=sys.stderr)
+        return 1
+    print(f"sent {total} records; {path} removed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

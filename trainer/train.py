@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -32,7 +33,7 @@ from serving.format import RECALL_K
 from serving.runs import EXPORT_ARTIFACT
 from trainer import distributed
 from trainer.build import JobData, ShardedModel, build_data, build_model, check_runtime
-from trainer.checkpoint import BEST_MODEL, BestWeights, CheckpointManager, latest, read_state
+from trainer.checkpoint import BEST_MODEL, BestWeights, CheckpointManager, read_state, resume_point
 from trainer.evaluate import evaluate, popularity_scorer
 from trainer.export import export
 from trainer.plots import plots
@@ -40,6 +41,10 @@ from trainer.state import LoopState
 from trainer.tracking import MetricsLogger, MlflowLogger, NullLogger
 
 COUNTS = ("users", "skipped")  # evaluation counts, not metrics
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message names the step."""
 log = logging.getLogger(__name__)
 
 
@@ -149,10 +154,14 @@ class Trainer:
             self.logger.log_text(self.model.plan_text, "sharding_plan.txt")
             self.logger.log_text(self.model.plan_json, "sharding_plan.json")
             return LoopState(run_id=run_id[0])
+        changes = self.checkpoints.check(resume, self.cfg)
         self.model.dense_optimizer.init_state()  # Adam creates its state lazily; DCP loads into tensors
         state = self.checkpoints.load(self.model.stateful(), resume)
         if self.env.is_main:
-            print(f"resumed from {resume} at epoch {state.epoch}, batch {state.batch}, step {state.step}")
+            print(f"resumed from {resume} at epoch {state.epoch}, batch {state.batch}, step {state.step}"
+                  + (f", with changes: {'; '.join(changes)}" if changes else ""))
+        if changes:
+            self.logger.log_text("\n".join(changes) + "\n", f"resumes/step-{state.step:09d}.txt")
         return state
 
     def train_epoch(self, state: LoopState) -> None:
@@ -171,7 +180,14 @@ class Trainer:
                     break
                 state.step += 1
                 state.batch += 1
-                window.losses.append(float(stats["loss"]))
+                loss = float(stats["loss"])
+                if not math.isfinite(loss):
+                    raise TrainingError(f"the loss is {loss} at step {state.step} (epoch {state.epoch}, batch "
+                                        f"{state.batch - 1}) on rank {self.env.rank}. The batch's ids were validated "
+                                        f"when read, so this is not bad input data: the weights diverged (lower "
+                                        f"optim.sparse_lr or optim.dense_lr, or raise loss.temperature) or were "
+                                        f"loaded corrupted")
+                window.losses.append(loss)
                 bar.update()
                 if state.step % cfg.train.log_every == 0:
                     values = window.metrics(examples_per_step)
@@ -252,14 +268,16 @@ def build(cfg: JobConfig, env: distributed.Env, logger: MetricsLogger | None = N
     data = build_data(cfg, env, meta)
     model = build_model(cfg, env, meta, data.train_loader.catalogue.freq, data.train_loader.sampler.probs)
     config_text = dump(cfg)
+    data_checksum = {"checksum": meta.source.get("checksum"), "train_examples": meta.counts["train_examples"]}
+    checkpoints = CheckpointManager(cfg.checkpoint, config_text, env.world_size, data_checksum)
     best = BestWeights(Path(cfg.checkpoint.dir) / BEST_MODEL if cfg.checkpoint.dir else None, config_text,
                        on_one_machine=env.world_size <= int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
-    return Trainer(cfg, env, data, model, logger or NullLogger(), CheckpointManager(cfg.checkpoint, config_text), best)
+    return Trainer(cfg, env, data, model, logger or NullLogger(), checkpoints, best)
 
 
 def train(cfg: JobConfig) -> dict:
     env = distributed.init(cfg.train.device, cfg.train.collective_timeout_s)
-    resume = latest(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+    resume = resume_point(Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None)
     run_id = read_state(resume)["loop"]["run_id"] if resume else None
     logger = MlflowLogger(cfg.tracking, run_id) if cfg.tracking.enabled and env.is_main else NullLogger()
     try:
@@ -269,5 +287,5 @@ def train(cfg: JobConfig) -> dict:
         raise
     if logger.run_id:
         summary["run_id"] = logger.run_id
-    logger.finish("FINISHED")
+        summary["tracking_outbox"] = logger.finish("FINISHED")  # None: the run's record is complete
     return summary
