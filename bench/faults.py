@@ -67,7 +67,8 @@ def worker(job: subprocess.Popen, rank: int) -> psutil.Process | None:
 
 
 def redone(uri: str) -> int:
-    """Steps whose train/loss was logged twice: run once before the kill, once after the resume."""
+    """Steps whose train/loss was logged twice: run once before the kill, once after the resume. A lower
+    bound when rank 0 was the one killed: the records its logger had not sent yet died with it."""
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("two-tower").experiment_id])[0]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
@@ -85,6 +86,7 @@ def kill_run(data: Path, rank: int | None) -> dict:
         if rank is not None:
             while checkpoint.latest(work / "ckpt") is None and job.poll() is None:
                 time.sleep(0.02)
+            time.sleep(1.0)  # a second of steps past the checkpoint, which the restart redoes
             victim = worker(job, rank)
             victim.send_signal(signal.SIGKILL)
             killed = time.monotonic()
@@ -128,8 +130,11 @@ def tracking_run(data: Path, outage: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         server = Server(work)
-        cmd = [sys.executable, "-m", "trainer", f"data.path={data}", *TINY, "train.epochs=2", "train.log_every=1",
-               f"tracking.uri={server.uri}", "tracking.request_timeout_s=2", "tracking.flush_timeout_s=5",
+        epochs = 8 if outage == "mid-run" else 2  # long enough for the server to come back while training
+        flush = 60 if outage == "mid-run" else 5  # at the end: the server stays down past the flush
+        cmd = [sys.executable, "-m", "trainer", f"data.path={data}", *TINY, f"train.epochs={epochs}",
+               "train.log_every=1", f"tracking.uri={server.uri}", "tracking.request_timeout_s=2",
+               f"tracking.flush_timeout_s={flush}",
                f"tracking.outbox={work / 'outbox'}", "--summary", str(work / "s.json")]
         start = time.monotonic()
         job = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -141,12 +146,12 @@ def tracking_run(data: Path, outage: str) -> dict:
                 server.stop(signal.SIGKILL)
                 time.sleep(20)
                 server.start()
-            if outage == "at the end" and line.startswith("epoch 1 step"):
+            if outage == "at the end" and line.startswith(f"epoch {epochs - 1} step"):
                 server.stop(signal.SIGKILL)
         job.wait()
         seconds = time.monotonic() - start
         outbox = list((work / "outbox").glob("*.jsonl"))
-        result = {"outage": outage, "finished": job.returncode == 0, "seconds": round(seconds, 1),
+        result = {"outage": outage, "epochs": epochs, "finished": job.returncode == 0, "seconds": round(seconds, 1),
                   "records_in_outbox": outbox_records(outbox)}
         if outbox:
             server.start()
@@ -171,30 +176,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "faults.json"))
+    parser.add_argument("--only", choices=["two_node", "checkpoints", "tracking"],
+                        help="run one group of scenarios and update only its part of the JSON")
     args = parser.parse_args()
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if args.only and out.exists() else {}
+    result["machine"] = machine()
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare(Path(tmp))
-        baseline = [kill_run(data, None) for _ in range(2)]
-        kills = [kill_run(data, rank) for _ in range(args.repeats) for rank in (0, 1)]
-        base_s = statistics.median(r["seconds"] for r in baseline)
-        for run in kills:
-            run["seconds_lost"] = round(run["seconds"] - base_s, 1)
-        result = {
-            "machine": machine(),
-            "two_node_baseline": baseline,
-            "two_node_kills": kills,
-            "two_node_summary": {f"rank {rank}": {
-                "recovered": f"{sum(r['recovered'] for r in kills if r['killed_rank'] == rank)} of {args.repeats}",
-                "median_seconds_to_resume": statistics.median(r["seconds_to_resume"] for r in kills
-                                                              if r["killed_rank"] == rank),
-                "median_seconds_lost": statistics.median(r["seconds_lost"] for r in kills if r["killed_rank"] == rank),
-                "max_steps_redone": max((r["steps_redone"] or 0) for r in kills if r["killed_rank"] == rank)}
-                for rank in (0, 1)},
-            "checkpoints": [checkpoint_run(data, damage) for damage in ("truncated", "overwritten")],
-            "tracking": [tracking_run(data, outage) for outage in ("mid-run", "at the end")],
-        }
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("two_node_summary", "checkpoints", "tracking")}, indent=2))
+        if args.only in (None, "two_node"):
+            result.update(two_node(data, args.repeats))
+        if args.only in (None, "checkpoints"):
+            result["checkpoints"] = [checkpoint_run(data, damage) for damage in ("truncated", "overwritten")]
+        if args.only in (None, "tracking"):
+            result["tracking"] = [tracking_run(data, outage) for outage in ("mid-run", "at the end")]
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("two_node_summary", "checkpoints", "tracking") if k in result}, indent=2))
+
+
+def two_node(data: Path, repeats: int) -> dict:
+    baseline = [kill_run(data, None) for _ in range(2)]
+    kills = [kill_run(data, rank) for _ in range(repeats) for rank in (0, 1)]
+    base_s = statistics.median(r["seconds"] for r in baseline)
+    for run in kills:
+        run["seconds_lost"] = round(run["seconds"] - base_s, 1)
+    summary = {f"rank {rank}": {
+        "recovered": f"{sum(r['recovered'] for r in kills if r['killed_rank'] == rank)} of {repeats}",
+        "median_seconds_to_resume": statistics.median(r["seconds_to_resume"] for r in kills
+                                                      if r["killed_rank"] == rank),
+        "median_seconds_lost": statistics.median(r["seconds_lost"] for r in kills if r["killed_rank"] == rank),
+        "max_steps_redone": max((r["steps_redone"] or 0) for r in kills if r["killed_rank"] == rank)}
+        for rank in (0, 1)}
+    return {"two_node_baseline": baseline, "two_node_kills": kills, "two_node_summary": summary}
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ so the training loop never asks whether it is tracked.
 `MlflowLogger` never blocks a step and never loses a record while the job runs:
 - every call becomes a record (a JSON-able dict; images are written to PNG files first) in a
   bounded queue, which a worker thread sends in order;
-- while the server is unreachable the worker retries the same record with back-off (1 s to 30 s),
+- while the server is unreachable the worker retries the same record with back-off (1 s to 10 s),
   for as long as the job runs; records beyond the queue's bound are appended to the outbox file
   (`<tracking.outbox>/<run id>.jsonl`) instead of being dropped;
 - `finish` waits up to `tracking.flush_timeout_s` for the queue, then writes whatever is unsent to
@@ -40,7 +40,7 @@ from serving.runs import default_tracking_uri  # noqa: E402
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 10_000  # records held in memory; more go to the outbox file
-BACKOFF_S = (1, 2, 4, 8, 16, 30)
+BACKOFF_S = (1, 2, 4, 8, 10)  # then every 10 s for as long as the job runs
 PARAMS_PER_CALL = 100
 
 
@@ -136,7 +136,8 @@ class MlflowLogger:
         self.pending: collections.deque = collections.deque()
         self.spilled = 0
         self.lock = threading.Condition()
-        self.closing = threading.Event()
+        self.closing = threading.Event()  # stop the worker; finish takes over what is left
+        self.flushing = threading.Event()  # the job is ending: retry at once and every second, not with back-off
         self.worker = threading.Thread(target=self._work, daemon=True, name="mlflow-logger")
         self.worker.start()
 
@@ -175,9 +176,10 @@ class MlflowLogger:
                 if failures == 0:
                     log.warning("MLflow at %s is failing (%s); buffering and retrying until it is back",
                                 self.uri, str(err).splitlines()[0][:200])
-                if self.closing.wait(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]):
-                    return  # finish takes over what is left
                 failures += 1
+                self._pause(BACKOFF_S[min(failures - 1, len(BACKOFF_S) - 1)])
+                if self.closing.is_set():
+                    return  # finish takes over what is left
                 continue
             if failures:
                 log.warning("MLflow at %s is back after %d failed attempts; sending what was buffered", self.uri,
@@ -185,6 +187,14 @@ class MlflowLogger:
             failures = 0
             with self.lock:
                 self.pending.popleft()
+
+    def _pause(self, seconds: float) -> None:
+        """Back-off: waits `seconds`, but at most 1 s once the job is ending, and returns when closing."""
+        start = time.monotonic()
+        while not self.closing.wait(0.1):
+            elapsed = time.monotonic() - start
+            if elapsed >= seconds or (self.flushing.is_set() and elapsed >= 1.0):
+                return
 
     def log_params(self, params: dict[str, str]) -> None:
         items = sorted((k, str(v)[:6000]) for k, v in params.items())
@@ -216,6 +226,7 @@ class MlflowLogger:
         """Flushes what is queued (waiting at most tracking.flush_timeout_s) and closes the run. Returns
         None when the run's record is complete, else the outbox file holding what could not be sent."""
         self._submit({"kind": "status", "status": status, "timestamp": int(time.time() * 1000)})
+        self.flushing.set()
         deadline = time.monotonic() + self.flush_timeout_s
         while time.monotonic() < deadline:
             with self.lock:
