@@ -5,7 +5,7 @@ REQS    := requirements.txt requirements-base.txt requirements-gpu.txt requireme
 DEMO    ?= prepared/synthetic
 TESTS   ?= tests
 
-.PHONY: setup demo lint test bench-loader bench-quality bench-train-step clean
+.PHONY: setup demo lint test ui-screenshot bench-loader bench-quality bench-train-step bench-faults clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,14 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest $(TESTS) -q -ra
+
+# The MLflow run page in headless Chromium (Debian's package), into docs/.
+ui-screenshot: setup
+	command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium
+	$(PY) -m docs.ui_screenshot
+
+bench-faults: setup
+	$(PY) -m bench.faults
 
 bench-loader: setup
 	$(PY) -m bench.loader

@@ -46,7 +46,8 @@ def prepare(directory: Path) -> Path:
 
 
 def two_node_job(work: Path, data: Path, uri: str, extra: list[str]) -> subprocess.Popen:
-    cmd = [TORCHX, "run", "-s", "local_cwd", "--wait", "--log", "launch/components.py:train", "--nnodes", "2",
+    cmd = [TORCHX, "run", "-s", "local_cwd", "-cfg", f"log_dir={work / 'torchx'}", "--wait", "--log",
+           "launch/components.py:train", "--nnodes", "2",
            "--nproc_per_node", "1", "--max_restarts", "1", "--", f"data.path={data}", *TINY,
            f"checkpoint.dir={work / 'ckpt'}", "checkpoint.every_steps=10", "train.epochs=2", "train.log_every=1",
            f"tracking.uri={uri}", f"tracking.outbox={work / 'outbox'}", *extra]
@@ -163,7 +164,7 @@ def tracking_run(data: Path, outage: str) -> dict:
         steps = json.loads((work / "s.json").read_text())["steps"]
         logged = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
         result.update(status=run.info.status, train_loss_points_lost=steps - len(logged),
-                      test_metrics_present="test/hr_at_10" in run.data.metrics)
+                      test_metrics_present="best/test_hr_at_10" in run.data.metrics)
         server.stop()
         return result
 

@@ -194,10 +194,13 @@ class TrackingConfig:
     request_timeout_s: int = 10  # bounds each MLflow HTTP call, so logging never stalls training for long
     flush_timeout_s: int = 60  # at the end, how long to wait for unsent records before writing them to the outbox
     outbox: str = "mlflow-outbox"  # unsent records go to <outbox>/<run id>.jsonl (python -m trainer.tracking replay)
+    system_metrics_every_s: int = 10  # CPU and memory (GPU memory where present) into the run; 0 = off
+    register_as: str = ""  # register the exported model under this name in the Model Registry ("": do not)
 
     def __post_init__(self) -> None:
-        check(self.request_timeout_s >= 1 and self.flush_timeout_s >= 0,
-              "tracking.request_timeout_s must be >= 1 and tracking.flush_timeout_s >= 0")
+        check(self.request_timeout_s >= 1 and self.flush_timeout_s >= 0 and self.system_metrics_every_s >= 0,
+              "tracking.request_timeout_s must be >= 1, tracking.flush_timeout_s and "
+              "tracking.system_metrics_every_s >= 0")
 
 
 @dataclass

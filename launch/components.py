@@ -1,9 +1,13 @@
 """TorchX component for the training job: the same trainer, on any scheduler.
 
-    torchx run -s local_cwd launch/components.py:train --nnodes 1 --nproc_per_node 2 \
+    torchx run -s local_cwd launch/components.py:train --nnodes 1 --nproc_per_node 2 \\
         --config configs/synthetic.yaml train.epochs=2
     torchx run -s slurm      launch/components.py:train --nnodes 4 --nproc_per_node 8 --gpu 8 ...
     torchx run -s kubernetes launch/components.py:train --image my/registry/two-tower:tag ...
+
+`.torchxconfig` sets `workspace =` (empty), so torchx never tries to build an image from the checkout
+(the kubernetes image is one you built and pushed); pass `--workspace ""` when running from another
+directory. The submitter's MLFLOW_* variables (MLFLOW_TRACKING_URI first) are passed to every node.
 
 Every node runs torchrun (`python -m launch.run`, which also records a killed worker as the job's
 root cause), which starts nproc_per_node ranks and restarts them up to `max_restarts` times (the
@@ -11,15 +15,36 @@ trainer resumes from its latest verified checkpoint); `max_retries` asks the sch
 whole job (local schedulers ignore it).
 """
 
-
 import os
 import shlex
+import sys
+import warnings
 from typing import Dict, List, Optional
 
 import torchx.specs as specs
 from torchx.specs import macros
 
 from trainer.distributed import free_port
+
+# Schedulers that run a container image: they need --image, and only these see a container port.
+IMAGE_SCHEDULERS = ("kubernetes", "kubernetes_mcad", "aws_batch", "aws_sagemaker", "gcp_batch", "docker")
+LOCAL_SCHEDULERS = ("local_cwd", "local_docker")
+RDZV_PORT = 29500  # torchrun's usual rendezvous port, declared as the container port
+
+
+def scheduler() -> Optional[str]:
+    """The scheduler `torchx run` was asked for. torchx does not tell a component, so it is read from
+    torchx's own command line (`-s NAME`, `--scheduler NAME` or `--scheduler=NAME`); None elsewhere."""
+    argv = sys.argv
+    for i, arg in enumerate(argv[:-1]):
+        if arg in ("-s", "--scheduler"):
+            return argv[i + 1]
+    return next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--scheduler=")), None)
+
+
+def mlflow_env() -> Dict[str, str]:
+    """The submitter's MLflow settings (tracking URI, credentials, experiment), for every node."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
 
 
 def train(
@@ -30,7 +55,7 @@ def train(
     cpu: int = 2,
     gpu: int = 0,
     memMB: int = 8192,
-    image: str = os.getcwd(),
+    image: str = "",
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
     max_restarts: int = 0,
@@ -48,25 +73,39 @@ def train(
         cpu: CPUs per node
         gpu: GPUs per node
         memMB: memory per node in MB
-        image: container image (kubernetes), or the working directory (local_cwd, slurm)
-        env: extra environment, e.g. MLFLOW_TRACKING_URI=http://mlflow:5000
+        image: container image, required by kubernetes and other image schedulers; local_cwd and slurm
+            run in the current (shared) checkout and ignore it
+        env: extra environment, e.g. MLFLOW_TRACKING_URI=http://mlflow:5000 (the submitter's MLFLOW_*
+            variables are passed on already)
         max_retries: scheduler-level retries of the whole job
         max_restarts: torchrun restarts of failed ranks; the trainer resumes from its checkpoint
-        rdzv_port: c10d rendezvous port on the first node for multi-node jobs; 0 picks a free one
+        rdzv_port: c10d rendezvous port on the first node of a multi-node job, also declared as the
+            container port; 0: 29500 on image schedulers, a free port on local ones (so local jobs
+            never collide)
         python: the Python interpreter on the nodes (with the project's requirements installed)
         name: job name
     """
     if nnodes < 1 or nproc_per_node < 1:
         raise ValueError("nnodes and nproc_per_node must be >= 1")
-    if nnodes == 1:
-        endpoint = "localhost:0"  # one agent: torchrun picks a free port itself
-    else:
-        port = rdzv_port or free_port("")
-        endpoint = f"$${{{macros.rank0_env}:=localhost}}:{port}"
+    target = scheduler()
+    if target in IMAGE_SCHEDULERS and not image:
+        raise ValueError(f"the {target} scheduler runs a container image: pass --image <registry>/<image>:<tag> "
+                         f"(an image with this project and its requirements installed)")
+    job_env = {**mlflow_env(), **(env or {})}
+    uri = job_env.get("MLFLOW_TRACKING_URI", "")
+    if nnodes > 1 and target not in LOCAL_SCHEDULERS and (not uri or uri.startswith(("sqlite:", "file:"))):
+        warnings.warn(f"MLFLOW_TRACKING_URI is {uri or 'unset (sqlite:///mlflow.db)'}: on a {nnodes}-node job the run "
+                      f"would go to a file on one node (lost with its container, and each attempt's node may "
+                      f"differ); point it at an MLflow server", stacklevel=2)
+    if nproc_per_node > 1 and gpu == 0 and target not in LOCAL_SCHEDULERS:
+        warnings.warn(f"--nproc_per_node {nproc_per_node} without --gpu: {nproc_per_node} ranks share the node's "
+                      f"{cpu} CPUs and no GPU is requested; pass --gpu {nproc_per_node} for one GPU per rank",
+                      stacklevel=2)
+    port = rdzv_port or (free_port("") if target in LOCAL_SCHEDULERS or target is None else RDZV_PORT)
+    endpoint = "localhost:0" if nnodes == 1 else f"$${{{macros.rank0_env}:=localhost}}:{port}"
     # A fresh rendezvous store per restart round, hosted by rank 0: torchrun's shared agent store would make
     # the ranks of a restarted multi-node job wait in different namespaces (trainer/distributed.py).
-    job_env = {"LOGLEVEL": "WARNING", "PYTHONUNBUFFERED": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-               **(env or {})}
+    job_env = {"LOGLEVEL": "WARNING", "PYTHONUNBUFFERED": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **job_env}
     cmd: List[str] = [
         python, "-m", "launch.run",  # torchrun that also records a killed worker as the root cause
         "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", macros.app_id,
@@ -85,6 +124,6 @@ def train(
             resource=specs.Resource(cpu=cpu, gpu=gpu, memMB=memMB),
             env=job_env,
             max_retries=max_retries,
-            port_map={"c10d": rdzv_port or 29500},
+            port_map={"c10d": port},
         )],
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,23 @@ TINY_MODEL = ["loader.batch_size=64", "loader.num_negatives=32", "model.hidden_d
 DATASETS = Path(os.environ.get("TWO_TOWER_DATASETS", ROOT.parent / "shared" / "datasets"))
 
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def repository_files() -> set[str]:
+    """What git sees in the checkout, ignored files included (Python's and pytest's caches excepted)."""
+    out = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=ROOT,
+                         capture_output=True, text=True).stdout
+    return {line[3:] for line in out.splitlines() if "__pycache__" not in line and ".pytest_cache" not in line}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_in_the_repository():
+    """Every test writes under tmp: after the whole session the checkout has no new file, ignored or not
+    (no mlruns/, mlflow.db, exports/, outbox or torchx logs)."""
+    before = repository_files()
+    yield
+    left = sorted(repository_files() - before)
+    assert not left, f"the tests left files in the repository: {left[:10]}"
 
 
 def tiny_config(path, **overrides):

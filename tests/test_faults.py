@@ -29,7 +29,8 @@ TINY = [*TINY_MODEL, "eval.popularity_baseline=false", "tracking.enabled=false"]
 
 
 def torchx_job(tmp_path: Path, data: Path, max_restarts: int, *extra: str) -> subprocess.Popen:
-    cmd = [TORCHX, "run", "-s", "local_cwd", "--wait", "--log", "launch/components.py:train", "--nnodes", "2",
+    cmd = [TORCHX, "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'torchx'}", "--wait", "--log",
+           "launch/components.py:train", "--nnodes", "2",
            "--nproc_per_node", "1", "--max_restarts", str(max_restarts), "--", f"data.path={data}", *TINY,
            f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.every_steps=10", *extra]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}

@@ -91,7 +91,7 @@ def test_training_logs_to_a_real_server_over_http(tiny_data, tmp_path):
         assert len(history) >= 5 and sorted(m.step for m in history) == [m.step for m in history]
         assert len(client.get_metric_history(run.info.run_id, "valid/ndcg_at_10")) == 2
         summary = json.loads((tmp_path / "s.json").read_text())
-        assert run.data.metrics["test/hr_at_10"] == pytest.approx(summary["test"]["hr@10"])
+        assert run.data.metrics["best/test_hr_at_10"] == pytest.approx(summary["test"]["hr@10"])
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", "sharding_plan.txt", "sharding_plan.json", "eval_table.json"} <= artifacts
     finally:
@@ -130,7 +130,7 @@ def test_a_tracking_outage_mid_run_loses_nothing(tiny_data, tmp_path):
         assert run.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(1, steps + 1))
         assert len(client.get_metric_history(run_id, "valid/ndcg_at_10")) == 3
-        assert "test/hr_at_10" in run.data.metrics
+        assert "best/test_hr_at_10" in run.data.metrics
     finally:
         job.kill()
         server.stop()
@@ -168,7 +168,7 @@ def test_a_server_gone_at_the_end_leaves_an_outbox_that_replays_into_the_run(tin
         run = client.get_run(outbox.stem)
         summary = json.loads((tmp_path / "s.json").read_text())
         assert run.info.status == "FINISHED"
-        assert run.data.metrics["test/hr_at_10"] == pytest.approx(summary["test"]["hr@10"])
+        assert run.data.metrics["best/test_hr_at_10"] == pytest.approx(summary["test"]["hr@10"])
         assert len(client.get_metric_history(outbox.stem, "valid/ndcg_at_10")) == 2
         artifacts = {a.path for a in client.list_artifacts(outbox.stem)}
         assert {"eval_table.json", "export", "plots"} <= artifacts
@@ -217,7 +217,8 @@ def test_demo_run_has_params_metric_series_and_artifacts(tmp_path):
     assert plots == {"metric_at_k.png", "item_embeddings.png", "popularity_bias.png"}
     png = Path(client.download_artifacts(run.info.run_id, "plots/popularity_bias.png", str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    table = json.loads(Path(client.download_artifacts(run.info.run_id, "eval_table.json", str(tmp_path))).read_text())
+    stored = json.loads(Path(client.download_artifacts(run.info.run_id, "eval_table.json", str(tmp_path))).read_text())
+    table = [dict(zip(stored["columns"], row)) for row in stored["data"]]  # MLflow's table format
     model = {r["metric"]: r["value"] for r in table if r["split"] == "test" and r["scorer"] == "two_tower"}
     popularity = {r["metric"]: r["value"] for r in table if r["split"] == "test" and r["scorer"] == "popularity"}
     assert model["hr@10"] > 2 * popularity["hr@10"], "the synthetic default is clearly beatable"

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
-        summary = train(cfg)
+        summary = train(cfg, args.config)
     except (ConfigError, DataError, DeviceError, ShardingError, TrackingError, CheckpointError) as err:
         return fail(err, 2)
     except EvaluationError as err:
@@ -66,8 +66,12 @@ def main(argv: list[str] | None = None) -> int:
               f"  .venv/bin/python -m trainer.tracking replay {outbox}", file=sys.stderr)
     elif "run_id" in summary:
         uri = tracking_uri(cfg.tracking)
-        print(f"MLflow run {summary['run_id']} in {uri}. To look at it:\n"
-              f"  .venv/bin/mlflow ui --backend-store-uri {uri}   # then open http://127.0.0.1:5000")
+        page = f"#/experiments/{summary['experiment_id']}/runs/{summary['run_id']}?workflowType=machine_learning"
+        if uri.startswith("http"):
+            print(f"MLflow run {summary['run_id']}: {uri.rstrip('/')}/{page}")
+        else:
+            print(f"MLflow run {summary['run_id']} in {uri}. To look at it:\n"
+                  f"  .venv/bin/mlflow ui --backend-store-uri {uri}   # then open http://127.0.0.1:5000/{page}")
     if "export" in summary:
         print(f"Export (query tower, item embeddings, ANN index) in {summary['export']['dir']}. Top-K for a history:\n"
               f"  .venv/bin/python -m serving.recommend --run {summary.get('run_id') or summary['export']['dir']} "

@@ -32,7 +32,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.image  # noqa: E402
-from mlflow.entities import Metric, Param  # noqa: E402
+import pandas as pd  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from mlflow.entities import Dataset as DatasetEntity  # noqa: E402
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from config import TrackingConfig  # noqa: E402
@@ -40,6 +44,8 @@ from serving.runs import default_tracking_uri  # noqa: E402
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 10_000  # records held in memory; more go to the outbox file
+EXPERIMENT_KIND = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"  # the UI's "model training" mode (not GenAI)
 BACKOFF_S = (1, 2, 4, 8, 10)  # then every 10 s for as long as the job runs
 PARAMS_PER_CALL = 100
 
@@ -58,9 +64,12 @@ class MetricsLogger(Protocol):
     def log_params(self, params: dict[str, str]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
-    def log_json(self, data, artifact_file: str) -> None: ...
     def log_images(self, make: Callable[[], dict]) -> None: ...
     def log_artifacts(self, directory: Path, artifact_path: str) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_table(self, rows: list[dict], artifact_file: str) -> None: ...
+    def log_dataset(self, dataset: dict) -> None: ...
+    def log_model(self, export_dir: Path, register_as: str) -> None: ...
     def finish(self, status: str = "FINISHED") -> str | None: ...
 
 
@@ -78,13 +87,22 @@ class NullLogger:
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
-    def log_json(self, data, artifact_file: str) -> None:
-        pass
-
     def log_images(self, make: Callable[[], dict]) -> None:
         """`make()` returns {artifact file: RGBA array}; not called here, so nothing is drawn for nobody."""
 
     def log_artifacts(self, directory: Path, artifact_path: str) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_table(self, rows: list[dict], artifact_file: str) -> None:
+        pass
+
+    def log_dataset(self, dataset: dict) -> None:
+        pass
+
+    def log_model(self, export_dir: Path, register_as: str) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> str | None:
@@ -105,14 +123,37 @@ def send(client: MlflowClient, run_id: str, record: dict) -> None:
         client.log_artifact(run_id, record["path"], record["artifact_path"] or None)
     elif kind == "artifacts":
         client.log_artifacts(run_id, record["dir"], record["artifact_path"])
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+    elif kind == "table":
+        client.log_table(run_id, data=pd.DataFrame(record["rows"]), artifact_file=record["file"])
+    elif kind == "dataset":
+        dataset = DatasetEntity(name=record["name"], digest=record["digest"], source_type="local",
+                                source=json.dumps({"uri": record["source"]}), schema=record["schema"],
+                                profile=json.dumps(record["profile"]))
+        context = InputTag("mlflow.data.context", record["context"])
+        client.log_inputs(run_id, datasets=[DatasetInput(dataset, [context])])
+    elif kind == "model":
+        from serving.pyfunc import log_pyfunc
+
+        log_pyfunc(client.tracking_uri, run_id, record["export"], record["register_as"])
     elif kind == "status":
         client.set_terminated(run_id, status=record["status"], end_time=record["timestamp"])
     else:
         raise ValueError(f"unknown tracking record kind '{kind}'")
 
 
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of a run tracked in a local sqlite file go next to that file, not into the working
+    directory's ./mlruns (MLflow's default), so a job leaves nothing where it was started."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / experiment)
+
+
 class MlflowLogger:
-    def __init__(self, cfg: TrackingConfig, run_id: str | None = None):
+    def __init__(self, cfg: TrackingConfig, run_id: str | None = None, run_name: str = "",
+                 tags: dict[str, str] | None = None):
         # MLflow's own client retries for minutes by default; we retry ourselves, off the hot path.
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(cfg.request_timeout_s)
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
@@ -120,16 +161,20 @@ class MlflowLogger:
         self.client = MlflowClient(tracking_uri=self.uri)
         try:
             experiment = self.client.get_experiment_by_name(cfg.experiment)
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(cfg.experiment)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+                cfg.experiment, artifact_location=artifact_location(self.uri, cfg.experiment))
+            if (experiment.tags if experiment else {}).get(EXPERIMENT_KIND) != TRAINING_KIND:
+                self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
             if run_id is None:
-                run_id = self.client.create_run(experiment_id, run_name=cfg.run_name or None).info.run_id
+                run_id = self.client.create_run(experiment_id, run_name=cfg.run_name or run_name or None,
+                                                tags=tags or {}).info.run_id
             else:
                 self.client.update_run(run_id, status="RUNNING")
         except Exception as err:  # noqa: BLE001 - any failure here means nothing would be tracked
             raise TrackingError(f"MLflow tracking at {self.uri} is unreachable or refused the run: "
                                 f"{str(err).splitlines()[0]}. Start the server, set tracking.uri (or "
                                 f"MLFLOW_TRACKING_URI), or set tracking.enabled=false") from err
-        self.run_id = run_id
+        self.run_id, self.experiment_id = run_id, experiment_id
         self.flush_timeout_s = cfg.flush_timeout_s
         self.outbox = Path(cfg.outbox) / f"{run_id}.jsonl"
         self.files = Path(cfg.outbox) / run_id  # images waiting to be sent
@@ -140,6 +185,7 @@ class MlflowLogger:
         self.flushing = threading.Event()  # the job is ending: retry at once and every second, not with back-off
         self.worker = threading.Thread(target=self._work, daemon=True, name="mlflow-logger")
         self.worker.start()
+        self.system = SystemMetrics(self, cfg.system_metrics_every_s)
 
     def _submit(self, record: dict) -> None:
         with self.lock:
@@ -208,9 +254,6 @@ class MlflowLogger:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._submit({"kind": "text", "text": text, "file": artifact_file})
 
-    def log_json(self, data, artifact_file: str) -> None:
-        self.log_text(json.dumps(data, indent=2, default=str), artifact_file)
-
     def log_images(self, make: Callable[[], dict]) -> None:
         """`make()` returns {artifact file: RGBA array}; each is written as a PNG, then sent."""
         for artifact_file, image in make().items():
@@ -222,9 +265,24 @@ class MlflowLogger:
     def log_artifacts(self, directory: Path, artifact_path: str) -> None:
         self._submit({"kind": "artifacts", "dir": str(Path(directory).resolve()), "artifact_path": artifact_path})
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._submit({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+
+    def log_table(self, rows: list[dict], artifact_file: str) -> None:
+        self._submit({"kind": "table", "rows": rows, "file": artifact_file})
+
+    def log_dataset(self, dataset: dict) -> None:
+        """`dataset`: name, digest, source, schema (MLflow schema JSON), profile (JSON-able), context."""
+        self._submit({"kind": "dataset", **dataset})
+
+    def log_model(self, export_dir: Path, register_as: str) -> None:
+        """The export as the run's pyfunc model (serving/pyfunc.py), registered as `register_as` if given."""
+        self._submit({"kind": "model", "export": str(Path(export_dir).resolve()), "register_as": register_as})
+
     def finish(self, status: str = "FINISHED") -> str | None:
         """Flushes what is queued (waiting at most tracking.flush_timeout_s) and closes the run. Returns
         None when the run's record is complete, else the outbox file holding what could not be sent."""
+        self.system.stop()
         self._submit({"kind": "status", "status": status, "timestamp": int(time.time() * 1000)})
         self.flushing.set()
         deadline = time.monotonic() + self.flush_timeout_s
@@ -254,6 +312,36 @@ class MlflowLogger:
 
     def request_budget(self) -> float:
         return float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", 10)) + 1.0
+
+
+class SystemMetrics:
+    """CPU, memory (and GPU memory, where there is a GPU) every `every_s` seconds, under the names
+    MLflow's System metrics tab shows, sent through the logger so an outage loses none of them."""
+
+    def __init__(self, logger: MlflowLogger, every_s: int):
+        self.logger, self.every_s, self.stopped = logger, every_s, threading.Event()
+        self.start = time.monotonic()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="system-metrics")
+        if every_s > 0:
+            self.thread.start()
+
+    def sample(self) -> dict[str, float]:
+        memory = psutil.virtual_memory()
+        values = {"system/cpu_utilization_percentage": psutil.cpu_percent(),
+                  "system/system_memory_usage_megabytes": (memory.total - memory.available) / 2**20,
+                  "system/system_memory_usage_percentage": memory.percent,
+                  "system/process_rss_megabytes": psutil.Process().memory_info().rss / 2**20}
+        for gpu in range(torch.cuda.device_count()):
+            values[f"system/gpu_{gpu}_memory_usage_megabytes"] = torch.cuda.memory_allocated(gpu) / 2**20
+        return values
+
+    def _run(self) -> None:
+        psutil.cpu_percent()  # the first reading is meaningless
+        while not self.stopped.wait(self.every_s):
+            self.logger.log_metrics(self.sample(), int(time.monotonic() - self.start))
+
+    def stop(self) -> None:
+        self.stopped.set()
 
 
 def count_records(path: Path) -> int:

@@ -31,7 +31,7 @@ from config import JobConfig, dump, flatten, to_dict
 from data.schema import Metadata
 from serving.format import RECALL_K
 from serving.runs import EXPORT_ARTIFACT
-from trainer import distributed
+from trainer import distributed, run_info
 from trainer.build import JobData, ShardedModel, build_data, build_model, check_runtime
 from trainer.checkpoint import BEST_MODEL, BestWeights, CheckpointManager, read_state, resume_point
 from trainer.evaluate import evaluate, popularity_scorer
@@ -41,6 +41,7 @@ from trainer.state import LoopState
 from trainer.tracking import MetricsLogger, MlflowLogger, NullLogger
 
 COUNTS = ("users", "skipped")  # evaluation counts, not metrics
+NOTE = "mlflow.note.content"  # the run's description in the UI
 
 
 class TrainingError(RuntimeError):
@@ -150,6 +151,9 @@ class Trainer:
         torch.distributed.broadcast_object_list(run_id, src=0)  # every rank keeps it with each checkpoint
         if resume is None:
             self.logger.log_params({**flatten(to_dict(self.cfg)), **environment_params(self.env)})
+            self.logger.set_tags({NOTE: run_info.description(self.cfg, self.data.meta, self.env.world_size,
+                                                             str(self.env.device))})
+            self.logger.log_dataset(run_info.dataset(self.cfg, self.data.meta))
             self.logger.log_text(dump(self.cfg), "config.yaml")
             self.logger.log_text(self.model.plan_text, "sharding_plan.txt")
             self.logger.log_text(self.model.plan_json, "sharding_plan.json")
@@ -239,14 +243,23 @@ class Trainer:
             else:
                 log.warning("export skipped: a multi-node job keeps the best model under checkpoint.dir, on storage "
                             "every node shares; set checkpoint.dir to export")
-        self.logger.log_metrics({f"test/{k}": v for k, v in summary["test"].items() if k not in COUNTS}, state.step)
-        if cfg.eval.popularity_baseline:
-            self.logger.log_metrics({f"popularity_test/{k}": v for k, v in summary["popularity_test"].items()
-                                     if k not in COUNTS}, state.step)
-        self.logger.log_json(eval_table(summary), "eval_table.json")
+        self.log_result(summary, state)
         self.logger.log_images(lambda: plots(cfg, self.data.meta, summary))
         self.best.cleanup()
         return summary
+
+    def log_result(self, summary: dict, state: LoopState) -> None:
+        """The headline first: `best/*` sorts before every other metric group in the UI."""
+        metric = self.cfg.train.early_stopping_metric
+        best = {"best/epoch": state.best_epoch, f"best/valid_{metric}": state.best_value}
+        best.update({f"best/test_{k}": v for k, v in summary["test"].items() if k not in COUNTS})
+        self.logger.log_metrics(best, state.step)
+        if self.cfg.eval.popularity_baseline:
+            self.logger.log_metrics({f"popularity_test/{k}": v for k, v in summary["popularity_test"].items()
+                                     if k not in COUNTS}, state.step)
+        note = run_info.description(self.cfg, self.data.meta, self.env.world_size, str(self.env.device))
+        self.logger.set_tags({"best_epoch": state.best_epoch, NOTE: note + run_info.result(summary, metric)})
+        self.logger.log_table(eval_table(summary), "eval_table.json")
 
     def export(self, run_id: str | None) -> dict:
         """Rank 0: the selected epoch's model -> <export.dir>/<run id>, logged to MLflow under `export/`."""
@@ -256,6 +269,7 @@ class Trainer:
         print(f"exported the epoch-{manifest.source['state']['epoch']} model to {out} "
               f"({self.cfg.export.index} index recall@{RECALL_K} against exact search: {recall:.4f})")
         self.logger.log_artifacts(out, EXPORT_ARTIFACT)
+        self.logger.log_model(out, self.cfg.tracking.register_as)
         self.logger.log_metrics({f"export/index_recall@{RECALL_K}": recall}, manifest.source["state"]["step"])
         return {"dir": str(out), "index": manifest.index}
 
@@ -275,17 +289,21 @@ def build(cfg: JobConfig, env: distributed.Env, logger: MetricsLogger | None = N
     return Trainer(cfg, env, data, model, logger or NullLogger(), checkpoints, best)
 
 
-def train(cfg: JobConfig) -> dict:
+def train(cfg: JobConfig, config_path: str | None = None) -> dict:
+    """The whole job; `config_path` names the run (and its source tag) after the config file."""
     env = distributed.init(cfg.train.device, cfg.train.collective_timeout_s)
     resume = resume_point(Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None)
     run_id = read_state(resume)["loop"]["run_id"] if resume else None
-    logger = MlflowLogger(cfg.tracking, run_id) if cfg.tracking.enabled and env.is_main else NullLogger()
+    logger = NullLogger()
+    if cfg.tracking.enabled and env.is_main:
+        logger = MlflowLogger(cfg.tracking, run_id, run_info.run_name(cfg, config_path),
+                              run_info.source_tags(config_path))
     try:
         summary = build(cfg, env, logger).fit(resume)
     except BaseException:
         logger.finish("FAILED")
         raise
     if logger.run_id:
-        summary["run_id"] = logger.run_id
+        summary["run_id"], summary["experiment_id"] = logger.run_id, logger.experiment_id
         summary["tracking_outbox"] = logger.finish("FINISHED")  # None: the run's record is complete
     return summary

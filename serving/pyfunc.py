@@ -1,0 +1,71 @@
+"""The export as an MLflow pyfunc model: what `mlflow models serve`, `mlflow.pyfunc.load_model` and the
+Model Registry take. It wraps `serving.recommend.Recommender`, so it answers exactly as the recommend
+CLI does, and it loads without TorchRec or FBGEMM (the model carries `serving/` and `data/` as code).
+
+Input: one row per query, `history` (raw item ids, oldest first) and optionally `user` (a raw user
+id) and any user or context feature by name (`value`, or `a|b` for a list feature); the parameter
+`k` (default 10). Output: per row, `items` (raw ids, best first) and `scores`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Array
+
+MODEL_ARTIFACT = "model"  # the pyfunc model's name in the run (runs:/<run id>/model)
+EXPORT_ARTIFACT_KEY = "export"
+DEFAULT_K = 10
+ROOT = Path(__file__).resolve().parents[1]
+REQUIREMENTS = ("torch", "numpy", "pandas", "pyarrow", "faiss-cpu", "mlflow")
+
+
+class Recommendations(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from serving.model import ExportedModel
+        from serving.recommend import Recommender
+
+        self.recommender = Recommender(ExportedModel(context.artifacts[EXPORT_ARTIFACT_KEY]))
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        k = int((params or {}).get("k", DEFAULT_K))
+        features = self.recommender.model.features
+        rows = []
+        for row in model_input.to_dict("records"):
+            given = {name: str(row[name]).split("|") for name in features
+                     if name in row and row[name] is not None and not pd.isna(row[name])}
+            user = row.get("user")
+            ranked = self.recommender.recommend([str(i) for i in row["history"]], given,
+                                                None if user is None or pd.isna(user) else str(user), k)
+            rows.append({"items": [r.raw_id for r in ranked], "scores": [r.score for r in ranked]})
+        return pd.DataFrame(rows, columns=["items", "scores"])
+
+
+def signature(features: list[str]) -> ModelSignature:
+    inputs = [ColSpec(Array(DataType.string), "history"), ColSpec(DataType.string, "user", required=False)]
+    inputs += [ColSpec(DataType.string, name, required=False) for name in features]
+    return ModelSignature(inputs=Schema(inputs),
+                          outputs=Schema([ColSpec(Array(DataType.string), "items"),
+                                          ColSpec(Array(DataType.double), "scores")]),
+                          params=ParamSchema([ParamSpec("k", DataType.long, DEFAULT_K)]))
+
+
+def log_pyfunc(tracking_uri: str, run_id: str, export_dir: str, register_as: str = "") -> None:
+    """Logs `export_dir` as the run's pyfunc model (and registers it as `register_as`, when given)."""
+    from serving.model import ExportedModel
+
+    model = ExportedModel(export_dir)
+    example = pd.DataFrame({"history": [model.raw_ids[:3]]})
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, python_model=Recommendations(),
+                                artifacts={EXPORT_ARTIFACT_KEY: str(export_dir)},
+                                signature=signature(list(model.features)), input_example=example,
+                                code_paths=[str(ROOT / "serving"), str(ROOT / "data")],
+                                pip_requirements=list(REQUIREMENTS),
+                                registered_model_name=register_as or None)
