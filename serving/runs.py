@@ -7,6 +7,7 @@ same place that serving reads from.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from serving.format import MANIFEST_FILE
@@ -28,9 +29,13 @@ def resolve(run: str, tracking_uri: str | None = None) -> Path:
         return path / EXPORT_ARTIFACT
     if path.exists():
         raise FileNotFoundError(f"{path}: no {MANIFEST_FILE} here or in {path / EXPORT_ARTIFACT}")
+    uri = default_tracking_uri(tracking_uri or "")
+    if not re.fullmatch(r"[0-9a-f]{32}", run):
+        raise FileNotFoundError(f"'{run}' is neither an export directory (no such directory) nor an MLflow run id")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise FileNotFoundError(f"no MLflow store at {uri} to find run {run} in: pass --tracking-uri")
     import mlflow
 
-    uri = default_tracking_uri(tracking_uri or "")
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run, artifact_path=EXPORT_ARTIFACT, tracking_uri=uri))
     except Exception as err:  # noqa: BLE001 - any MLflow failure means the same thing to the user

@@ -152,7 +152,12 @@ def test_recommend_skips_unknown_and_seen_ids(exported, tmp_path):
     bad = recommend("--run", str(exported.dir), "--history", history[0], "--user-features", "u_shoe_size=44")
     assert bad.returncode == 2 and "no feature u_shoe_size" in bad.stderr and "u_gender" in bad.stderr
     missing = recommend("--run", str(exported.dir / "nowhere"), "--history", history[0])
-    assert missing.returncode == 2 and "nowhere" in missing.stderr
+    assert missing.returncode == 2 and "nowhere" in missing.stderr and "neither an export directory" in missing.stderr
+    store = tmp_path / "none.db"
+    no_store = recommend("--run", "0123456789abcdef0123456789abcdef", "--tracking-uri", f"sqlite:///{store}",
+                         "--history", history[0])
+    assert no_store.returncode == 2 and f"no MLflow store at sqlite:///{store}" in no_store.stderr
+    assert not store.exists(), "looking a run up never creates an empty MLflow store"
     broken = tmp_path / "broken"
     shutil.copytree(exported.dir, broken)
     (broken / "items.faiss").unlink()
