@@ -12,6 +12,7 @@ batching of `SplitLoader`. Guarantees (tested in tests/test_loader.py):
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterator
 
@@ -39,7 +40,7 @@ def query_columns(meta: schema.Metadata) -> list[Column]:
     return columns + [Column(f.name, f.vocab_size, f.multi) for f in meta.user_features + meta.context_features]
 
 
-class SplitLoader:
+class SplitLoader(ABC):
     """One rank's batches of one split. Subclasses say which files and columns, in which order, and
     how a batch is made; reading, rank splitting, shuffling and padding are shared."""
 
@@ -57,11 +58,13 @@ class SplitLoader:
         self.source = ExampleSource(self.paths(), self.columns, cfg.out_of_vocab)
         self.num_examples = int(self.source.sizes.sum())
 
+    @abstractmethod
     def extra_columns(self) -> list[Column]:
-        raise NotImplementedError
+        """The split's own columns (the target, or targets and seen items)."""
 
+    @abstractmethod
     def paths(self) -> list[Path]:
-        raise NotImplementedError
+        """The split's Parquet files."""
 
     def unit_order(self, epoch: int) -> np.ndarray:
         """The order row groups are read in."""
@@ -75,8 +78,9 @@ class SplitLoader:
         """How many rows are gathered before a block is ordered and cut into batches."""
         return self.batch_size
 
+    @abstractmethod
     def make_batch(self, block: Rows, idx: np.ndarray, epoch: int, index: int):
-        raise NotImplementedError
+        """The batch of rows `idx` of `block`, the `index`-th of the epoch."""
 
     def __len__(self) -> int:
         return batches_per_rank(self.num_examples, self.world, self.batch_size)

@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -99,11 +98,7 @@ def protocol_summary(cfg: JobConfig, meta: Metadata) -> str:
 
 
 def environment_params(env: distributed.Env) -> dict[str, str]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    commit = run_info.git("rev-parse", "HEAD") or "unknown"
     return {"env.world_size": str(env.world_size), "env.device": str(env.device), "env.backend": env.backend,
             "env.torch": torch.__version__, "env.torchrec": torchrec.__version__,
             "env.python": platform.python_version(), "env.git_commit": commit}
