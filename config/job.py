@@ -31,6 +31,7 @@ CPU_FUSED_OPTIMIZERS = tuple(name for name, spec in OPTIMIZERS.items() if spec.f
 DENSE_OPTIMIZERS = tuple(name for name, spec in OPTIMIZERS.items() if spec.dense)
 INDEX_KINDS = ("hnsw", "flat")
 METRICS = ("hr", "recall", "ndcg", "mrr", "coverage")
+QUERY_TOWERS = ("bags", "transformer")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -53,6 +54,13 @@ class LoaderConfig:
     history_bags: list[int] = field(default_factory=lambda: [1, 10, 0])  # last-k bags; 0 = whole history
     use_user_id: bool = False
     out_of_vocab: str = "error"  # "error", or "hash" (id modulo the vocabulary, for open vocabularies)
+    # Transformer tower: the inputs of one training row (a user's sequence is cut into chunks of this many,
+    # aligned on its newest item); evaluation queries keep their last this many items.
+    max_sequence_length: int = 200
+    # Each query feature (user id, user and context features) of a training row is replaced by the padding id
+    # (an empty list for list features) with this probability, so a feature missing at serving time maps to a
+    # trained embedding (cold start).
+    feature_dropout: float = 0.1
     shuffle_buffer: int = 65_536  # rows mixed across row groups before batching
     prefetch_batches: int = 4
     seed: int = 0  # not a config key: the job's top-level seed is copied here
@@ -65,6 +73,8 @@ class LoaderConfig:
                                                       f"'{self.sampler}'")
         check(self.out_of_vocab in ("error", "hash"), f"loader.out_of_vocab must be 'error' or 'hash', got "
                                                       f"'{self.out_of_vocab}'")
+        check(self.max_sequence_length >= 1, "loader.max_sequence_length must be >= 1")
+        check(0 <= self.feature_dropout < 1, f"loader.feature_dropout must be in [0, 1), got {self.feature_dropout}")
         check(bool(self.history_bags) and min(self.history_bags) >= 0
               and len(set(self.history_bags)) == len(self.history_bags),
               f"loader.history_bags must be distinct non-negative lengths, got {self.history_bags}")
@@ -77,8 +87,20 @@ class ModelConfig:
     hidden_dims: list[int] = field(default_factory=lambda: [256])
     output_dim: int = 64
     share_item_table: bool = True
+    # "bags": mean-pooled history bags in the EBC; "transformer": a causal transformer over the history, its
+    # items looked up unpooled in an EmbeddingCollection shared with the candidate side.
+    query_tower: str = "bags"
+    blocks: int = 2  # transformer: pre-norm self-attention blocks
+    heads: int = 1  # transformer: attention heads (model.item_dim must divide by it)
+    dropout: float = 0.2  # transformer: on the input embeddings, attention and feed-forward outputs
 
     def __post_init__(self) -> None:
+        check(self.query_tower in QUERY_TOWERS, f"model.query_tower must be one of {QUERY_TOWERS}, got "
+                                                f"'{self.query_tower}'")
+        check(self.blocks >= 1 and self.heads >= 1 and self.item_dim % self.heads == 0,
+              f"model.blocks and model.heads must be >= 1, and model.item_dim ({self.item_dim}) divisible by "
+              f"model.heads ({self.heads})")
+        check(0 <= self.dropout < 1, f"model.dropout must be in [0, 1), got {self.dropout}")
         check(self.item_dim % 4 == 0 and self.feature_dim % 4 == 0 and min(self.item_dim, self.feature_dim) > 0,
               "model.item_dim and model.feature_dim must be positive multiples of 4 (FBGEMM row alignment)")
         check(self.output_dim >= 1 and all(d >= 1 for d in self.hidden_dims),
@@ -94,8 +116,12 @@ class LossConfig:
     frequency: str = "exact"  # "exact" catalogue counts, or "streaming" (Yi et al. 2019)
     streaming_alpha: float = 0.01
     streaming_buckets: int = 1 << 20
+    # Transformer: the position x candidate logits are computed in chunks of at most this many elements (each
+    # chunk recomputed in the backward), which bounds the loss's memory; the result equals one big computation.
+    max_logits: int = 1 << 24
 
     def __post_init__(self) -> None:
+        check(self.max_logits >= 1, "loss.max_logits must be >= 1")
         check(self.frequency in ("exact", "streaming"), f"loss.frequency must be 'exact' or 'streaming', got "
                                                         f"'{self.frequency}'")
         check(self.temperature > 0, "loss.temperature must be > 0")
@@ -220,6 +246,9 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         self.loader.seed = self.seed
+        check(self.model.query_tower == "bags" or self.model.share_item_table,
+              "model.share_item_table=false is for the bags tower; the transformer looks up history and candidates "
+              "in one EmbeddingCollection table")
         check(self.loss.in_batch or self.loader.num_negatives > 0,
               "loss.in_batch=false needs loader.num_negatives > 0: there would be no negatives")
         name, _, k = self.train.early_stopping_metric.partition("@")

@@ -52,6 +52,11 @@ class TrainBatch(TensorFields):
     def batch_size(self) -> int:
         return self.row_mask.numel()
 
+    @property
+    def num_examples(self) -> int:
+        """Trained targets: the real rows."""
+        return int(self.row_mask.sum())
+
 
 @dataclass
 class EvalBatch(TensorFields):
@@ -66,3 +71,39 @@ class EvalBatch(TensorFields):
     @property
     def batch_size(self) -> int:
         return self.row_mask.numel()
+
+
+@dataclass
+class SequenceBatch(TensorFields):
+    """Training batch of the transformer tower: B sequence rows, P real positions (a position is real when its
+    next item is a training target), C candidates (the batch's distinct targets, then the sampled negatives).
+
+    `sequence` (the EmbeddingCollection's input, stride B + C) holds each row's items under SEQUENCE_KEY and
+    the candidates under ITEM_KEY; `sparse` (the EBC's, stride P + C) holds each position's query features
+    (user features repeated, context of the target event) and the candidates' item features."""
+
+    sparse: KeyedJaggedTensor
+    sequence: KeyedJaggedTensor
+    positions: torch.Tensor  # (P,) row * max_length + position, max_length = the longest row of the batch
+    own_column: torch.Tensor  # (P,) the candidate column of each position's target
+    candidate_ids: torch.Tensor  # (C,) distinct targets, then negatives
+    num_positives: torch.Tensor  # (1,) how many of the candidates are the distinct targets
+    row_mask: torch.Tensor  # (B,) False on padding rows
+
+    @property
+    def batch_size(self) -> int:
+        return self.row_mask.numel()
+
+    @property
+    def num_examples(self) -> int:
+        """Trained targets: every position."""
+        return self.positions.numel()
+
+
+@dataclass
+class SequenceEvalBatch(EvalBatch):
+    """An EvalBatch for the transformer tower: `sparse` holds the query features only, `sequence` each row's
+    last items; the query is the encoding at each row's last position (`positions`)."""
+
+    sequence: KeyedJaggedTensor
+    positions: torch.Tensor

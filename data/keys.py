@@ -4,7 +4,8 @@ The loader, the model's tables, the planner, serving and the benchmark all build
 through this module, so a query is assembled one way everywhere. It imports numpy and our ragged
 helpers only (no torch), so serving can use it without TorchRec.
 
-Keys: `hist_all` / `hist_last{k}` pool the whole history / its last k items; `user_id` is the user's
+Keys: `hist_all` / `hist_last{k}` pool the whole history / its last k items; `seq_items` is the history
+unpooled, for the transformer tower; `user_id` is the user's
 own id (optional); user and context features keep their prepared names (`u_*`, `c_*`); the candidate
 side is `cand_item` plus `cand_<item feature>`.
 """
@@ -21,10 +22,19 @@ from data.schema import Metadata
 HISTORY_ALL = "hist_all"
 HISTORY_LAST = "hist_last"
 USER_ID = "user_id"
+SEQUENCE_KEY = "seq_items"  # transformer tower: the history, unpooled, in the EmbeddingCollection
 CANDIDATE_PREFIX = "cand_"
 ITEM_KEY = CANDIDATE_PREFIX + "item"
 
 Jagged = tuple[np.ndarray, np.ndarray]  # (lengths, values) of one key over a batch's rows
+
+
+def last_items(history: Jagged, rows: np.ndarray, max_len: int) -> Jagged:
+    """(lengths, values) of the last `max_len` items of each row's history, oldest first: the transformer's
+    query input. `history` is CSR (offsets, values) over a block."""
+    offsets, values = history
+    lengths = np.minimum(offsets[rows + 1] - offsets[rows], max_len)
+    return lengths, gather_ragged(values, offsets[rows + 1] - lengths, lengths)
 
 
 def history_key(last_k: int) -> str:
@@ -71,6 +81,11 @@ class QueryLayout:
         """The layout of a prepared dataset: every user feature, then every context feature."""
         features = meta.user_features + meta.context_features
         return cls.of(history_bags, use_user_id, [(f.name, f.multi) for f in features])
+
+    @property
+    def multi(self) -> list[bool]:
+        """Whether each non-history key (the user id, then the features) is a list."""
+        return [False] * self.use_user_id + [is_list for _, is_list in self.features]
 
     @property
     def keys(self) -> list[str]:

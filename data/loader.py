@@ -22,15 +22,17 @@ import torch
 
 from config import LoaderConfig
 from data import schema
-from data.batch import EvalBatch, TrainBatch, make_kjt
+from data.batch import EvalBatch, SequenceBatch, SequenceEvalBatch, TrainBatch, make_kjt
 from data.catalogue import Catalogue
-from data.keys import Jagged, QueryLayout, candidate_keys
+from data.errors import DataError
+from data.keys import ITEM_KEY, SEQUENCE_KEY, Jagged, QueryLayout, candidate_keys, last_items
 from data.parquet import Column, ExampleSource
 from data.prefetch import Prefetcher
-from data.ragged import offsets_from_lengths
+from data.ragged import gather_csr, list_offsets_values, offsets_from_lengths
 from data.ranks import batches_per_rank, rank_slices
 from data.rows import Rows, concat_rows
 from data.sampler import NegativeSampler
+from data.sequences import chunk_counts, chunk_table
 
 EVAL_FILES = {"valid": schema.VALID_FILE, "test": schema.TEST_FILE}
 
@@ -44,6 +46,8 @@ class SplitLoader(ABC):
     """One rank's batches of one split. Subclasses say which files and columns, in which order, and
     how a batch is made; reading, rank splitting, shuffling and padding are shared."""
 
+    sequence = False  # batches for the transformer tower
+
     def __init__(self, directory: str | Path, cfg: LoaderConfig, batch_size: int, rank: int = 0,
                  world_size: int = 1, meta: schema.Metadata | None = None):
         self.directory = Path(directory)
@@ -51,12 +55,26 @@ class SplitLoader(ABC):
         self.cfg, self.batch_size = cfg, batch_size
         self.rank, self.world = rank, world_size
         self.catalogue = Catalogue(self.directory, self.meta)
-        self.layout = QueryLayout.for_data(self.meta, cfg.history_bags, cfg.use_user_id)
+        # The transformer tower reads the history unpooled (SEQUENCE_KEY) and the item id through its
+        # EmbeddingCollection, so its EBC keys have no history bags and no item id.
+        self.layout = QueryLayout.for_data(self.meta, () if self.sequence else cfg.history_bags, cfg.use_user_id)
         self.query_keys = self.layout.keys
-        self.candidate_keys = candidate_keys([f.name for f in self.meta.item_features])
-        self.columns = query_columns(self.meta) + self.extra_columns()
+        self.candidate_keys = candidate_keys([f.name for f in self.meta.item_features])[int(self.sequence):]
+        self.columns = self.split_columns()
         self.source = ExampleSource(self.paths(), self.columns, cfg.out_of_vocab)
-        self.num_examples = int(self.source.sizes.sum())
+        self.sizes = self.unit_sizes()
+        self.num_examples = int(self.sizes.sum())
+
+    def split_columns(self) -> list[Column]:
+        return query_columns(self.meta) + self.extra_columns()
+
+    def unit_sizes(self) -> np.ndarray:
+        """Examples per row group (rows, unless a subclass expands rows into several examples)."""
+        return self.source.sizes
+
+    def read_unit(self, unit: int) -> pa.Table:
+        """One row group's examples."""
+        return self.source.read(unit)
 
     @abstractmethod
     def extra_columns(self) -> list[Column]:
@@ -90,8 +108,8 @@ class SplitLoader(ABC):
         return Prefetcher(self._batches(epoch, start_batch), self.cfg.prefetch_batches)
 
     def _tables(self, order: np.ndarray) -> Iterator[pa.Table]:
-        for unit, start, stop in rank_slices(self.source.sizes, order, self.rank, self.world):
-            yield self.source.read(unit).slice(start, stop - start)
+        for unit, start, stop in rank_slices(self.sizes, order, self.rank, self.world):
+            yield self.read_unit(unit).slice(start, stop - start)
 
     def index_batches(self, epoch: int) -> Iterator[tuple[Rows, np.ndarray]]:
         """Exactly `len(self)` (block, row indices) pairs of batch_size rows; the last ones padded."""
@@ -161,10 +179,104 @@ class TrainLoader(SplitLoader):
         negatives = self.sampler.sample(self.cfg.num_negatives, rng)
         candidates = np.concatenate([targets, negatives])
         pad = np.zeros(len(negatives), dtype=np.int64)
-        arrays = [(np.concatenate([lengths, pad]), values) for lengths, values in self.query_arrays(block, idx)]
+        query = self.query_arrays(block, idx)
+        bags = len(self.layout.history_bags)
+        query = query[:bags] + drop_features(query[bags:], self.layout.multi, self.cfg.feature_dropout, rng)
+        arrays = [(np.concatenate([lengths, pad]), values) for lengths, values in query]
         arrays += self.catalogue.candidate_arrays(candidates)
         return TrainBatch(sparse=make_kjt(self.query_keys + self.candidate_keys, arrays),
                           candidate_ids=torch.from_numpy(candidates), row_mask=torch.from_numpy(targets > 0))
+
+
+class SequenceLoader(TrainLoader):
+    """Training rows of the transformer tower: each user's sequence (the prepared sequences file, built from
+    the training split) cut into chunks of at most `loader.max_sequence_length` inputs (data/sequences.py),
+    shuffled like TrainLoader's examples; `loader.batch_size` counts chunks. Every position whose next event
+    is a training target is trained, so each training target is predicted exactly once per epoch."""
+
+    sequence = True
+    split = "train_sequences"
+
+    def split_columns(self) -> list[Column]:
+        vocab = self.meta.item_vocab
+        columns = [Column(schema.USER, self.meta.user_vocab, False), Column(schema.SEQUENCE_ITEMS, vocab, True),
+                   Column(schema.SEQUENCE_TARGETS, vocab, True)]
+        columns += [Column(f.name, f.vocab_size, f.multi) for f in self.meta.user_features]
+        return columns + [Column(f.name, f.vocab_size, True) for f in self.meta.context_features]
+
+    def paths(self) -> list[Path]:
+        return [self.directory / schema.SEQUENCES_FILE]
+
+    def unit_sizes(self) -> np.ndarray:
+        sizes = []
+        for file_index, rg in self.source.units:
+            items = self.source.readers[file_index].read(rg, [schema.SEQUENCE_ITEMS]).column(schema.SEQUENCE_ITEMS)
+            offsets, _ = list_offsets_values(items)
+            sizes.append(int(chunk_counts(np.diff(offsets), self.cfg.max_sequence_length).sum()))
+        return np.array(sizes, dtype=np.int64)
+
+    def read_unit(self, unit: int) -> pa.Table:
+        aligned = [schema.SEQUENCE_TARGETS] + [f.name for f in self.meta.context_features]
+        table = self.source.read(unit)
+        try:
+            return chunk_table(table, schema.SEQUENCE_ITEMS, aligned, self.cfg.max_sequence_length)
+        except ValueError as err:
+            raise DataError(self.paths()[0], None, "list columns aligned with seq_items (one value per event)",
+                            str(err)) from err
+
+    def make_batch(self, block: Rows, idx: np.ndarray, epoch: int, index: int) -> SequenceBatch:
+        rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, index])
+        lengths, inputs = block.ragged(schema.SEQUENCE_ITEMS, idx)
+        _, labels = block.ragged(schema.SEQUENCE_TARGETS, idx)
+        width = max(int(lengths.max(initial=0)), 1)
+        row = np.repeat(np.arange(len(idx)), lengths)
+        step = np.arange(len(inputs)) - np.repeat(offsets_from_lengths(lengths)[:-1], lengths)
+        real = labels > 0
+        positions, targets = (row * width + step)[real], labels[real]
+        distinct, own = np.unique(targets, return_inverse=True)
+        candidates = np.concatenate([distinct, self.sampler.sample(self.cfg.num_negatives, rng)])
+        n, p, c = len(idx), len(targets), len(candidates)
+        sequence = make_kjt([SEQUENCE_KEY, ITEM_KEY], [(np.r_[lengths, np.zeros(c, np.int64)], inputs),
+                                                       (np.r_[np.zeros(n, np.int64), np.ones(c, np.int64)],
+                                                        candidates)])
+        query = drop_features(self.position_features(block, idx[row[real]], idx, real), self.layout.multi,
+                              self.cfg.feature_dropout, rng)
+        arrays = [(np.r_[lengths_, np.zeros(c, np.int64)], values) for lengths_, values in query]
+        arrays += [(np.r_[np.zeros(p, np.int64), lengths_], values)
+                   for lengths_, values in self.catalogue.candidate_arrays(candidates)[1:]]
+        return SequenceBatch(sparse=make_kjt(self.query_keys + self.candidate_keys, arrays), sequence=sequence,
+                             positions=torch.from_numpy(positions), own_column=torch.from_numpy(own.reshape(-1)),
+                             candidate_ids=torch.from_numpy(candidates),
+                             num_positives=torch.tensor([len(distinct)]), row_mask=torch.from_numpy(lengths > 0))
+
+    def position_features(self, block: Rows, rows: np.ndarray, idx: np.ndarray, real: np.ndarray) -> list[Jagged]:
+        """Query features of each real position: its row's user features, and the context of its target event."""
+        columns: dict[str, np.ndarray | Jagged] = {}
+        for spec in self.meta.user_features:
+            if spec.multi:
+                lengths, values = gather_csr(*block.lists[spec.name], rows)
+                columns[spec.name] = (offsets_from_lengths(lengths), values)
+            else:
+                columns[spec.name] = block.scalars[spec.name][rows]
+        for spec in self.meta.context_features:
+            columns[spec.name] = block.ragged(spec.name, idx)[1][real]
+        empty = (np.zeros(len(rows) + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        return self.layout.arrays(empty, block.scalars[schema.USER][rows], columns, np.arange(len(rows)))
+
+
+def drop_features(arrays: list[Jagged], multi: list[bool], rate: float, rng: np.random.Generator) -> list[Jagged]:
+    """Feature dropout for cold start: each row of each feature is dropped with probability `rate`, a scalar to
+    the padding id and a list to an empty list, which is what serving sends for a feature it does not have."""
+    if rate <= 0:
+        return arrays
+    out = []
+    for (lengths, values), is_list in zip(arrays, multi):
+        drop = rng.random(len(lengths)) < rate
+        if is_list:
+            out.append((np.where(drop, 0, lengths), values[~np.repeat(drop, lengths)]))
+        else:
+            out.append((lengths, np.where(drop, schema.PAD_ID, values)))
+    return out
 
 
 class EvalLoader(SplitLoader):
@@ -198,9 +310,30 @@ class EvalLoader(SplitLoader):
                          seen_values=torch.from_numpy(s_values))
 
 
+class SequenceEvalLoader(EvalLoader):
+    """EvalLoader for the transformer tower: each query's last `loader.max_sequence_length` history items go to
+    the EmbeddingCollection, its features to the EBC; the query is the encoding at the last position."""
+
+    sequence = True
+
+    def make_batch(self, block: Rows, idx: np.ndarray, epoch: int, index: int) -> SequenceEvalBatch:
+        base = super().make_batch(block, idx, epoch, index)
+        lengths, values = last_items(block.lists[schema.HISTORY], idx, self.cfg.max_sequence_length)
+        width = max(int(lengths.max(initial=0)), 1)
+        sequence = make_kjt([SEQUENCE_KEY, ITEM_KEY], [(lengths, values), (np.zeros(len(idx), np.int64),
+                                                                         np.zeros(0, np.int64))])
+        positions = np.arange(len(idx)) * width + np.maximum(lengths - 1, 0)
+        return SequenceEvalBatch(**{f: getattr(base, f) for f in base.__dataclass_fields__}, sequence=sequence,
+                                 positions=torch.from_numpy(positions))
+
+
 def open_loader(directory: str | Path, cfg: LoaderConfig, split: str = "train", rank: int = 0, world_size: int = 1,
-                meta: schema.Metadata | None = None, batch_size: int | None = None) -> SplitLoader:
-    """The loader of a split: training batches of `cfg.batch_size`, or evaluation batches of `batch_size`."""
+                meta: schema.Metadata | None = None, batch_size: int | None = None,
+                query_tower: str = "bags") -> SplitLoader:
+    """The loader of a split for a query tower: training batches of `cfg.batch_size`, or evaluation batches of
+    `batch_size`."""
+    sequence = query_tower == "transformer"
     if split == "train":
-        return TrainLoader(directory, cfg, rank, world_size, meta)
-    return EvalLoader(directory, cfg, split, batch_size or cfg.batch_size, rank, world_size, meta)
+        return (SequenceLoader if sequence else TrainLoader)(directory, cfg, rank, world_size, meta)
+    return (SequenceEvalLoader if sequence else EvalLoader)(directory, cfg, split, batch_size or cfg.batch_size,
+                                                            rank, world_size, meta)

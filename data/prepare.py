@@ -261,6 +261,28 @@ def write_train(prep: Prepared, out: Path, cfg: SplitConfig, seed: int) -> list[
     return names
 
 
+def write_sequences(prep: Prepared, out: Path) -> np.ndarray:
+    """One row per user with a training target: their events up to the last one, and which are targets.
+    Built from the training split only, so validation and test targets never enter it. Returns the lengths."""
+    targets = np.sort(prep.split.train_targets)
+    users = prep.users[targets]
+    ends = targets[np.r_[users[1:] != users[:-1], True]] + 1 if len(targets) else targets
+    starts = prep.user_start[ends - 1] if len(ends) else ends
+    lengths = ends - starts
+    labels = np.zeros(len(prep.items), dtype=np.int64)
+    labels[targets] = prep.items[targets]
+    row_users = prep.users[starts] if len(starts) else np.zeros(0, dtype=np.int64)
+    columns = {schema.USER: pa.array(row_users, type=pa.int64()),
+               schema.SEQUENCE_ITEMS: list_array(lengths, gather_ragged(prep.items, starts, lengths)),
+               schema.SEQUENCE_TARGETS: list_array(lengths, gather_ragged(labels, starts, lengths))}
+    columns.update(user_columns(prep.user_features, row_users))
+    if prep.has_time:
+        for name, values in context_columns(gather_ragged(prep.ts, starts, lengths)).items():
+            columns[name] = list_array(lengths, values.to_numpy())
+    write_table(pa.table(columns), out / schema.SEQUENCES_FILE)
+    return lengths
+
+
 def write_eval(prep: Prepared, queries: EvalQueries, path: Path, cfg: SplitConfig) -> None:
     columns = prep.query_columns(queries.cutoffs, queries.context_event, cfg.max_history)
     columns[schema.USER] = pa.array(queries.users, type=pa.int64())
@@ -304,6 +326,7 @@ def build(raw: RawData, cfg: SplitConfig, out: Path, seed: int, source: dict) ->
         prep = Prepared(raw, cfg)
         steps.update()
         train_files = write_train(prep, out, cfg, seed)
+        sequence_lengths = write_sequences(prep, out)
         steps.update()
         write_eval(prep, prep.split.valid, out / schema.VALID_FILE, cfg)
         write_eval(prep, prep.split.test, out / schema.TEST_FILE, cfg)
@@ -334,6 +357,7 @@ def build(raw: RawData, cfg: SplitConfig, out: Path, seed: int, source: dict) ->
             user_features=feature_specs(prep.user_features),
             context_features=list(CONTEXT_SPECS) if prep.has_time else [],
             mean_history_length=float(train_lengths.mean()) if len(train_lengths) else 0.0,
+            mean_sequence_length=float(sequence_lengths.mean()) if len(sequence_lengths) else 0.0,
             train_files=train_files,
         )
         metadata.save(out)

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SCHEMA_VERSION = 2  # 2: duplicate, filter and repeat counts
+SCHEMA_VERSION = 3  # 2: duplicate, filter and repeat counts; 3: the training sequences file
 # Dense id 0 of every vocabulary is reserved: padding, and the id unknown raw values map to.
 PAD_ID = 0
 
@@ -14,6 +14,7 @@ METADATA_FILE = "metadata.json"
 TRAIN_DIR = "train"
 VALID_FILE = "valid.parquet"
 TEST_FILE = "test.parquet"
+SEQUENCES_FILE = "train_sequences.parquet"
 ITEMS_FILE = "items.parquet"
 USERS_FILE = "users.parquet"
 ID_MAPS_DIR = "id_maps"
@@ -23,6 +24,10 @@ USER = "user"
 HISTORY = "history"
 TARGET = "target"
 TIMESTAMP = "ts"
+# Columns of training sequence rows (one row = one user's events up to their last training target, oldest
+# first; the user's user features; each context feature as a list aligned with the events).
+SEQUENCE_ITEMS = "seq_items"
+SEQUENCE_TARGETS = "seq_targets"  # per event: its item where the event is a training target, else 0
 # Extra columns of validation/test rows (one row = one user query).
 TARGETS = "targets"
 SEEN = "seen"
@@ -59,6 +64,7 @@ class Metadata:
     user_features: list[FeatureSpec] = field(default_factory=list)
     context_features: list[FeatureSpec] = field(default_factory=list)
     mean_history_length: float = 0.0
+    mean_sequence_length: float = 0.0  # events per row of the sequences file
     train_files: list[str] = field(default_factory=list)
     # Per eval split: queries, targets, repeat_targets (consumed earlier by the same user), repeat_share,
     # queries_all_repeat (every target is a repeat: a seen-filtering evaluator cannot rank any).

@@ -17,18 +17,19 @@ import json
 import sys
 
 import torch
-from torchrec import EmbeddingBagCollection
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingPlan
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingConfig
 
 from config import ConfigError, ShardingConfig, load_config
 from data.errors import DataError
-from data.keys import candidate_feature, history_window
+from data.keys import SEQUENCE_KEY, candidate_feature, history_window
 from data.schema import Metadata
-from sharding.tables import table_configs
+from sharding.tables import sequence_table_configs, table_configs
 
 CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
 GPU_SHARDING_TYPES = CPU_SHARDING_TYPES + ("row_wise", "table_row_wise")
@@ -42,10 +43,14 @@ def possible_types(device: torch.device) -> tuple[str, ...]:
     return GPU_SHARDING_TYPES if device.type == "cuda" else CPU_SHARDING_TYPES
 
 
-def check_types(cfg: ShardingConfig, tables: list[EmbeddingBagConfig], device: torch.device) -> None:
+def check_types(cfg: ShardingConfig, tables: list[BaseEmbeddingConfig], device: torch.device) -> None:
     """Fails before any work when config asks for a placement this device cannot run."""
     allowed = possible_types(device)
     names = {t.name for t in tables}
+    for t in tables:
+        if isinstance(t, EmbeddingConfig) and "data_parallel" in cfg.per_table.get(t.name, cfg.sharding_types):
+            raise ShardingError(f"table '{t.name}' is an unpooled EmbeddingCollection table, which TorchRec cannot "
+                                f"shard data_parallel; set sharding.per_table.{t.name} to other types")
     unknown = sorted(set(cfg.per_table) - names)
     if unknown:
         raise ShardingError(f"sharding.per_table names unknown tables {unknown}; tables are {sorted(names)}")
@@ -61,6 +66,8 @@ def check_types(cfg: ShardingConfig, tables: list[EmbeddingBagConfig], device: t
 
 def pooling_factor(feature: str, meta: Metadata) -> float:
     """Mean ids per bag of a feature key, from the prepared data."""
+    if feature == SEQUENCE_KEY:
+        return max(meta.mean_sequence_length, 1.0)
     window = history_window(feature)
     if window is not None:
         return max(min(float(window or meta.mean_history_length), meta.mean_history_length), 1.0)
@@ -74,7 +81,7 @@ def kernels(types: list[str], kernel: str) -> list[str]:
     return [kernel] + (["dense"] if "data_parallel" in types and kernel != "dense" else [])
 
 
-def constraints(cfg: ShardingConfig, tables: list[EmbeddingBagConfig], meta: Metadata) -> dict:
+def constraints(cfg: ShardingConfig, tables: list[BaseEmbeddingConfig], meta: Metadata) -> dict:
     out = {}
     for t in tables:
         types = cfg.per_table.get(t.name, cfg.sharding_types)
@@ -83,7 +90,7 @@ def constraints(cfg: ShardingConfig, tables: list[EmbeddingBagConfig], meta: Met
     return out
 
 
-def build_plan(module: torch.nn.Module, tables: list[EmbeddingBagConfig], cfg: ShardingConfig, meta: Metadata,
+def build_plan(module: torch.nn.Module, tables: list[BaseEmbeddingConfig], cfg: ShardingConfig, meta: Metadata,
                batch_size: int, world_size: int, device: torch.device, process_group=None,
                hbm_gb: float | None = None) -> ShardingPlan:
     """The plan for `module`'s tables (checked with `check_types` first); collective when a process group is
@@ -93,7 +100,7 @@ def build_plan(module: torch.nn.Module, tables: list[EmbeddingBagConfig], cfg: S
         topology_args["hbm_cap"] = int(hbm_gb * 2**30)
     planner = EmbeddingShardingPlanner(topology=Topology(**topology_args), batch_size=batch_size,
                                        constraints=constraints(cfg, tables, meta))
-    sharders = [EmbeddingBagCollectionSharder()]
+    sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
     if process_group is not None:
         return planner.collective_plan(module, sharders, process_group)
     return planner.plan(module, sharders)
@@ -128,10 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         meta = Metadata.load(cfg.data.path)
-        tables = table_configs(meta, cfg.loader, cfg.model)
+        bags, sequences = table_configs(meta, cfg.loader, cfg.model), sequence_table_configs(meta, cfg.model)
+        tables = bags + sequences
         device = torch.device(args.device)
         check_types(cfg.sharding, tables, device)
-        module = torch.nn.ModuleDict({"ebc": EmbeddingBagCollection(tables=tables, device=torch.device("meta"))})
+        modules = {"ebc": EmbeddingBagCollection(tables=bags, device=torch.device("meta"))} if bags else {}
+        if sequences:
+            modules["ec"] = EmbeddingCollection(tables=sequences, device=torch.device("meta"))
+        module = torch.nn.ModuleDict(modules)
         plan = build_plan(module, tables, cfg.sharding, meta, cfg.loader.batch_size + cfg.loader.num_negatives,
                           args.world_size, device, hbm_gb=args.hbm_gb)
     except (ConfigError, DataError, ShardingError) as err:

@@ -7,10 +7,10 @@ tables.
 
 from __future__ import annotations
 
-from torchrec import EmbeddingBagConfig, PoolingType
+from torchrec import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 
 from config import LoaderConfig, ModelConfig
-from data.keys import ITEM_KEY, USER_ID, QueryLayout, candidate_key, history_key
+from data.keys import ITEM_KEY, SEQUENCE_KEY, USER_ID, QueryLayout, candidate_key, history_key
 from data.schema import Metadata
 
 SHARED_ITEM_TABLE = "item_ids"  # not "items": that name clashes with ModuleDict.items
@@ -23,16 +23,27 @@ def feature_table(feature: str) -> str:
     return f"{feature}_table"
 
 
+def sequence_table_configs(meta: Metadata, model: ModelConfig) -> list[EmbeddingConfig]:
+    """The EmbeddingCollection's tables: for the transformer tower, the one item table, read unpooled by the
+    history (SEQUENCE_KEY) and by the candidates (ITEM_KEY); none for the bags tower."""
+    if model.query_tower != "transformer":
+        return []
+    return [EmbeddingConfig(name=SHARED_ITEM_TABLE, embedding_dim=model.item_dim, num_embeddings=meta.item_vocab,
+                            feature_names=[SEQUENCE_KEY, ITEM_KEY])]
+
+
 def table_configs(meta: Metadata, loader: LoaderConfig, model: ModelConfig) -> list[EmbeddingBagConfig]:
-    """The item table (shared by the history bags and the candidate id, or one per side), the optional
-    user-id table, then one table per user, context and item feature."""
+    """The EBC's tables: for the bags tower the item table (shared by the history bags and the candidate id,
+    or one per side); the optional user-id table, then one table per user, context and item feature."""
     history = [history_key(k) for k in loader.history_bags]
 
     def table(name: str, dim: int, vocab: int, features: list[str]) -> EmbeddingBagConfig:
         return EmbeddingBagConfig(name=name, embedding_dim=dim, num_embeddings=vocab, feature_names=features,
                                   pooling=PoolingType.MEAN)
 
-    if model.share_item_table:
+    if model.query_tower == "transformer":
+        tables = []
+    elif model.share_item_table:
         tables = [table(SHARED_ITEM_TABLE, model.item_dim, meta.item_vocab, history + [ITEM_KEY])]
     else:
         tables = [table(HISTORY_ITEM_TABLE, model.item_dim, meta.item_vocab, history),

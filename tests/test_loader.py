@@ -56,7 +56,8 @@ def test_kjt_equals_per_row_reference_including_empty_histories(fake_prepared):
     by_target = {row["target"]: row for row in info["rows"]}
     items = {row["item"]: row for row in info["items"]}
     assert any(len(row["history"]) == 0 for row in info["rows"])
-    cfg = LoaderConfig(batch_size=13, num_negatives=4, history_bags=[1, 3, 0], use_user_id=True, shuffle_buffer=50)
+    cfg = LoaderConfig(batch_size=13, num_negatives=4, history_bags=[1, 3, 0], use_user_id=True, shuffle_buffer=50,
+                       feature_dropout=0.0)
     loader = open_loader(path, cfg)
     assert loader.query_keys == ["hist_last1", "hist_last3", "hist_all", "user_id", "u_age", "u_tags"]
     checked_empty = False

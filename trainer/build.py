@@ -24,14 +24,13 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from config import ConfigError, JobConfig
 from config.job import CPU_FUSED_OPTIMIZERS, OPTIMIZERS
 from data.errors import DataError
-from data.loader import EvalLoader, TrainLoader
+from data.loader import EvalLoader, TrainLoader, open_loader
 from data.schema import Metadata
 from sharding.plan import build_plan, check_types, plan_as_json
-from sharding.tables import table_configs
+from sharding.tables import sequence_table_configs, table_configs
 from trainer import distributed
-from trainer.evaluate import catalogue_embeddings
-from trainer.loss import CandidateLogQ, RetrievalLoss, StreamingFrequency
-from trainer.model import RetrievalModel, TwoTower
+from trainer.loss import CandidateLogQ, RetrievalLoss, SequenceRetrievalLoss, StreamingFrequency
+from trainer.model import RetrievalModel, SequenceTwoTower, TwoTower
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ class JobData:
 class ShardedModel:
     """The sharded model and what trains it. Its Stateful pieces (`stateful()`) are what a checkpoint holds."""
 
-    towers: TwoTower
+    towers: TwoTower | SequenceTwoTower
     dmp: DistributedModelParallel
     pipeline: TrainPipelineSparseDist
     dense_optimizer: KeyedOptimizerWrapper
@@ -70,13 +69,10 @@ class ShardedModel:
     def scorer(self, data: JobData, device: torch.device):
         """Scores evaluation queries against every catalogue item with the current weights."""
         towers = self.towers
-        loader = data.train_loader
-        items = catalogue_embeddings(lambda kjt: towers.towers(kjt.to(device), 0)[1], loader.catalogue,
-                                     towers.query_keys, towers.candidate_keys)
+        items = towers.item_embeddings(data.train_loader.catalogue, device)
 
         def score(batch):
-            query, _ = towers.towers(batch.sparse.to(device), batch.row_mask.shape[0])
-            return query @ items.T
+            return towers.query_embeddings(batch, device) @ items.T
 
         return score
 
@@ -86,7 +82,8 @@ def check_runtime(cfg: JobConfig, device: torch.device, meta: Metadata) -> None:
     if device.type != "cuda" and cfg.optim.sparse not in CPU_FUSED_OPTIMIZERS:
         raise ConfigError(f"optim.sparse={cfg.optim.sparse} needs a GPU; FBGEMM's CPU kernels support "
                           f"{list(CPU_FUSED_OPTIMIZERS)}")
-    check_types(cfg.sharding, table_configs(meta, cfg.loader, cfg.model), device)
+    check_types(cfg.sharding, table_configs(meta, cfg.loader, cfg.model) + sequence_table_configs(meta, cfg.model),
+                device)
 
 
 def check_splits(cfg: JobConfig, meta: Metadata) -> None:
@@ -109,26 +106,36 @@ def build_data(cfg: JobConfig, env: distributed.Env, meta: Metadata) -> JobData:
     if large and env.is_main:
         log.warning("eval.ks %s reach the catalogue size (%d items): those metrics are close to 1 by construction",
                     large, meta.num_items)
-    train_loader = TrainLoader(cfg.data.path, cfg.loader, env.rank, env.world_size, meta=meta)
-    eval_loaders = {split: EvalLoader(cfg.data.path, cfg.loader, split, cfg.eval.batch_size, env.rank,
-                                      env.world_size, meta=meta) for split in ("valid", "test")}
+    tower = cfg.model.query_tower
+    train_loader = open_loader(cfg.data.path, cfg.loader, "train", env.rank, env.world_size, meta, query_tower=tower)
+    eval_loaders = {split: open_loader(cfg.data.path, cfg.loader, split, env.rank, env.world_size, meta,
+                                       cfg.eval.batch_size, tower) for split in ("valid", "test")}
     return JobData(meta, train_loader, eval_loaders)
 
 
 def build_model(cfg: JobConfig, env: distributed.Env, meta: Metadata, freq: np.ndarray,
                 proposal: np.ndarray) -> ShardedModel:
     """`freq` (training counts) and `proposal` (the negative sampler's q) feed logQ."""
-    towers = TwoTower(meta, cfg.loader, cfg.model, env.device)
+    sequence = cfg.model.query_tower == "transformer"
+    towers = (SequenceTwoTower if sequence else TwoTower)(meta, cfg.loader, cfg.model, env.device)
     log_q = None
     if cfg.loss.logq:
         log_q = CandidateLogQ(torch.from_numpy(freq).to(env.device), torch.from_numpy(proposal).to(env.device),
                               cfg.loader.num_negatives, cfg.loss.in_batch, cfg.loss.frequency,
                               cfg.loss.streaming_buckets, cfg.loss.streaming_alpha)
-    model = RetrievalModel(towers, RetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch,
-                                                 cfg.loss.logq_on_positive, log_q, env.world_size))
-    _apply_optimizer_in_backward(optimizer_class(cfg.optim.sparse), towers.ebc.parameters(),
-                                 {"lr": cfg.optim.sparse_lr})
-    plan = build_plan(model, towers.tables, cfg.sharding, meta, cfg.loader.batch_size + cfg.loader.num_negatives,
+    if sequence:
+        loss = SequenceRetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive, log_q,
+                                     cfg.loss.max_logits, env.world_size)
+    else:
+        loss = RetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive, log_q, env.world_size)
+    model = RetrievalModel(towers, loss)
+    collections = [towers.ebc] if towers.ebc is not None else []
+    collections += [towers.ec] if sequence else []
+    for collection in collections:
+        _apply_optimizer_in_backward(optimizer_class(cfg.optim.sparse), collection.parameters(),
+                                     {"lr": cfg.optim.sparse_lr})
+    tables = towers.tables + (towers.sequence_tables if sequence else [])
+    plan = build_plan(model, tables, cfg.sharding, meta, cfg.loader.batch_size + cfg.loader.num_negatives,
                       env.world_size, env.device, torch.distributed.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, device=env.device, plan=plan)
     dense_class = optimizer_class(cfg.optim.dense)

@@ -2,49 +2,127 @@
 
 For query row i the candidates are the G in-batch positives (of the global batch) followed by S
 negatives sampled from the corpus. The logit of candidate j is <q_i, v_j> / T - log Q(j), where
-Q(j) = G p(j) + S q(j) is the expected number of times item j is among the candidates: p is the
-unigram frequency of positives (exact counts or the streaming estimate of Yi et al. 2019) and q is
-the negative proposal. Columns holding the row's own item (accidental hits) and padding columns
-are masked with `where` and a large finite negative.
+Q(j) is the expected number of times item j is among the candidates (`CandidateLogQ`). Columns
+holding the row's own item other than its own column (accidental hits) and padding columns are
+masked with a large finite negative.
+
+Both towers share one kernel, `softmax_cross_entropy`: logits are computed in row chunks of at most
+`max_logits` entries, and each chunk's gradient (softmax minus one-hot, two matrix products) is
+computed right away, so only one chunk's logits are ever alive and nothing is recomputed. The
+accidental hits are found by sorting (`accidental_hits`), never by a rows x columns comparison.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 
 from trainer.collectives import all_gather_ids, all_gather_with_grad
 
 MASKED_LOGIT = -1e9
+DEFAULT_MAX_LOGITS = 1 << 24
+
+
+def accidental_hits(row_items: torch.Tensor, column_ids: torch.Tensor,
+                    own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns), sorted by row, of every column that holds row i's own item but is not its own column.
+    Padding columns (id 0) are left out: they are masked for every row."""
+    order = torch.argsort(row_items, stable=True)
+    ordered = row_items[order]
+    real = (column_ids > 0).nonzero().squeeze(1)
+    lo = torch.searchsorted(ordered, column_ids[real], side="left")
+    counts = torch.searchsorted(ordered, column_ids[real], side="right") - lo
+    columns = torch.repeat_interleave(real, counts)
+    starts = torch.repeat_interleave(lo - (torch.cumsum(counts, 0) - counts), counts)
+    rows = order[starts + torch.arange(len(columns), device=row_items.device)]
+    keep = columns != own[rows]
+    rows, columns = rows[keep], columns[keep]
+    by_row = torch.argsort(rows, stable=True)
+    return rows[by_row], columns[by_row]
+
+
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """sum_i w_i (logsumexp_j l_ij - l_i,own_i); the gradients are computed chunk by chunk in the forward."""
+
+    @staticmethod
+    def forward(ctx, query, candidates, bias, own, own_bias, hit_rows, hit_columns, weights, scale, max_logits,
+                needs_grad):
+        rows = max(1, max_logits // max(candidates.shape[0], 1))
+        total = query.new_zeros(())
+        grad_query = torch.zeros_like(query) if needs_grad else None
+        grad_candidates = torch.zeros_like(candidates) if needs_grad else None
+        bounds = torch.searchsorted(hit_rows, torch.arange(0, query.shape[0] + rows, rows, device=query.device))
+        for chunk, lo in enumerate(range(0, query.shape[0], rows)):
+            q, column = query[lo:lo + rows], own[lo:lo + rows]
+            index = torch.arange(q.shape[0], device=q.device)
+            logits = torch.addmm(bias, q, candidates.T, alpha=scale)
+            a, b = int(bounds[chunk]), int(bounds[chunk + 1])
+            logits[hit_rows[a:b] - lo, hit_columns[a:b]] = MASKED_LOGIT
+            own_logit = (q * candidates[column]).sum(1) * scale + own_bias[lo:lo + rows]
+            logits[index, column] = own_logit
+            lse = torch.logsumexp(logits, dim=1)
+            w = weights[lo:lo + rows]
+            total = total + ((lse - own_logit) * w).sum()
+            if needs_grad:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                grad[index, column] -= 1.0
+                grad.mul_((w * scale)[:, None])
+                grad_query[lo:lo + rows] = grad @ candidates
+                grad_candidates.addmm_(grad.T, q)
+        ctx.save_for_backward(grad_query, grad_candidates)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_query, grad_candidates = ctx.saved_tensors
+        return (grad_query * grad_total, grad_candidates * grad_total) + (None,) * 9
+
+
+def softmax_cross_entropy(query: torch.Tensor, candidates: torch.Tensor, bias: torch.Tensor, own: torch.Tensor,
+                          own_bias: torch.Tensor, hits: tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor,
+                          temperature: float, max_logits: int = DEFAULT_MAX_LOGITS) -> torch.Tensor:
+    """Weighted sum over query rows of the cross-entropy of row i's own column `own[i]` among the logits
+    l_ij = <q_i, c_j> / T + bias_j, except l_i,own = <q_i, c_own> / T + own_bias_i and the `hits` (rows,
+    columns), which are masked. query (P, d), candidates (C, d), bias (C,), own, own_bias, weights (P,)."""
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or candidates.requires_grad)
+    return _SoftmaxCrossEntropy.apply(query, candidates, bias.to(query.dtype), own, own_bias.to(query.dtype),
+                                      hits[0], hits[1], weights.to(query.dtype), 1.0 / temperature, max_logits,
+                                      needs_grad)
+
+
+def column_bias(candidate_ids: torch.Tensor, log_q: torch.Tensor | None, num_in_batch: int,
+                in_batch: bool) -> torch.Tensor:
+    """-log Q per column; padding columns, and the in-batch ones without `in_batch`, masked for every row
+    (a row's own column gets its own value, `own_bias`)."""
+    bias = -log_q if log_q is not None else torch.zeros(candidate_ids.shape, device=candidate_ids.device)
+    masked = candidate_ids == 0
+    if not in_batch:
+        masked = masked | (torch.arange(len(candidate_ids), device=candidate_ids.device) < num_in_batch)
+    return torch.where(masked, MASKED_LOGIT, bias.float() if log_q is None else bias)
 
 
 def sampled_softmax_loss(query: torch.Tensor, candidates: torch.Tensor, candidate_ids: torch.Tensor,
                          positive_index: torch.Tensor, row_mask: torch.Tensor, log_q: torch.Tensor | None,
                          num_in_batch: int, temperature: float, in_batch: bool = True,
-                         logq_on_positive: bool = True, normalizer: torch.Tensor | None = None) -> torch.Tensor:
+                         logq_on_positive: bool = True, normalizer: torch.Tensor | None = None,
+                         max_logits: int = DEFAULT_MAX_LOGITS) -> torch.Tensor:
     """Loss summed over the rows of `row_mask`, divided by `normalizer` (default: their number, the mean).
 
     query (B, d); candidates (C, d) with C = num_in_batch + S; candidate_ids (C,); positive_index (B,):
     the column of each row's positive; log_q (C,): log Q of each column's item, or None for no logQ.
     """
-    logits = query @ candidates.T / temperature
-    columns = torch.arange(candidates.shape[0], device=query.device)
-    own = columns[None, :] == positive_index[:, None]
-    if log_q is not None:
-        correction = log_q[None, :].expand_as(logits)
-        if not logq_on_positive:
-            correction = torch.where(own, torch.zeros_like(correction), correction)
-        logits = logits - correction
-    positive_ids = candidate_ids[positive_index]
-    masked = (candidate_ids[None, :] == positive_ids[:, None]) | (candidate_ids == 0)[None, :]
-    if not in_batch:
-        masked = masked | (columns < num_in_batch)[None, :]
-    logits = torch.where(masked & ~own, torch.full_like(logits, MASKED_LOGIT), logits)
-    per_row = F.cross_entropy(logits, positive_index, reduction="none")
-    weights = row_mask.to(per_row.dtype)
+    bias = column_bias(candidate_ids, log_q, num_in_batch, in_batch)
+    if log_q is not None and logq_on_positive:
+        own_bias = -log_q[positive_index]
+    else:
+        own_bias = torch.zeros(positive_index.shape, dtype=query.dtype, device=query.device)
+    hits = accidental_hits(candidate_ids[positive_index], candidate_ids, positive_index)
+    weights = row_mask.to(query.dtype)
+    total = softmax_cross_entropy(query, candidates, bias, positive_index, own_bias, hits, weights, temperature,
+                                  max_logits)
     if normalizer is None:
         normalizer = weights.sum()
-    return (per_row * weights).sum() / normalizer.to(per_row.dtype).clamp(min=1e-6)  # 0 rows: 0 / tiny = 0
+    return total / normalizer.to(total.dtype).clamp(min=1e-6)  # 0 rows: 0 / tiny = 0
 
 
 class StreamingFrequency:
@@ -114,6 +192,24 @@ class CandidateLogQ:
         return torch.log(expected.clamp(min=1e-12)).float()
 
 
+    def distinct(self, candidate_ids: torch.Tensor, positives: torch.Tensor, set_sizes: torch.Tensor) -> torch.Tensor:
+        """log Q for the transformer's candidates: each rank contributes the *distinct* targets of its P_r
+        positions, so item j is among them with probability 1 - (1 - p(j))^P_r (streaming: 1 - exp(-P_r/P
+        times the estimated count per step)), summed over ranks, plus S q(j) for the mixed negatives.
+        `positives` are the global batch's position targets (0: padding), `set_sizes` the P_r."""
+        sizes = set_sizes.double()[:, None]
+        if self.streaming is not None:
+            self.streaming.update(positives)
+            rate = self.streaming.per_step_count(candidate_ids)[None, :] * sizes / sizes.sum().clamp(min=1)
+            in_batch = -torch.expm1(-rate).sum(0)
+        else:
+            in_batch = -torch.expm1(sizes * torch.log1p(-self.unigram[candidate_ids].clamp(max=1.0))[None, :]).sum(0)
+        expected = self.num_negatives * self.proposal[candidate_ids]
+        if self.in_batch:
+            expected = expected + in_batch
+        return torch.log(expected.clamp(min=1e-12)).float()
+
+
 class RetrievalLoss(torch.nn.Module):
     """Glue between a TrainBatch and `sampled_softmax_loss`. Being a module without sharded
     children, it is a leaf for the pipeline's FX tracer, so its data-dependent code is not traced."""
@@ -149,3 +245,44 @@ class RetrievalLoss(torch.nn.Module):
                                     num_in_batch=len(positive_ids), temperature=self.temperature,
                                     in_batch=self.in_batch, logq_on_positive=self.logq_on_positive,
                                     normalizer=normalizer)
+
+
+def padded_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
+
+
+class SequenceRetrievalLoss(torch.nn.Module):
+    """The transformer's loss: every real position against the batch's distinct targets (gathered from every
+    rank, each rank's set padded to the largest with id 0, which is masked) plus the rank's mixed negatives.
+    A position's own column is its target's; any other column holding that item (a negative, or the same
+    item in another rank's set) is an accidental hit and is masked. The loss is the sum over positions
+    divided by the global number of positions over the world size, as in `RetrievalLoss`."""
+
+    def __init__(self, temperature: float, in_batch: bool, logq_on_positive: bool, log_q: CandidateLogQ | None,
+                 max_logits: int, world_size: int = 1):
+        super().__init__()
+        self.temperature, self.in_batch, self.logq_on_positive = temperature, in_batch, logq_on_positive
+        self.log_q, self.max_logits, self.world_size = log_q, max_logits, world_size
+
+    def forward(self, query: torch.Tensor, candidates: torch.Tensor, batch) -> torch.Tensor:
+        u = int(batch.num_positives[0])
+        positives, positive_ids = candidates[:u], batch.candidate_ids[:u]
+        own = batch.own_column
+        targets = positive_ids[own]
+        all_targets, set_sizes = targets, torch.tensor([own.numel()], device=query.device)
+        if self.world_size > 1:
+            width = torch.tensor([u, own.numel()], device=query.device)
+            dist.all_reduce(width, op=dist.ReduceOp.MAX)
+            set_sizes = all_gather_ids(set_sizes)
+            all_targets = all_gather_ids(padded_rows(targets, int(width[1])))
+            positives = all_gather_with_grad(padded_rows(positives, int(width[0])))
+            positive_ids = all_gather_ids(padded_rows(positive_ids, int(width[0])))
+            own = own + dist.get_rank() * int(width[0])
+        ids = torch.cat([positive_ids, batch.candidate_ids[u:]])
+        log_q = self.log_q.distinct(ids, all_targets, set_sizes) if self.log_q is not None else None
+        bias = column_bias(ids, log_q, len(positive_ids), self.in_batch)
+        own_bias = -log_q[own] if log_q is not None and self.logq_on_positive else torch.zeros_like(query[:, 0])
+        total = softmax_cross_entropy(query, torch.cat([positives, candidates[u:]]), bias, own, own_bias,
+                                      accidental_hits(targets, ids, own), torch.ones_like(query[:, 0]),
+                                      self.temperature, self.max_logits)
+        return total / (set_sizes.sum() / self.world_size).clamp(min=1e-6)

@@ -1,0 +1,204 @@
+"""The transformer query tower: causal attention against a reference, the config fields it reads, the
+pipeline equal to the plain loop with both collections pipelined, and a short synthetic training run."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from config import ConfigError, ModelConfig, load_config
+from data.batch import make_kjt
+from data.schema import Metadata
+from tests.conftest import tiny_config
+from trainer import distributed
+from trainer.evaluate import evaluate
+from trainer.model import CausalBlock, Dropout, SequenceHead, padded
+from trainer.train import build, train
+
+TRANSFORMER = {"model.query_tower": "transformer", "loader.batch_size": 32, "loader.max_sequence_length": 12}
+
+
+def reference_block(block: CausalBlock, x: torch.Tensor) -> torch.Tensor:
+    """The pre-norm block written out head by head, position by position (eval mode: no dropout)."""
+    b, n, d = x.shape
+    heads = block.heads
+    h = d // heads
+    qkv = block.qkv(block.attention_norm(x))
+    out = torch.zeros_like(x)
+    for row in range(b):
+        for t in range(n):
+            parts = []
+            for head in range(heads):
+                q = qkv[row, t, head * h:(head + 1) * h]
+                keys = qkv[row, :t + 1, d + head * h:d + (head + 1) * h]
+                values = qkv[row, :t + 1, 2 * d + head * h:2 * d + (head + 1) * h]
+                weights = torch.softmax(keys @ q / math.sqrt(h), dim=0)
+                parts.append(weights @ values)
+            out[row, t] = torch.cat(parts)
+    x = x + block.out(out)
+    return x + block.ff(block.ff_norm(x))
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_causal_block_equals_the_head_by_head_reference(heads):
+    torch.manual_seed(0)
+    block = CausalBlock(8, heads, 0.3, torch.device("cpu")).double().eval()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    torch.testing.assert_close(block(x), reference_block(block, x), rtol=1e-10, atol=1e-12)
+
+
+def test_a_position_never_sees_the_future_nor_other_rows():
+    torch.manual_seed(0)
+    cfg = ModelConfig(item_dim=8, blocks=2, heads=2, dropout=0.2, hidden_dims=[8], output_dim=4)
+    head = SequenceHead(cfg, 6, 0, 0, torch.device("cpu")).double().eval()
+    lengths = torch.tensor([5, 2, 6])
+    history = torch.randn(int(lengths.sum()), 8, dtype=torch.float64)
+    positions = torch.arange(3 * 6)  # every (row, step) of the padded layout
+    base = head.encode(history, lengths, positions).view(3, 6, -1)
+    changed = history.clone()
+    changed[3] = torch.randn(8, dtype=torch.float64)  # row 0, step 3
+    after = head.encode(changed, lengths, positions).view(3, 6, -1)
+    torch.testing.assert_close(after[0, :3], base[0, :3])
+    assert not torch.allclose(after[0, 3:5], base[0, 3:5])
+    torch.testing.assert_close(after[1:], base[1:])
+    alone = head.encode(history[5:7], lengths[1:2], torch.arange(2))
+    torch.testing.assert_close(alone, base[1, :2], msg="a row's encoding does not depend on the batch's width")
+
+
+def test_padded_places_jagged_rows_left_aligned():
+    values = torch.arange(6, dtype=torch.float32)[:, None]
+    out = padded(values, torch.tensor([2, 0, 4]), 4)
+    assert out.squeeze(2).tolist() == [[0, 1, 0, 0], [0, 0, 0, 0], [2, 3, 4, 5]]
+
+
+def test_blocks_heads_and_dropout_are_read():
+    cfg = ModelConfig(item_dim=8, blocks=3, heads=2, dropout=0.5, hidden_dims=[], output_dim=4)
+    head = SequenceHead(cfg, 6, 0, 0, torch.device("cpu"))
+    assert len(head.blocks) == 3 and all(b.heads == 2 and b.dropout == 0.5 for b in head.blocks)
+    x = torch.ones(1000)
+    dropped = Dropout(0.5).train()(x)
+    assert set(dropped.unique().tolist()) == {0.0, 2.0} and abs(float((dropped == 0).float().mean()) - 0.5) < 0.05
+    assert torch.equal(Dropout(0.5).eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+    with pytest.raises(ConfigError, match="divisible by model.heads"):
+        ModelConfig(item_dim=12, heads=5)
+    with pytest.raises(ConfigError, match="model.query_tower must be one of"):
+        ModelConfig(query_tower="lstm")
+    with pytest.raises(ConfigError, match="share_item_table=false is for the bags tower"):
+        load_config(None, ["model.query_tower=transformer", "model.share_item_table=false"])
+
+
+def test_the_transformer_pipeline_equals_the_plain_loop_with_both_collections_pipelined(tiny_data):
+    cfg = tiny_config(tiny_data, **TRANSFORMER, **{"model.dropout": 0.0, "loss.max_logits": 500})
+    env = distributed.init("cpu")
+    first = build(cfg, env)
+    batches = list(first.data.train_loader.epoch(0))[:5]
+    iterator = iter(copy.deepcopy(batches))
+    pipelined = [float(first.model.pipeline.progress(iterator)["loss"]) for _ in batches]
+    assert sorted(type(m).__name__ for m in first.model.pipeline._pipelined_modules) == [
+        "ShardedEmbeddingBagCollection", "ShardedEmbeddingCollection"]
+    plain = build(cfg, env).model
+    losses = []
+    for batch in batches:
+        loss, _ = plain.dmp(batch)
+        loss.backward()
+        plain.dense_optimizer.step()
+        plain.dense_optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[0] != losses[-1]
+    torch.testing.assert_close(torch.tensor(pipelined), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+
+
+def test_the_item_table_is_one_collection_shared_by_history_and_candidates(tiny_data):
+    job = build(tiny_config(tiny_data, **TRANSFORMER), distributed.init("cpu"))
+    towers = job.model.towers
+    assert [(t.name, t.feature_names) for t in towers.sequence_tables] == [("item_ids", ["seq_items", "cand_item"])]
+    assert all("item" not in t.name for t in towers.tables), "no second item table in the EBC"
+    meta = Metadata.load(tiny_data)
+    items = towers.item_embeddings(job.data.train_loader.catalogue, torch.device("cpu"))
+    assert items.shape == (meta.num_items + 1, 16)
+    torch.testing.assert_close(items.norm(dim=1), torch.ones(meta.num_items + 1))
+
+
+@pytest.mark.slow
+def test_transformer_training_beats_popularity_and_is_reproducible(tiny_data):
+    cfg = tiny_config(tiny_data, **TRANSFORMER, **{"train.epochs": 3, "train.early_stopping_metric": "hr@50",
+                                                   "optim.dense_lr": 0.005})
+    first = train(cfg)
+    assert first["test"]["hr@50"] > 1.5 * first["popularity_test"]["hr@50"], (first["test"], first["popularity_test"])
+    assert first["test"]["users"] == Metadata.load(tiny_data).counts["test_rows"]
+    second = train(cfg)
+    assert second["test"] == first["test"], "same config and data give the same metrics"
+
+
+def test_queries_and_candidates_are_unit_vectors_scored_by_dot_product(tiny_data):
+    job = build(tiny_config(tiny_data, **TRANSFORMER), distributed.init("cpu"))
+    batch = next(iter(job.data.eval_loaders["valid"].epoch(0)))
+    job.model.dmp.eval()
+    with torch.no_grad():
+        query = job.model.towers.query_embeddings(batch, torch.device("cpu"))
+        scores = job.model.scorer(job.data, torch.device("cpu"))(batch)
+    items = job.model.towers.item_embeddings(job.data.train_loader.catalogue, torch.device("cpu"))
+    torch.testing.assert_close(query.norm(dim=1), torch.ones(len(query)))
+    torch.testing.assert_close(scores, F.normalize(query, dim=1) @ items.T)
+
+
+def without_query_features(batch, layout_features: list[tuple[str, bool]]):
+    """The batch as serving sends it when no user or context feature is known: the padding id for a scalar
+    feature, an empty list for a list feature."""
+    sparse = batch.sparse
+    arrays = []
+    for key in sparse.keys():
+        lengths, values = sparse[key].lengths().numpy(), sparse[key].values().numpy()
+        multi = dict(layout_features).get(key)
+        if multi is True:
+            lengths, values = np.zeros_like(lengths), values[:0]
+        elif multi is False:
+            values = np.zeros_like(values)
+        arrays.append((lengths, values))
+    return dataclasses.replace(batch, sparse=make_kjt(sparse.keys(), arrays))
+
+
+def padding_rows(dmp, tables: list[str]) -> dict[str, torch.Tensor]:
+    state = dmp.state_dict()
+    out = {}
+    for key, value in state.items():
+        table = next((t for t in tables if f".{t}." in key), None)
+        if table is not None and key.endswith("weight"):
+            shard = value.local_shards()[0].tensor if hasattr(value, "local_shards") else value
+            out[table] = shard[0].clone()
+    assert set(out) == set(tables), (sorted(out), tables)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tower", ["bags", "transformer"])
+def test_a_query_without_its_features_maps_to_trained_embeddings(tiny_data, tower):
+    """Feature dropout trains the padding row of every user and context feature table: a query that
+    has none of them ranks far better than random on validation. Without it those rows are never
+    trained (they keep their random initial values)."""
+    overrides = {**(TRANSFORMER if tower == "transformer" else {}), "train.epochs": 2,
+                 "eval.popularity_baseline": "false", "optim.dense_lr": 0.005}
+    meta = Metadata.load(tiny_data)
+    features = [(f.name, f.multi) for f in meta.user_features + meta.context_features]
+    tables = [f"{name}_table" for name, _ in features]
+    moved = {}
+    for rate in (0.3, 0.0):
+        job = build(tiny_config(tiny_data, **overrides, **{"loader.feature_dropout": rate}), distributed.init("cpu"))
+        before = padding_rows(job.model.dmp, tables)
+        job.fit()
+        after = padding_rows(job.model.dmp, tables)
+        moved[rate] = {t: not torch.equal(before[t], after[t]) for t in tables}
+        if rate > 0:
+            scorer = job.model.scorer(job.data, torch.device("cpu"))
+            job.model.dmp.eval()
+            metrics = evaluate(lambda b, score=scorer: score(without_query_features(b, features)),
+                               job.data.eval_loaders["valid"].epoch(0), [50], meta.num_items, torch.device("cpu"))
+            assert metrics["hr@50"] > 2 * 50 / meta.num_items, metrics
+    assert all(moved[0.3].values()), moved
+    assert not any(moved[0.0].values()), "without dropout the padding rows are never looked up in training"
