@@ -51,7 +51,9 @@ class LoaderConfig:
     num_negatives: int = 1024
     sampler: str = "unigram"  # "uniform" or "unigram" (freq ** unigram_alpha)
     unigram_alpha: float = 0.75
-    history_bags: list[int] = field(default_factory=lambda: [1, 10, 0])  # last-k bags; 0 = whole history
+    # Mean-pooled last-k bags of the history (0 = all of it) in the query; the transformer pools them from its
+    # unpooled lookup, at every position ([] for none).
+    history_bags: list[int] = field(default_factory=lambda: [1, 10, 0])
     use_user_id: bool = False
     out_of_vocab: str = "error"  # "error", or "hash" (id modulo the vocabulary, for open vocabularies)
     # Transformer tower: the inputs of one training row (a user's sequence is cut into chunks of this many,
@@ -75,8 +77,7 @@ class LoaderConfig:
                                                       f"'{self.out_of_vocab}'")
         check(self.max_sequence_length >= 1, "loader.max_sequence_length must be >= 1")
         check(0 <= self.feature_dropout < 1, f"loader.feature_dropout must be in [0, 1), got {self.feature_dropout}")
-        check(bool(self.history_bags) and min(self.history_bags) >= 0
-              and len(set(self.history_bags)) == len(self.history_bags),
+        check(min(self.history_bags, default=0) >= 0 and len(set(self.history_bags)) == len(self.history_bags),
               f"loader.history_bags must be distinct non-negative lengths, got {self.history_bags}")
 
 
@@ -116,9 +117,10 @@ class LossConfig:
     frequency: str = "exact"  # "exact" catalogue counts, or "streaming" (Yi et al. 2019)
     streaming_alpha: float = 0.01
     streaming_buckets: int = 1 << 20
-    # Transformer: the position x candidate logits are computed in chunks of at most this many elements (each
-    # chunk recomputed in the backward), which bounds the loss's memory; the result equals one big computation.
-    max_logits: int = 1 << 24
+    # Logits are computed in row chunks of at most this many (query x candidate) entries, each chunk's gradient
+    # at once, which bounds the loss's memory; the result equals one big computation. 2^20 (4 MB of float32)
+    # stays in cache: measured fastest on this machine for the transformer's ~14k positions x 3.5k candidates.
+    max_logits: int = 1 << 20
 
     def __post_init__(self) -> None:
         check(self.max_logits >= 1, "loss.max_logits must be >= 1")
@@ -246,6 +248,8 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         self.loader.seed = self.seed
+        check(self.model.query_tower == "transformer" or bool(self.loader.history_bags),
+              "loader.history_bags is empty: the bags tower's query needs at least one history bag")
         check(self.model.query_tower == "bags" or self.model.share_item_table,
               "model.share_item_table=false is for the bags tower; the transformer looks up history and candidates "
               "in one EmbeddingCollection table")

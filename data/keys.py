@@ -4,7 +4,7 @@ The loader, the model's tables, the planner, serving and the benchmark all build
 through this module, so a query is assembled one way everywhere. It imports numpy and our ragged
 helpers only (no torch), so serving can use it without TorchRec.
 
-Keys: `hist_all` / `hist_last{k}` pool the whole history / its last k items; `seq_items` is the history
+Keys: `hist_all` / `hist_last{k}` pool the whole history / its last k items; `hist_seq` is the history
 unpooled, for the transformer tower; `user_id` is the user's
 own id (optional); user and context features keep their prepared names (`u_*`, `c_*`); the candidate
 side is `cand_item` plus `cand_<item feature>`.
@@ -22,7 +22,7 @@ from data.schema import Metadata
 HISTORY_ALL = "hist_all"
 HISTORY_LAST = "hist_last"
 USER_ID = "user_id"
-SEQUENCE_KEY = "seq_items"  # transformer tower: the history, unpooled, in the EmbeddingCollection
+SEQUENCE_KEY = "hist_seq"  # transformer tower: the history, unpooled, in the EmbeddingCollection
 CANDIDATE_PREFIX = "cand_"
 ITEM_KEY = CANDIDATE_PREFIX + "item"
 

@@ -221,8 +221,8 @@ class SequenceLoader(TrainLoader):
         try:
             return chunk_table(table, schema.SEQUENCE_ITEMS, aligned, self.cfg.max_sequence_length)
         except ValueError as err:
-            raise DataError(self.paths()[0], None, "list columns aligned with seq_items (one value per event)",
-                            str(err)) from err
+            expected = f"list columns aligned with {schema.SEQUENCE_ITEMS} (one value per event)"
+            raise DataError(self.paths()[0], None, expected, str(err)) from err
 
     def make_batch(self, block: Rows, idx: np.ndarray, epoch: int, index: int) -> SequenceBatch:
         rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, index])

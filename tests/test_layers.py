@@ -23,7 +23,7 @@ ALLOWED = {
 }
 # Serving is deployed without TorchRec: of the data layer it may use only these torch-free modules.
 SERVING_MAY_USE = {"data.keys", "data.schema", "data.ragged", "data.errors"}
-KEY_LITERALS = re.compile(r"""["'](hist_all["']|hist_last|user_id["']|cand_)""")
+KEY_LITERALS = re.compile(r"""["'](hist_all["']|hist_last|hist_seq|user_id["']|cand_)""")
 
 
 def modules(root: Path) -> dict[str, Path]:

@@ -178,3 +178,33 @@ def test_logq_sign_over_distinct_targets_on_a_skewed_distribution():
     """Subtracting log Q gives the best true recall@10; no correction is worse, the flipped sign worst."""
     right, none, flipped = (train_free_sequence_embeddings(sign) for sign in (1.0, 0.0, -1.0))
     assert right > none > flipped, (right, none, flipped)
+
+
+def dense_reference(query, candidates, bias, own, own_bias, hits, weights, temperature):
+    """The kernel's contract with torch's own log-sum-exp over a dense masked matrix, in float64."""
+    logits = query @ candidates.T / temperature + bias
+    logits[hits[0], hits[1]] = float("-inf")
+    rows = torch.arange(len(own))
+    own_logit = (query * candidates[own]).sum(1) / temperature + own_bias
+    logits[rows, own] = own_logit
+    return ((torch.logsumexp(logits, dim=1) - own_logit) * weights).sum()
+
+
+@pytest.mark.parametrize("norm", [1.0, 40.0])
+def test_far_from_unit_vectors_the_kernel_falls_back_to_row_maxima(norm):
+    """With unit vectors the per-row bound keeps every exponential in range; with long vectors the bound is
+    far above the row's logits, the sums underflow, and the chunk is recomputed against the row maxima."""
+    gen = torch.Generator().manual_seed(2)
+    query = torch.nn.functional.normalize(torch.randn(30, 5, generator=gen, dtype=torch.float64), dim=1) * norm
+    candidates = torch.randn(12, 5, generator=gen, dtype=torch.float64) * norm / 3
+    query.requires_grad_(), candidates.requires_grad_()
+    ids = torch.tensor([1, 2, 3, 4, 5, 6, 2, 7, 3, 8, 0, 9])
+    own = torch.from_numpy(np.random.default_rng(1).integers(0, 6, 30))
+    bias = torch.where(ids == 0, -1e9, -torch.rand(12, generator=gen, dtype=torch.float64)).double()
+    hits = accidental_hits(ids[own], ids, own)
+    args = (bias, own, -bias[own], hits, torch.rand(30, generator=gen, dtype=torch.float64), 0.1)
+    ours = softmax_cross_entropy(query, candidates, *args, max_logits=60)
+    want = dense_reference(query, candidates, *args)
+    assert torch.isfinite(ours) and ours.item() == pytest.approx(want.item(), rel=1e-10)
+    for got, ref in zip(torch.autograd.grad(ours, (query, candidates)), torch.autograd.grad(want, (query, candidates))):
+        torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-10)

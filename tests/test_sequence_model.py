@@ -3,7 +3,6 @@ pipeline equal to the plain loop with both collections pipelined, and a short sy
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 
@@ -14,11 +13,13 @@ import torch.nn.functional as F
 
 from config import ConfigError, ModelConfig, load_config
 from data.batch import make_kjt
+from data.keys import ITEM_KEY, SEQUENCE_KEY
 from data.schema import Metadata
 from tests.conftest import tiny_config
+from tests.test_train import pipelined_and_plain_losses
 from trainer import distributed
 from trainer.evaluate import evaluate
-from trainer.model import CausalBlock, Dropout, SequenceHead, padded
+from trainer.model import CausalBlock, Dropout, SequenceHead, causal_attention, causal_bags, padded
 from trainer.train import build, train
 
 TRANSFORMER = {"model.query_tower": "transformer", "loader.batch_size": 32, "loader.max_sequence_length": 12}
@@ -53,6 +54,21 @@ def test_causal_block_equals_the_head_by_head_reference(heads):
     torch.testing.assert_close(block(x), reference_block(block, x), rtol=1e-10, atol=1e-12)
 
 
+def test_the_cpu_attention_with_dropout_is_scaled_dot_product_attention(monkeypatch):
+    """On the CPU, training with dropout forms the attention weights itself (bernoulli_ is slow there). With
+    every weight kept, that is torch's attention times 1 / (1 - p); with random masks, outputs differ."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 6, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    dropout = Dropout(0.5).train()
+    torch.testing.assert_close(causal_attention(q, k, v, dropout.eval()), want)
+    dropout.train()
+    first, second = causal_attention(q, k, v, dropout), causal_attention(q, k, v, dropout)
+    assert not torch.allclose(first, second)
+    monkeypatch.setattr(torch, "rand_like", torch.ones_like)
+    torch.testing.assert_close(causal_attention(q, k, v, dropout), 2 * want)
+
+
 def test_a_position_never_sees_the_future_nor_other_rows():
     torch.manual_seed(0)
     cfg = ModelConfig(item_dim=8, blocks=2, heads=2, dropout=0.2, hidden_dims=[8], output_dim=4)
@@ -69,6 +85,30 @@ def test_a_position_never_sees_the_future_nor_other_rows():
     torch.testing.assert_close(after[1:], base[1:])
     alone = head.encode(history[5:7], lengths[1:2], torch.arange(2))
     torch.testing.assert_close(alone, base[1, :2], msg="a row's encoding does not depend on the batch's width")
+
+
+def test_causal_bags_are_the_bag_towers_last_k_means_at_every_position():
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([5, 2, 7])
+    history = torch.randn(int(lengths.sum()), 3, generator=gen, dtype=torch.float64)
+    x = padded(history, lengths, 7)
+    bags = causal_bags(x, [1, 3, 0])
+    offsets = [0, 5, 7]
+    for row, n in enumerate(lengths.tolist()):
+        items = history[offsets[row]:offsets[row] + n]
+        for t in range(n):
+            for k, got in zip([1, 3, 0], bags):
+                window = items[: t + 1] if k == 0 else items[max(0, t + 1 - k): t + 1]
+                torch.testing.assert_close(got[row, t], window.mean(0), rtol=1e-12, atol=1e-12)
+
+
+def test_history_bags_widen_the_query_input_and_may_be_left_out():
+    cfg = ModelConfig(item_dim=8, hidden_dims=[], output_dim=4)
+    assert SequenceHead(cfg, 6, 5, 0, torch.device("cpu"), (1, 10, 0)).query_mlp[0].in_features == 8 * 4 + 5
+    assert SequenceHead(cfg, 6, 5, 0, torch.device("cpu"), ()).query_mlp[0].in_features == 8 + 5
+    assert load_config(None, ["model.query_tower=transformer", "loader.history_bags=[]"]).loader.history_bags == []
+    with pytest.raises(ConfigError, match="the bags tower's query needs at least one history bag"):
+        load_config(None, ["loader.history_bags=[]"])
 
 
 def test_padded_places_jagged_rows_left_aligned():
@@ -95,29 +135,16 @@ def test_blocks_heads_and_dropout_are_read():
 
 def test_the_transformer_pipeline_equals_the_plain_loop_with_both_collections_pipelined(tiny_data):
     cfg = tiny_config(tiny_data, **TRANSFORMER, **{"model.dropout": 0.0, "loss.max_logits": 500})
-    env = distributed.init("cpu")
-    first = build(cfg, env)
-    batches = list(first.data.train_loader.epoch(0))[:5]
-    iterator = iter(copy.deepcopy(batches))
-    pipelined = [float(first.model.pipeline.progress(iterator)["loss"]) for _ in batches]
-    assert sorted(type(m).__name__ for m in first.model.pipeline._pipelined_modules) == [
-        "ShardedEmbeddingBagCollection", "ShardedEmbeddingCollection"]
-    plain = build(cfg, env).model
-    losses = []
-    for batch in batches:
-        loss, _ = plain.dmp(batch)
-        loss.backward()
-        plain.dense_optimizer.step()
-        plain.dense_optimizer.zero_grad()
-        losses.append(float(loss.detach()))
-    assert losses[0] != losses[-1]
-    torch.testing.assert_close(torch.tensor(pipelined), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    pipelined, plain, modules = pipelined_and_plain_losses(cfg, 5)
+    assert modules == ["ShardedEmbeddingBagCollection", "ShardedEmbeddingCollection"]
+    assert plain[0] != plain[-1]
+    torch.testing.assert_close(torch.tensor(pipelined), torch.tensor(plain), rtol=1e-5, atol=1e-6)
 
 
 def test_the_item_table_is_one_collection_shared_by_history_and_candidates(tiny_data):
     job = build(tiny_config(tiny_data, **TRANSFORMER), distributed.init("cpu"))
     towers = job.model.towers
-    assert [(t.name, t.feature_names) for t in towers.sequence_tables] == [("item_ids", ["seq_items", "cand_item"])]
+    assert [(t.name, t.feature_names) for t in towers.sequence_tables] == [("item_ids", [SEQUENCE_KEY, ITEM_KEY])]
     assert all("item" not in t.name for t in towers.tables), "no second item table in the EBC"
     meta = Metadata.load(tiny_data)
     items = towers.item_embeddings(job.data.train_loader.catalogue, torch.device("cpu"))

@@ -19,29 +19,31 @@ from trainer.state import LoopState
 from trainer.train import build, train
 
 
-def test_pipelined_losses_equal_the_plain_loop(tiny_data):
-    cfg = tiny_config(tiny_data)
+def pipelined_and_plain_losses(cfg, steps: int) -> tuple[list[float], list[float], list[str]]:
+    """Losses of `steps` batches through TrainPipelineSparseDist and through a plain forward/backward loop
+    (two builds of the same config), and the names of the modules the pipeline pipelined."""
     env = distributed.init("cpu")
     first = build(cfg, env)
-    pipelined = first.model
-    batches = list(first.data.train_loader.epoch(0))[:6]
-    pipeline_losses = []
+    batches = list(first.data.train_loader.epoch(0))[:steps]
     iterator = iter(copy.deepcopy(batches))
-    for _ in range(len(batches)):
-        pipeline_losses.append(float(pipelined.pipeline.progress(iterator)["loss"]))
-    assert [type(m).__name__ for m in pipelined.pipeline._pipelined_modules] == ["ShardedEmbeddingBagCollection"], \
-        "the EBC must be pipelined (input_dist ahead of forward), not left out of the pipeline"
-
+    pipelined = [float(first.model.pipeline.progress(iterator)["loss"]) for _ in batches]
     plain = build(cfg, env).model
-    plain_losses = []
+    losses = []
     for batch in batches:
         loss, _ = plain.dmp(batch)
         loss.backward()
         plain.dense_optimizer.step()
         plain.dense_optimizer.zero_grad()
-        plain_losses.append(float(loss.detach()))
-    assert plain_losses[0] != plain_losses[-1], "training moved the parameters"
-    torch.testing.assert_close(torch.tensor(pipeline_losses), torch.tensor(plain_losses), rtol=1e-5, atol=1e-6)
+        losses.append(float(loss.detach()))
+    return pipelined, losses, sorted(type(m).__name__ for m in first.model.pipeline._pipelined_modules)
+
+
+def test_pipelined_losses_equal_the_plain_loop(tiny_data):
+    pipelined, plain, modules = pipelined_and_plain_losses(tiny_config(tiny_data), 6)
+    assert modules == ["ShardedEmbeddingBagCollection"], \
+        "the EBC must be pipelined (input_dist ahead of forward), not left out of the pipeline"
+    assert plain[0] != plain[-1], "training moved the parameters"
+    torch.testing.assert_close(torch.tensor(pipelined), torch.tensor(plain), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from trainer.collectives import all_gather_ids, all_gather_with_grad
 
 MASKED_LOGIT = -1e9
-DEFAULT_MAX_LOGITS = 1 << 24
+DEFAULT_MAX_LOGITS = 1 << 20
 
 
 def accidental_hits(row_items: torch.Tensor, column_ids: torch.Tensor,
@@ -42,7 +42,11 @@ def accidental_hits(row_items: torch.Tensor, column_ids: torch.Tensor,
 
 
 class _SoftmaxCrossEntropy(torch.autograd.Function):
-    """sum_i w_i (logsumexp_j l_ij - l_i,own_i); the gradients are computed chunk by chunk in the forward."""
+    """sum_i w_i (logsumexp_j l_ij - l_i,own_i); the gradients are computed chunk by chunk in the forward.
+
+    Each row's exponentials are taken against a bound of its logits, |q_i| max|c| / T + max(bias)
+    (Cauchy-Schwarz), so exp cannot overflow and one pass gives both the log-sum-exp and the softmax. A
+    chunk where some row's sum underflows (far from unit vectors only) is recomputed against the row maxima."""
 
     @staticmethod
     def forward(ctx, query, candidates, bias, own, own_bias, hit_rows, hit_columns, weights, scale, max_logits,
@@ -52,21 +56,34 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         grad_query = torch.zeros_like(query) if needs_grad else None
         grad_candidates = torch.zeros_like(candidates) if needs_grad else None
         bounds = torch.searchsorted(hit_rows, torch.arange(0, query.shape[0] + rows, rows, device=query.device))
+        candidate_norm = candidates.norm(dim=1).max() * scale
+        top_bias = bias.max()
+
+        def logits_of(q, lo, column, a, b, bound):
+            logits = torch.addmm(bias, q, candidates.T, alpha=scale)
+            logits[hit_rows[a:b] - lo, hit_columns[a:b]] = MASKED_LOGIT
+            own_logit = (q * candidates[column]).sum(1) * scale + own_bias[lo:lo + len(q)]
+            logits[torch.arange(len(q), device=q.device), column] = own_logit
+            if bound is None:
+                bound = logits.amax(dim=1)
+            return logits.sub_(bound[:, None]), own_logit - bound
+
         for chunk, lo in enumerate(range(0, query.shape[0], rows)):
             q, column = query[lo:lo + rows], own[lo:lo + rows]
-            index = torch.arange(q.shape[0], device=q.device)
-            logits = torch.addmm(bias, q, candidates.T, alpha=scale)
             a, b = int(bounds[chunk]), int(bounds[chunk + 1])
-            logits[hit_rows[a:b] - lo, hit_columns[a:b]] = MASKED_LOGIT
-            own_logit = (q * candidates[column]).sum(1) * scale + own_bias[lo:lo + rows]
-            logits[index, column] = own_logit
-            lse = torch.logsumexp(logits, dim=1)
+            bound = q.norm(dim=1) * candidate_norm + torch.maximum(own_bias[lo:lo + rows], top_bias)
+            logits, own_logit = logits_of(q, lo, column, a, b, bound)
+            exp = logits.exp_()
+            sums = exp.sum(dim=1)
+            if bool((sums < 1e-30).any()):
+                logits, own_logit = logits_of(q, lo, column, a, b, None)
+                exp = logits.exp_()
+                sums = exp.sum(dim=1)
             w = weights[lo:lo + rows]
-            total = total + ((lse - own_logit) * w).sum()
+            total = total + ((torch.log(sums) - own_logit) * w).sum()
             if needs_grad:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                grad[index, column] -= 1.0
-                grad.mul_((w * scale)[:, None])
+                grad = exp.mul_((w * scale / sums)[:, None])  # softmax x w / T, in place
+                grad[torch.arange(len(q), device=q.device), column] -= w * scale
                 grad_query[lo:lo + rows] = grad @ candidates
                 grad_candidates.addmm_(grad.T, q)
         ctx.save_for_backward(grad_query, grad_candidates)

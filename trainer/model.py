@@ -81,9 +81,22 @@ class Dropout(nn.Module):
         return x * ((torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p)))
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: Dropout) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + causal mask) v, with dropout on the attention weights. torch's
+    scaled_dot_product_attention does this, except where it would draw the dropout with bernoulli_ on the
+    CPU (about 40 ms per call on ML-1M batches): there the weights are formed here and `dropout` applied."""
+    if not (dropout.training and dropout.p > 0 and q.device.type == "cpu"):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                              dropout_p=dropout.p if dropout.training else 0.0)
+    n = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+    return dropout(scores.masked_fill(future, float("-inf")).softmax(dim=-1)) @ v
+
+
 class CausalBlock(nn.Module):
     """Pre-norm transformer block: x + attention(norm(x)), then x + feed-forward(norm(x)); causal attention
-    (a position sees itself and the positions before it) with torch's scaled_dot_product_attention."""
+    (a position sees itself and the positions before it)."""
 
     def __init__(self, dim: int, heads: int, dropout: float, device: torch.device):
         super().__init__()
@@ -95,12 +108,12 @@ class CausalBlock(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, 4 * dim, device=device), nn.GELU(), Dropout(dropout),
                                 nn.Linear(4 * dim, dim, device=device))
         self.drop = Dropout(dropout)
+        self.attention_dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(self.attention_norm(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                  dropout_p=self.dropout if self.training else 0.0)
+        attended = causal_attention(q, k, v, self.attention_dropout)
         x = x + self.drop(self.out(attended.transpose(1, 2).reshape(b, n, d)))
         return x + self.drop(self.ff(self.ff_norm(x)))
 
@@ -114,32 +127,54 @@ def padded(values: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Ten
     return out.index_copy(0, rows * width + step, values).view(len(lengths), width, values.shape[1])
 
 
-class SequenceHead(nn.Module):
-    """Everything after the lookups: positions, the causal stack, feature fusion, both MLPs."""
+def causal_bags(x: torch.Tensor, windows: list[int]) -> list[torch.Tensor]:
+    """Per window k, the mean of the last min(k, t + 1) items at every step t of the padded rows x (B, n, d)
+    (k = 0: every item so far): the bag tower's last-k bags for every position at once, from cumulative
+    sums. Steps past a row's length are never read."""
+    n = x.shape[1]
+    sums = F.pad(x.cumsum(dim=1), (0, 0, 1, 0))  # sums[:, t + 1] = x[:, :t + 1].sum(1)
+    steps = torch.arange(1, n + 1, device=x.device, dtype=x.dtype)[None, :, None]
+    out = []
+    for k in windows:
+        start = torch.zeros(n, dtype=torch.long, device=x.device) if k == 0 else \
+            (torch.arange(n, device=x.device) + 1 - k).clamp(min=0)
+        out.append((sums[:, 1:] - sums[:, start]) / (steps if k == 0 else steps.clamp(max=k)))
+    return out
 
-    def __init__(self, cfg: ModelConfig, max_length: int, query_dim: int, candidate_dim: int, device: torch.device):
+
+class SequenceHead(nn.Module):
+    """Everything after the lookups: positions, the causal stack, the history bags (`loader.history_bags`,
+    mean-pooled causally from the same lookup), feature fusion, both MLPs."""
+
+    def __init__(self, cfg: ModelConfig, max_length: int, query_dim: int, candidate_dim: int, device: torch.device,
+                 bags: tuple[int, ...] = ()):
         super().__init__()
+        self.bags = list(bags)
         self.scale = math.sqrt(cfg.item_dim)
         self.position = nn.Embedding(max_length, cfg.item_dim, device=device)
         self.input_dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(CausalBlock(cfg.item_dim, cfg.heads, cfg.dropout, device)
                                     for _ in range(cfg.blocks))
         self.norm = nn.LayerNorm(cfg.item_dim, device=device)
-        self.query_mlp = mlp(cfg.item_dim + query_dim, cfg.hidden_dims, cfg.output_dim, device)
+        self.query_mlp = mlp(cfg.item_dim * (1 + len(self.bags)) + query_dim, cfg.hidden_dims, cfg.output_dim,
+                             device)
         self.candidate_mlp = mlp(cfg.item_dim + candidate_dim, cfg.hidden_dims, cfg.output_dim, device)
         nn.init.normal_(self.position.weight, std=0.02)
 
     def encode(self, history: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The causal stack's output at `positions` (row * width + step, width = the longest row)."""
+        """The causal stack's output at `positions` (row * width + step, width = the longest row), followed by
+        the history bags there."""
+        d = history.shape[1]
         if len(positions) == 0:
-            return history.new_zeros(0, history.shape[1])
+            return history.new_zeros(0, d * (1 + len(self.bags)))
         lengths = lengths.long()
         width = max(int(lengths.max()), 1)
-        x = padded(history * self.scale, lengths, width) + self.position.weight[:width]
-        x = self.input_dropout(x)
+        items = padded(history, lengths, width)
+        x = self.input_dropout(items * self.scale + self.position.weight[:width])
         for block in self.blocks:
             x = block(x)
-        return self.norm(x).reshape(-1, x.shape[-1])[positions]
+        parts = [self.norm(x)] + causal_bags(items, self.bags)
+        return torch.cat([p.reshape(-1, d)[positions] for p in parts], dim=1)
 
     def forward(self, history: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
                 query_features: list[torch.Tensor], items: torch.Tensor,
@@ -166,7 +201,7 @@ class SequenceTwoTower(nn.Module):
         self.candidate_keys = candidate_keys([f.name for f in meta.item_features])[1:]
         self.max_length = loader.max_sequence_length
         self.head = SequenceHead(cfg, loader.max_sequence_length, sum(dims[k] for k in self.query_keys),
-                                 sum(dims[k] for k in self.candidate_keys), device)
+                                 sum(dims[k] for k in self.candidate_keys), device, tuple(loader.history_bags))
 
     def encode(self, batch: SequenceBatch | SequenceEvalBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries at the batch's positions (rows [0, P) of `sparse`), candidates (rows [P, P + C))."""

@@ -31,10 +31,10 @@ def git(*args: str) -> str:
 
 
 def run_name(cfg: JobConfig, config_path: str | None) -> str:
-    """`<config>-bags-<hash>`: the config file, the query tower and 6 hex digits of the resolved config, so
+    """`<config>-<query tower>-<hash>`: the config file, the query tower and 6 hex digits of the resolved config, so
     two runs of the same config share a name prefix and a changed override shows in the name."""
     stem = Path(config_path).stem if config_path else "cli"
-    return f"{stem}-bags-{hashlib.sha256(dump(cfg).encode()).hexdigest()[:6]}"
+    return f"{stem}-{cfg.model.query_tower}-{hashlib.sha256(dump(cfg).encode()).hexdigest()[:6]}"
 
 
 def source_tags(config_path: str | None) -> dict[str, str]:
@@ -57,7 +57,8 @@ def source_tags(config_path: str | None) -> dict[str, str]:
 
 
 def description(cfg: JobConfig, meta: Metadata, world_size: int, device: str) -> str:
-    return (f"Two-tower retrieval (history-bag query tower) on `{cfg.data.path}`: {meta.num_users:,} users, "
+    tower = "history-bag" if cfg.model.query_tower == "bags" else "causal-transformer"
+    return (f"Two-tower retrieval ({tower} query tower) on `{cfg.data.path}`: {meta.num_users:,} users, "
             f"{meta.num_items:,} items, {meta.counts['train_examples']:,} training examples, "
             f"{meta.split['protocol']} split, evaluated on the full catalogue"
             f"{' with seen items filtered' if cfg.eval.filter_seen else ''}. {world_size} process(es) on {device}.")
