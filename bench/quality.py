@@ -1,20 +1,23 @@
 """Quality on ML-1M (leave-one-out, full-corpus ranking, seen items filtered): both query towers, each with
 the loss ablation.
 
-    python -m bench.quality [--towers bags transformer] [--runs NAME ...] [--ml1m DIR] [--prepared DIR]
+    python -m bench.quality [--towers bags transformer] [--runs NAME ...] [--seeds N] [--ml1m DIR] [--prepared DIR]
 
 For each tower, its committed config (`configs/ml1m.yaml` for the bags, `configs/ml1m_transformer.yaml` for
 the transformer) is trained as committed (in-batch + mixed negatives + logQ) and, on the same data with the
 same epoch budget and early-stopping rule, with two ablations: in-batch negatives only, and in-batch + mixed
 negatives without logQ. Each run is a real `python -m trainer` job in a fresh process, tracked in MLflow like
-any other, with its wall time. Results go to bench/results/quality_ml1m.json; a run already there is kept
-unless named with --runs, so the six runs (hours on 2 CPU cores) can be spread over several invocations.
+any other, with its wall time. `--seeds N` also trains the committed config with seeds 1 .. N-1 and
+records the spread of the test metrics over the N seeds: what a difference between two runs must exceed to
+mean anything. Results go to bench/results/quality_ml1m.json; a run already there is kept unless named with
+--runs, so the runs (hours on 2 CPU cores) can be spread over several invocations.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,6 +72,12 @@ def row(name: str, overrides: list[str], result: dict) -> dict:
             "popularity_test": pick(result["popularity_test"])}
 
 
+def save(output: dict, out: Path) -> None:
+    """After every run: hours of work are never lost to a later failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(output, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ml1m", default=str(ROOT.parent / "shared" / "datasets" / "ml-1m"))
@@ -76,6 +85,7 @@ def main() -> None:
     parser.add_argument("--towers", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS))
     parser.add_argument("--runs", nargs="+", choices=[name for name, _ in ABLATION], default=None,
                         help="rerun these (default: every run not yet in the results file)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds of the committed config (default: 1, seed 0)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality_ml1m.json"))
     args = parser.parse_args()
     prepared, out = Path(args.prepared), Path(args.out)
@@ -96,11 +106,23 @@ def main() -> None:
             if (name not in args.runs) if args.runs else (name in entry["ablation"]):
                 continue
             entry["ablation"][name] = row(name, overrides, run(CONFIGS[tower], prepared, overrides))
-            if name == COMMITTED:
+            if name == COMMITTED:  # its other seeds belong to the run they were measured beside
+                entry.pop("seeds", None), entry.pop("seed_spread", None)
                 entry["test"] = entry["ablation"][name]["test"]
                 output["popularity_test"] = entry["ablation"][name]["popularity_test"]
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(output, indent=2) + "\n")  # after every run: hours of work are never lost
+            save(output, out)
+        seeds = entry.setdefault("seeds", {})
+        for seed in range(1, args.seeds):
+            if str(seed) not in seeds:
+                seeds[str(seed)] = row(COMMITTED, [f"seed={seed}"], run(CONFIGS[tower], prepared, [f"seed={seed}"]))
+                save(output, out)
+        if seeds and COMMITTED in entry["ablation"]:
+            tests = [entry["ablation"][COMMITTED]["test"]] + [r["test"] for r in seeds.values()]
+            entry["seed_spread"] = {k: {"mean": round(statistics.mean(t[k] for t in tests), 4),
+                                        "stdev": round(statistics.stdev(t[k] for t in tests), 4),
+                                        "min": min(t[k] for t in tests), "max": max(t[k] for t in tests)}
+                                    for k in ("hr@10", "ndcg@10")} | {"seeds": len(tests)}
+            save(output, out)
     print(json.dumps({tower: entry.get("test") for tower, entry in towers.items()}, indent=2))
 
 

@@ -87,7 +87,7 @@ def batches(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, count: int
 def loss_module(cfg: JobConfig, probs: np.ndarray, sampler: NegativeSampler) -> RetrievalLoss:
     log_q = CandidateLogQ(torch.from_numpy(probs * 1e9), torch.from_numpy(sampler.probs), cfg.loader.num_negatives,
                           cfg.loss.in_batch, cfg.loss.frequency, cfg.loss.streaming_buckets, cfg.loss.streaming_alpha)
-    return RetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive, log_q)
+    return RetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive, log_q, cfg.loss.max_logits)
 
 
 def torchrec_step(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, sampler: NegativeSampler):

@@ -135,6 +135,7 @@ def test_blocks_heads_and_dropout_are_read():
 
 def test_the_transformer_pipeline_equals_the_plain_loop_with_both_collections_pipelined(tiny_data):
     cfg = tiny_config(tiny_data, **TRANSFORMER, **{"model.dropout": 0.0, "loss.max_logits": 500})
+    assert build(cfg, distributed.init("cpu")).model.dmp.module.loss_fn.max_logits == 500, "the config reaches it"
     pipelined, plain, modules = pipelined_and_plain_losses(cfg, 5)
     assert modules == ["ShardedEmbeddingBagCollection", "ShardedEmbeddingCollection"]
     assert plain[0] != plain[-1]

@@ -107,6 +107,11 @@ def build_data(cfg: JobConfig, env: distributed.Env, meta: Metadata) -> JobData:
         log.warning("eval.ks %s reach the catalogue size (%d items): those metrics are close to 1 by construction",
                     large, meta.num_items)
     tower = cfg.model.query_tower
+    if tower == "transformer" and cfg.loader.max_sequence_length > meta.max_history and env.is_main:
+        log.warning("loader.max_sequence_length=%d, but the data was prepared with --max-history %d: evaluation "
+                    "queries hold at most %d items while training chunks hold up to %d (prepare again with a "
+                    "larger --max-history)", cfg.loader.max_sequence_length, meta.max_history, meta.max_history,
+                    cfg.loader.max_sequence_length)
     train_loader = open_loader(cfg.data.path, cfg.loader, "train", env.rank, env.world_size, meta, query_tower=tower)
     eval_loaders = {split: open_loader(cfg.data.path, cfg.loader, split, env.rank, env.world_size, meta,
                                        cfg.eval.batch_size, tower) for split in ("valid", "test")}
@@ -123,11 +128,9 @@ def build_model(cfg: JobConfig, env: distributed.Env, meta: Metadata, freq: np.n
         log_q = CandidateLogQ(torch.from_numpy(freq).to(env.device), torch.from_numpy(proposal).to(env.device),
                               cfg.loader.num_negatives, cfg.loss.in_batch, cfg.loss.frequency,
                               cfg.loss.streaming_buckets, cfg.loss.streaming_alpha)
-    if sequence:
-        loss = SequenceRetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive, log_q,
-                                     cfg.loss.max_logits, env.world_size)
-    else:
-        loss = RetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive, log_q, env.world_size)
+    loss = (SequenceRetrievalLoss if sequence else RetrievalLoss)(
+        cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive, log_q, cfg.loss.max_logits,
+        env.world_size)
     model = RetrievalModel(towers, loss)
     collections = [towers.ebc] if towers.ebc is not None else []
     collections += [towers.ec] if sequence else []

@@ -134,6 +134,9 @@ def export(path: str | Path, out: str | Path, cfg: JobConfig | None = None, over
         if not (path / name).is_file():
             raise DataError(path / name, None, "a complete checkpoint directory (step-N or best)", "no such file")
     cfg = cfg or load_config(path / checkpoint.CONFIG_FILE, overrides)
+    if cfg.model.query_tower != "bags":
+        raise ConfigError(f"{path}: a model.query_tower={cfg.model.query_tower} checkpoint; export (plain modules "
+                          f"for serving) is built for the bags tower only so far")
     state = checkpoint.read_state(path)
     meta = schema.Metadata.load(cfg.data.path)
     model = plain_towers(cfg, meta)

@@ -232,13 +232,10 @@ class RetrievalLoss(torch.nn.Module):
     children, it is a leaf for the pipeline's FX tracer, so its data-dependent code is not traced."""
 
     def __init__(self, temperature: float, in_batch: bool, logq_on_positive: bool, log_q: CandidateLogQ | None,
-                 world_size: int = 1):
+                 max_logits: int = DEFAULT_MAX_LOGITS, world_size: int = 1):
         super().__init__()
-        self.world_size = world_size
-        self.temperature = temperature
-        self.in_batch = in_batch
-        self.logq_on_positive = logq_on_positive
-        self.log_q = log_q
+        self.temperature, self.in_batch, self.logq_on_positive = temperature, in_batch, logq_on_positive
+        self.log_q, self.max_logits, self.world_size = log_q, max_logits, world_size
 
     def forward(self, query: torch.Tensor, candidates: torch.Tensor, batch) -> torch.Tensor:
         """In-batch positives are gathered from every rank, so the negatives are the global batch.
@@ -261,7 +258,7 @@ class RetrievalLoss(torch.nn.Module):
         return sampled_softmax_loss(query, candidates, ids, positive_index, batch.row_mask, log_q,
                                     num_in_batch=len(positive_ids), temperature=self.temperature,
                                     in_batch=self.in_batch, logq_on_positive=self.logq_on_positive,
-                                    normalizer=normalizer)
+                                    normalizer=normalizer, max_logits=self.max_logits)
 
 
 def padded_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -276,7 +273,7 @@ class SequenceRetrievalLoss(torch.nn.Module):
     divided by the global number of positions over the world size, as in `RetrievalLoss`."""
 
     def __init__(self, temperature: float, in_batch: bool, logq_on_positive: bool, log_q: CandidateLogQ | None,
-                 max_logits: int, world_size: int = 1):
+                 max_logits: int = DEFAULT_MAX_LOGITS, world_size: int = 1):
         super().__init__()
         self.temperature, self.in_batch, self.logq_on_positive = temperature, in_batch, logq_on_positive
         self.log_q, self.max_logits, self.world_size = log_q, max_logits, world_size
