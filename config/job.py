@@ -108,6 +108,9 @@ class ModelConfig:
               "model.output_dim and model.hidden_dims must be >= 1")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 @dataclass
 class LossConfig:
     temperature: float = 0.05
@@ -126,7 +129,9 @@ class LossConfig:
         check(self.max_logits >= 1, "loss.max_logits must be >= 1")
         check(self.frequency in ("exact", "streaming"), f"loss.frequency must be 'exact' or 'streaming', got "
                                                         f"'{self.frequency}'")
-        check(self.temperature > 0, "loss.temperature must be > 0")
+        # Logits are float32 and scaled by 1/T: below ~3e-39 the scale itself is not a float32.
+        check(self.temperature > 0 and 1.0 / self.temperature < FLOAT32_MAX,
+              f"loss.temperature must be > 0 and 1/temperature a finite float32, got {self.temperature}")
         check(0 < self.streaming_alpha <= 1 and self.streaming_buckets >= 1,
               "loss.streaming_alpha must be in (0, 1] and loss.streaming_buckets >= 1")
 

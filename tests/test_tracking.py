@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -14,8 +15,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from config import TrackingConfig
 from tests.conftest import TINY_MODEL
 from trainer.distributed import free_port
+from trainer.tracking import MAX_METRICS_PER_BATCH, MlflowLogger, leading_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -231,3 +234,52 @@ def test_demo_run_has_params_metric_series_and_artifacts(tmp_path):
     items = json.loads(ranked.stdout)
     assert len(items) == 20 and all(r["title"].startswith("Item ") for r in items)
     assert not set(history) & {r["raw_id"] for r in items}
+
+
+def test_a_backlog_of_metrics_goes_in_few_calls_and_in_order():
+    records = [{"kind": "metrics", "step": s, "timestamp": 0, "metrics": {"a": 1.0, "b": 2.0}} for s in range(600)]
+    records.insert(3, {"kind": "tags", "tags": {"t": "1"}})
+    batches, rest = [], list(records)
+    while rest:
+        batches.append(leading_batch(rest))
+        rest = rest[len(batches[-1]):]
+    assert [b for batch in batches for b in batch] == records, "every record once, in order"
+    per_call = MAX_METRICS_PER_BATCH // 2
+    assert [len(b) for b in batches] == [3, 1] + [per_call] * (597 // per_call) + [597 % per_call], \
+        "metrics records merge up to MAX_METRICS_PER_BATCH metrics per call, never across another kind"
+
+
+class SlowClient:
+    """Stands in for MlflowClient: every call takes `seconds`, longer than finish waits for the worker."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.metrics, self.called = seconds, [], threading.Event()
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()):
+        self.called.set()
+        time.sleep(self.seconds)
+        self.metrics += list(metrics)
+
+    def set_terminated(self, run_id, status, end_time):
+        time.sleep(self.seconds)
+
+
+def test_a_send_that_outlives_finish_is_kept_once_in_the_outbox_and_the_worker_ends_cleanly(tmp_path, monkeypatch):
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", request_timeout_s=1, flush_timeout_s=0,
+                         outbox=str(tmp_path / "outbox"), system_metrics_every_s=0)
+    logger = MlflowLogger(cfg)
+    logger.client = SlowClient(seconds=4)  # finish waits request_timeout_s + 1 = 2 s for the worker
+    with logger.lock:  # the worker takes all three at once
+        for step in range(3):
+            logger.log_metrics({"loss": float(step)}, step)
+    assert logger.client.called.wait(timeout=30)
+    outbox = logger.finish()
+    assert outbox is not None, "what was in flight when finish gave up is in the outbox"
+    logger.worker.join(timeout=30)
+    assert not logger.worker.is_alive() and not errors, errors
+    with open(outbox) as handle:
+        kept = [json.loads(line) for line in handle][1:]
+    assert [r["step"] for r in kept if r["kind"] == "metrics"] == [0, 1, 2] and kept[-1]["kind"] == "status"
+    assert [m.step for m in logger.client.metrics] == [0, 1, 2], "the in-flight call went through as one batch"

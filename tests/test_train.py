@@ -81,6 +81,8 @@ def test_config_is_strict():
         load_config(None, ["train.early_stopping_metric=hr@7"])
     with pytest.raises(ConfigError, match="unknown key loader.seed"):
         load_config(None, ["loader.seed=3"])
+    with pytest.raises(ConfigError, match="1/temperature a finite float32, got 1e-40"):
+        load_config(None, ["loss.temperature=1e-40"])
     cfg = load_config("configs/synthetic.yaml", ["seed=7", "loss.temperature=1"])
     assert cfg.loader.seed == 7 and cfg.loss.temperature == 1.0
     assert load_config(None, ["loss.temperature=1e-3"]).loss.temperature == 1e-3, "YAML 1.1 reads 1e-3 as text"

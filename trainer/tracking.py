@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import logging
 import os
@@ -44,6 +45,9 @@ from serving.runs import default_tracking_uri  # noqa: E402
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 10_000  # records held in memory; more go to the outbox file
+# Metrics per log_batch call when a backlog drains: MLflow allows 1,000, but such a call to a busy sqlite-backed
+# server took over 2 s (past tracking.request_timeout_s in the outage test); 200 took 0.4 s.
+MAX_METRICS_PER_BATCH = 200
 EXPERIMENT_KIND = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"  # the UI's "model training" mode (not GenAI)
 BACKOFF_S = (1, 2, 4, 8, 10)  # then every 10 s for as long as the job runs
@@ -109,14 +113,40 @@ class NullLogger:
         return None
 
 
+def metric_entities(record: dict) -> list[Metric]:
+    return [Metric(k, v, record["timestamp"], record["step"]) for k, v in record["metrics"].items()]
+
+
+def leading_batch(records: collections.deque | list) -> list[dict]:
+    """The records to send in one call: the first one, and when it holds metrics, the metrics records right
+    behind it while they fit in one MLflow log_batch (a backlog after an outage drains in few requests)."""
+    batch = [records[0]]
+    if records[0]["kind"] != "metrics":
+        return batch
+    count = len(records[0]["metrics"])
+    for record in itertools.islice(records, 1, None):
+        if record["kind"] != "metrics" or count + len(record["metrics"]) > MAX_METRICS_PER_BATCH:
+            break
+        batch.append(record)
+        count += len(record["metrics"])
+    return batch
+
+
+def send_batch(client: MlflowClient, run_id: str, records: list[dict]) -> None:
+    """Sends `leading_batch` records: several metrics records as one call, anything else one by one."""
+    if len(records) > 1:
+        client.log_batch(run_id, metrics=[m for record in records for m in metric_entities(record)])
+    else:
+        send(client, run_id, records[0])
+
+
 def send(client: MlflowClient, run_id: str, record: dict) -> None:
     """Sends one record; raises on any failure (the caller retries or keeps it)."""
     kind = record["kind"]
     if kind == "params":
         client.log_batch(run_id, params=[Param(k, v) for k, v in record["params"].items()])
     elif kind == "metrics":
-        client.log_batch(run_id, metrics=[Metric(k, v, record["timestamp"], record["step"])
-                                          for k, v in record["metrics"].items()])
+        client.log_batch(run_id, metrics=metric_entities(record))
     elif kind == "text":
         client.log_text(run_id, record["text"], record["file"])
     elif kind == "file":
@@ -213,11 +243,11 @@ class MlflowLogger:
             with self.lock:
                 while not self.pending and not self.closing.is_set():
                     self.lock.wait()
-                if not self.pending:
-                    return
-                record = self.pending[0]
+                if not self.pending or self.closing.is_set():
+                    return  # finish takes over what is left
+                batch = leading_batch(self.pending)
             try:
-                send(self.client, self.run_id, record)
+                send_batch(self.client, self.run_id, batch)
             except Exception as err:  # noqa: BLE001 - logging must never kill training
                 if failures == 0:
                     log.warning("MLflow at %s is failing (%s); buffering and retrying until it is back",
@@ -232,7 +262,11 @@ class MlflowLogger:
                             failures)
             failures = 0
             with self.lock:
-                self.pending.popleft()
+                # Sent records leave the queue; if finish already took the queue over (this send outlived its
+                # wait), they are in the outbox too, and a replay sends them again: at least once, never lost.
+                for record in batch:
+                    if self.pending and self.pending[0] is record:
+                        self.pending.popleft()
 
     def _pause(self, seconds: float) -> None:
         """Back-off: waits `seconds`, but at most 1 s once the job is ending, and returns when closing."""
@@ -356,14 +390,17 @@ def replay(path: Path, client: MlflowClient | None = None) -> list[dict]:
     with open(path) as handle:
         header, *records = [json.loads(line) for line in handle if line.strip()]
     client = client or MlflowClient(tracking_uri=header["tracking_uri"])
-    for sent, record in enumerate(records):
+    sent = 0
+    while sent < len(records):
+        batch = leading_batch(records[sent:])
         try:
-            send(client, header["run_id"], record)
+            send_batch(client, header["run_id"], batch)
         except Exception as err:  # noqa: BLE001 - reported, and kept for the next replay
             log.warning("replay stopped at record %d of %d: %s", sent + 1, len(records), str(err).splitlines()[0])
             left = records[sent:]
             path.write_text("".join(json.dumps(r) + "\n" for r in [header, *left]))
             return left
+        sent += len(batch)
     path.unlink()
     remove_staged(path.with_suffix(""))
     return []
