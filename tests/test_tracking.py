@@ -239,10 +239,10 @@ def test_demo_run_has_params_metric_series_and_artifacts(tmp_path):
 def test_a_backlog_of_metrics_goes_in_few_calls_and_in_order():
     records = [{"kind": "metrics", "step": s, "timestamp": 0, "metrics": {"a": 1.0, "b": 2.0}} for s in range(600)]
     records.insert(3, {"kind": "tags", "tags": {"t": "1"}})
-    batches, rest = [], list(records)
-    while rest:
-        batches.append(leading_batch(rest))
-        rest = rest[len(batches[-1]):]
+    batches, start = [], 0
+    while start < len(records):
+        batches.append(leading_batch(records, start))
+        start += len(batches[-1])
     assert [b for batch in batches for b in batch] == records, "every record once, in order"
     per_call = MAX_METRICS_PER_BATCH // 2
     assert [len(b) for b in batches] == [3, 1] + [per_call] * (597 // per_call) + [597 % per_call], \

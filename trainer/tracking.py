@@ -117,14 +117,14 @@ def metric_entities(record: dict) -> list[Metric]:
     return [Metric(k, v, record["timestamp"], record["step"]) for k, v in record["metrics"].items()]
 
 
-def leading_batch(records: collections.deque | list) -> list[dict]:
-    """The records to send in one call: the first one, and when it holds metrics, the metrics records right
+def leading_batch(records: collections.deque | list, start: int = 0) -> list[dict]:
+    """The records to send in one call: records[start], and when it holds metrics, the metrics records right
     behind it while they fit in one MLflow log_batch (a backlog after an outage drains in few requests)."""
-    batch = [records[0]]
-    if records[0]["kind"] != "metrics":
+    batch = [records[start]]
+    if batch[0]["kind"] != "metrics":
         return batch
-    count = len(records[0]["metrics"])
-    for record in itertools.islice(records, 1, None):
+    count = len(batch[0]["metrics"])
+    for record in itertools.islice(records, start + 1, None):
         if record["kind"] != "metrics" or count + len(record["metrics"]) > MAX_METRICS_PER_BATCH:
             break
         batch.append(record)
@@ -392,7 +392,7 @@ def replay(path: Path, client: MlflowClient | None = None) -> list[dict]:
     client = client or MlflowClient(tracking_uri=header["tracking_uri"])
     sent = 0
     while sent < len(records):
-        batch = leading_batch(records[sent:])
+        batch = leading_batch(records, sent)
         try:
             send_batch(client, header["run_id"], batch)
         except Exception as err:  # noqa: BLE001 - reported, and kept for the next replay
