@@ -2,7 +2,11 @@
 
     python -m sharding.plan --config configs/X.yaml --world-size N [--device cuda --hbm-gb 80] [key=value ...]
 
-plans the job's tables for a hypothetical cluster without starting it (planning on paper).
+plans the job's tables for a hypothetical cluster without starting it (planning on paper). With
+`--items`, `--users` and `--mean-history` it plans tables of that size before any data exists (features
+and their statistics are then those of `data.path` where it is prepared, else none), prints each rank's
+memory and the planner's estimated step time, and when the tables cannot fit names the smallest world
+size that fits.
 
 Batch size and per-feature pooling factors come from the prepared data's metadata, not from the
 planner's defaults; allowed sharding types and the compute kernel come from config and are
@@ -13,25 +17,28 @@ sharding/tables.py, which the model declares too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.planner.types import ParameterConstraints, PlannerError, ShardingOption, Stats
 from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingConfig
 
 from config import ConfigError, ShardingConfig, load_config
 from data.errors import DataError
 from data.keys import SEQUENCE_KEY, candidate_feature, history_window
-from data.schema import Metadata
+from data.schema import METADATA_FILE, SCHEMA_VERSION, Metadata
 from sharding.tables import sequence_table_configs, table_configs
 
 CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
+MAX_WORLD_SIZE = 1 << 16  # the search for a world size that fits gives up beyond this
 GPU_SHARDING_TYPES = CPU_SHARDING_TYPES + ("row_wise", "table_row_wise")
 
 
@@ -90,16 +97,33 @@ def constraints(cfg: ShardingConfig, tables: list[BaseEmbeddingConfig], meta: Me
     return out
 
 
+class BestPlan(Stats):
+    """Keeps the planner's chosen sharding options (with their storage and perf estimates) for `per_rank`."""
+
+    def __init__(self):
+        self.options: list[ShardingOption] = []
+
+    def log(self, sharding_plan, topology, batch_size, storage_reservation, num_proposals, num_plans, run_time,
+            best_plan, *args, **kwargs) -> None:
+        self.options = list(best_plan)
+
+
 def build_plan(module: torch.nn.Module, tables: list[BaseEmbeddingConfig], cfg: ShardingConfig, meta: Metadata,
                batch_size: int, world_size: int, device: torch.device, process_group=None,
-               hbm_gb: float | None = None) -> ShardingPlan:
+               hbm_gb: float | None = None, host_gb: float | None = None, local_world_size: int | None = None,
+               stats: Stats | None = None) -> ShardingPlan:
     """The plan for `module`'s tables (checked with `check_types` first); collective when a process group is
     given, so all ranks agree."""
     topology_args = {"world_size": world_size, "compute_device": device.type}
     if hbm_gb is not None:
         topology_args["hbm_cap"] = int(hbm_gb * 2**30)
+    if host_gb is not None:
+        topology_args["ddr_cap"] = int(host_gb * 2**30)
+    if local_world_size is not None:
+        topology_args["local_world_size"] = min(local_world_size, world_size)
     planner = EmbeddingShardingPlanner(topology=Topology(**topology_args), batch_size=batch_size,
-                                       constraints=constraints(cfg, tables, meta))
+                                       constraints=constraints(cfg, tables, meta),
+                                       stats=[stats] if stats is not None else None)
     sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
     if process_group is not None:
         return planner.collective_plan(module, sharders, process_group)
@@ -122,6 +146,117 @@ def plan_as_json(plan: ShardingPlan) -> str:
     return json.dumps(out, indent=2)
 
 
+def every_type(cfg: ShardingConfig, sequence_tables: list[EmbeddingConfig], device: torch.device) -> ShardingConfig:
+    """`cfg` letting the planner choose among every type `device` runs (EmbeddingCollection tables: all but
+    data_parallel)."""
+    types = list(possible_types(device))
+    unpooled = [t for t in types if t != "data_parallel"]
+    return dataclasses.replace(cfg, sharding_types=types, per_table={t.name: unpooled for t in sequence_tables})
+
+
+def paper_metadata(base: Metadata | None, items: int | None, users: int | None,
+                   mean_history: float | None) -> Metadata:
+    """`base` (the prepared data's metadata, or an empty catalogue) with the given sizes: every history
+    pooling factor, and the transformer's sequence length, become `mean_history`."""
+    if base is None:
+        base = Metadata(schema_version=SCHEMA_VERSION, source={"kind": "paper"}, split={}, filters={},
+                        max_history=0, num_users=0, num_items=0, counts={})
+    changes = {}
+    if items is not None:
+        changes["num_items"] = items
+    if users is not None:
+        changes["num_users"] = users
+    if mean_history is not None:
+        changes.update(mean_history_length=mean_history, mean_sequence_length=mean_history,
+                       max_history=max(base.max_history, int(mean_history)))
+    return dataclasses.replace(base, **changes)
+
+
+def per_rank(options: list[ShardingOption], world_size: int) -> list[dict]:
+    """Per rank: HBM and host bytes of its shards (optimizer state and the planner's I/O estimates
+    included) and the planner's estimated step time in ms (forward, backward and communication)."""
+    ranks = [{"rank": r, "hbm_bytes": 0, "host_bytes": 0, "step_ms": 0.0, "shards": 0} for r in range(world_size)]
+    for option in options:
+        for shard in option.shards:
+            row = ranks[shard.rank]
+            row["shards"] += 1
+            row["hbm_bytes"] += shard.storage.hbm if shard.storage else 0
+            row["host_bytes"] += shard.storage.ddr if shard.storage else 0
+            row["step_ms"] += shard.perf.total if shard.perf else 0.0
+    return ranks
+
+
+def describe(options: list[ShardingOption], ranks: list[dict], hbm_gb: float | None, host_gb: float | None,
+             device: torch.device) -> str:
+    """The chosen sharding type per table, then one line per rank."""
+    gib = float(2**30)
+    lines = [f"{'table':24} {'rows':>14} {'dim':>5} {'sharding type':18} {'kernel':8} shards"]
+    for o in options:
+        lines.append(f"{o.name:24} {o.tensor.shape[0]:>14,} "
+                     f"{o.tensor.shape[1]:>5} {o.sharding_type:18} {o.compute_kernel:8} {len(o.shards)}")
+    hbm = f" of {hbm_gb:g}" if hbm_gb else ""
+    host = f" of {host_gb:g}" if host_gb else ""
+    memory = f"HBM GiB{hbm}" if device.type == "cuda" else f"memory GiB{host}"
+    lines.append("")
+    lines.append(f"{'ranks':>9} {memory:>16} {'host GiB' + host:>16} {'est. step ms':>13} {'shards':>7}")
+    rows = [(f"{r['hbm_bytes'] / gib:>16.2f} {r['host_bytes'] / gib:>16.2f} {r['step_ms']:>13.2f} "
+             f"{r['shards']:>7}") for r in ranks]
+    start = 0
+    for i in range(1, len(rows) + 1):  # consecutive ranks with the same figures share a line
+        if i == len(rows) or rows[i] != rows[start]:
+            span = str(start) if i - 1 == start else f"{start}-{i - 1}"
+            lines.append(f"{span:>9} {rows[start]}")
+            start = i
+    return "\n".join(lines)
+
+
+def smallest_fitting_world(fits, world_size: int, step: int) -> int | None:
+    """The smallest multiple of `step` above `world_size` for which `fits(n)` holds (doubling, then bisecting),
+    or None up to MAX_WORLD_SIZE."""
+    low, high = world_size, None
+    n = max(world_size * 2, step)
+    while n <= MAX_WORLD_SIZE:
+        if fits(n):
+            high = n
+            break
+        low, n = n, n * 2
+    if high is None:
+        return None
+    while high - low > step:
+        mid = (low + high) // 2 // step * step
+        if mid <= low:
+            break
+        if fits(mid):
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def plan_or_explain(plan_for, world_size: int, stats: Stats, paper: bool, step: int,
+                    tables: list[BaseEmbeddingConfig]) -> ShardingPlan:
+    """`plan_for(world_size)`, or a ShardingError that (on paper) names the smallest world size that fits."""
+    try:
+        return plan_for(world_size, stats)
+    except PlannerError as err:
+        if not paper:
+            raise ShardingError(f"the tables do not fit {world_size} ranks: {str(err).splitlines()[0]}") from err
+
+        def fits(n: int) -> bool:
+            try:
+                plan_for(n)
+                return True
+            except PlannerError:
+                return False
+
+        smallest = smallest_fitting_world(fits, world_size, step)
+        size = sum(t.num_embeddings * t.embedding_dim * 4 for t in tables) / 2**30
+        where = f"the smallest world size that fits is {smallest}" if smallest else \
+            f"no world size up to {MAX_WORLD_SIZE} fits"
+        raise ShardingError(f"the tables ({size:,.1f} GiB of fp32 weights before optimizer state) do not fit "
+                            f"{world_size} ranks with these sharding types; {where}") from err
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sharding.plan", description="Plans the job's tables for a "
                                      "cluster of the given size without starting it.")
@@ -129,26 +264,61 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--hbm-gb", type=float, help="memory per device (GPU HBM), in GiB")
+    parser.add_argument("--host-gb", type=float, help="host memory per rank, in GiB (planner default 128)")
+    parser.add_argument("--ranks-per-host", type=int, help="ranks per host, for the communication estimates "
+                        "(default: every rank on one host)")
+    parser.add_argument("--items", type=float, help="plan for this many items (e.g. 1e9) instead of the data's")
+    parser.add_argument("--users", type=float, help="plan a user-id table of this many users (sets "
+                        "loader.use_user_id=true)")
+    parser.add_argument("--mean-history", type=float, help="mean history / sequence length: the pooling factor "
+                        "of the history features")
+    parser.add_argument("--all-types", action="store_true", help="let the planner choose among every sharding "
+                        "type the device can run, instead of sharding.sharding_types")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_intermixed_args(argv)
+    paper = args.items is not None or args.users is not None or args.mean_history is not None
     try:
-        cfg = load_config(args.config, args.overrides)
-        meta = Metadata.load(cfg.data.path)
+        overrides = list(args.overrides) + (["loader.use_user_id=true"] if args.users is not None else [])
+        cfg = load_config(args.config, overrides)
+        device = torch.device(args.device)
+        for name, value in (("--items", args.items), ("--users", args.users), ("--mean-history", args.mean_history)):
+            if value is not None and not value >= 1:
+                raise ShardingError(f"{name} must be at least 1, got {value:g}")
+        prepared = (Path(cfg.data.path) / METADATA_FILE).is_file()
+        meta = Metadata.load(cfg.data.path) if prepared or not paper else None
+        if paper:
+            meta = paper_metadata(meta, None if args.items is None else int(args.items),
+                                  None if args.users is None else int(args.users), args.mean_history)
         bags, sequences = table_configs(meta, cfg.loader, cfg.model), sequence_table_configs(meta, cfg.model)
         tables = bags + sequences
-        device = torch.device(args.device)
+        if args.all_types:
+            cfg = dataclasses.replace(cfg, sharding=every_type(cfg.sharding, sequences, device))
         check_types(cfg.sharding, tables, device)
         modules = {"ebc": EmbeddingBagCollection(tables=bags, device=torch.device("meta"))} if bags else {}
         if sequences:
             modules["ec"] = EmbeddingCollection(tables=sequences, device=torch.device("meta"))
         module = torch.nn.ModuleDict(modules)
-        plan = build_plan(module, tables, cfg.sharding, meta, cfg.loader.batch_size + cfg.loader.num_negatives,
-                          args.world_size, device, hbm_gb=args.hbm_gb)
+        batch = cfg.loader.batch_size + cfg.loader.num_negatives
+
+        def plan_for(world_size: int, stats: Stats | None = None) -> ShardingPlan:
+            return build_plan(module, tables, cfg.sharding, meta, batch, world_size, device, hbm_gb=args.hbm_gb,
+                              host_gb=args.host_gb, local_world_size=args.ranks_per_host, stats=stats)
+
+        best = BestPlan()
+        plan = plan_or_explain(plan_for, args.world_size, best, paper, args.ranks_per_host or 1, tables)
     except (ConfigError, DataError, ShardingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(plan_as_json(plan) if args.json else plan)
+    if args.json:
+        out = json.loads(plan_as_json(plan))
+        if paper:
+            out = {"plan": out, "ranks": per_rank(best.options, args.world_size)}
+        print(json.dumps(out, indent=2))
+    elif paper:
+        print(describe(best.options, per_rank(best.options, args.world_size), args.hbm_gb, args.host_gb, device))
+    else:
+        print(plan)
     return 0
 
 

@@ -39,13 +39,19 @@ def test_latest_skips_incomplete_checkpoints(tmp_path):
     assert checkpoint.latest(tmp_path / "nowhere") is None
 
 
+TOWER_ARGS = {"bags": [], "transformer": ["model.query_tower=transformer", "loader.max_sequence_length=20"]}
+
+
 @pytest.mark.slow
-def test_resume_from_a_mid_epoch_checkpoint_is_exact(tiny_data, tmp_path):
-    ckpt, every = tmp_path / "ckpt", 30
-    per_epoch = len(open_loader(tiny_data, LoaderConfig(batch_size=64)))
+@pytest.mark.parametrize("tower", ["bags", "transformer"])
+def test_resume_from_a_mid_epoch_checkpoint_is_exact(tiny_data, tmp_path, tower):
+    ckpt = tmp_path / "ckpt"
+    loader = LoaderConfig(batch_size=64, max_sequence_length=20)
+    per_epoch = len(open_loader(tiny_data, loader, query_tower=tower))
+    every = 30 if tower == "bags" else 4
     # Streaming logQ too: its estimator's state goes through the checkpoint like the model's.
     args = ["train.epochs=2", "tracking.enabled=false", f"checkpoint.every_steps={every}", "checkpoint.keep_last=10",
-            "loss.frequency=streaming"]
+            "loss.frequency=streaming", *TOWER_ARGS[tower]]
     subprocess.run([sys.executable, *trainer_cmd(tiny_data, ckpt, tmp_path / "a.json", *args)], cwd=ROOT,
                    check=True, capture_output=True)
     expected = sorted(set(range(every, 2 * per_epoch + 1, every)) | {per_epoch, 2 * per_epoch})
@@ -89,14 +95,17 @@ def start_and_kill_a_rank(tiny_data: Path, tmp_path: Path, max_restarts: int, *e
 
 
 @pytest.mark.slow
-def test_sigkilled_rank_restarts_resumes_and_finishes_in_the_same_run(tiny_data, tmp_path):
+@pytest.mark.parametrize("tower", ["bags", "transformer"])
+def test_sigkilled_rank_restarts_resumes_and_finishes_in_the_same_run(tiny_data, tmp_path, tower):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code, out, _ = start_and_kill_a_rank(tiny_data, tmp_path, 1, "train.epochs=3", "checkpoint.every_steps=10",
-                                         f"tracking.uri={uri}")
+    every = 10 if tower == "bags" else 3
+    code, out, _ = start_and_kill_a_rank(tiny_data, tmp_path, 1, "train.epochs=3", f"checkpoint.every_steps={every}",
+                                         f"tracking.uri={uri}", *TOWER_ARGS[tower])
     assert code == 0, out[-4000:]
     assert "resumed from" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
-    per_rank = len(open_loader(tiny_data, LoaderConfig(batch_size=64), rank=0, world_size=2))
+    loader = LoaderConfig(batch_size=64, max_sequence_length=20)
+    per_rank = len(open_loader(tiny_data, loader, rank=0, world_size=2, query_tower=tower))
     assert summary["steps"] == 3 * per_rank, "the step count of an uninterrupted run"
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("two-tower").experiment_id])

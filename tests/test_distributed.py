@@ -1,6 +1,6 @@
 """Cross-rank behaviour with real processes on gloo: the gradient of the all-gather, 2 processes
-training exactly like 1 process on the concatenated batch, every CPU sharding type, and exporting
-what they wrote."""
+training exactly like 1 process on the concatenated batch (both towers), every CPU sharding type, and
+exporting what they wrote."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def select_rows(batch: TrainBatch, rows: np.ndarray) -> TrainBatch:
 def deterministic_tables(dmp) -> None:
     """Same embedding values however the tables are sharded (DMP's own init depends on placement)."""
     for key, value in dmp.state_dict().items():
-        if "embedding_bags" not in key:
+        if "embedding_bags" not in key and ".embeddings." not in key:
             continue
         rows, dim = value.size()
         full = torch.randn(rows, dim, generator=torch.Generator().manual_seed(zlib.crc32(key.encode()))) * 0.1
@@ -140,6 +140,67 @@ def test_two_processes_train_like_one_on_the_concatenated_batch(parity_data, tmp
             for (r0, c0), shard in rank["params"].get(key, []):
                 torch.testing.assert_close(shard, expected[r0:r0 + shard.shape[0], c0:c0 + shard.shape[1]],
                                            rtol=1e-4, atol=1e-6, msg=key)
+
+
+SEQUENCE_OVERRIDES = ["model.query_tower=transformer", "loader.max_sequence_length=6", "loader.feature_dropout=0",
+                      "model.dropout=0", "model.blocks=1", "model.heads=2", "loader.history_bags=[1, 0]",
+                      f"loader.num_negatives={S}", "model.hidden_dims=[32]", "model.output_dim=16",
+                      "model.item_dim=16", "model.feature_dim=8", "tracking.enabled=false", "loss.temperature=0.2",
+                      "optim.sparse=sgd", "optim.sparse_lr=0.5", "optim.dense=sgd", "optim.dense_lr=0.5",
+                      "train.collective_timeout_s=60"]
+
+
+def sequence_parity_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+    """The transformer tower: each rank trains on its half of the sequence rows of one process's batches, with
+    the same mixed negatives (built by one loader, as rank 0 of a world of one would)."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    from trainer import distributed
+    from trainer.train import build
+
+    rows = 2 * B // world
+    job = build(load_config(None, [f"data.path={data}", f"loader.batch_size={rows}"] + SEQUENCE_OVERRIDES),
+                distributed.init("cpu"))
+    deterministic_tables(job.model.dmp)
+    source = open_loader(data, load_config(None, [f"loader.batch_size={2 * B}"] + SEQUENCE_OVERRIDES).loader,
+                         query_tower="transformer")
+    pairs = list(source.index_batches(0))
+    batches = [source.make_batch(block, idx[rank * rows:(rank + 1) * rows], 0, index)
+               for index, (block, idx) in list(enumerate(pairs))[:STEPS - 1] + [(len(pairs) - 1, pairs[-1])]]
+    iterator = iter(batches)
+    losses = [float(job.model.pipeline.progress(iterator)["loss"]) for _ in range(STEPS)]
+    params = {}
+    for key, value in job.model.dmp.state_dict().items():
+        if hasattr(value, "local_shards"):
+            params[key] = [(shard.metadata.shard_offsets, shard.tensor.clone()) for shard in value.local_shards()]
+        elif "head." in key:
+            params[key] = [((0, 0), value.clone())]
+    torch.save({"losses": losses, "params": params, "positions": [int(b.positions.numel()) for b in batches]},
+               Path(out) / f"seq-{world}-{rank}.pt")
+    distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_transformer_like_one_on_the_concatenated_batch(parity_data, tmp_path):
+    """Losses and SGD updates of the item table, the feature tables and every dense weight, across a padded last
+    batch; the ranks' distinct targets overlap, and the loss keeps each once, as one process does."""
+    for world in (1, 2):
+        mp.spawn(sequence_parity_worker, args=(world, free_port(), str(parity_data), str(tmp_path)), nprocs=world)
+    single = torch.load(tmp_path / "seq-1-0.pt")
+    ranks = [torch.load(tmp_path / f"seq-2-{r}.pt") for r in range(2)]
+    assert ranks[0]["positions"][-1] != ranks[1]["positions"][-1], "the last batch gives the ranks unequal positions"
+    torch.testing.assert_close(torch.tensor(single["losses"]),
+                               (torch.tensor(ranks[0]["losses"]) + torch.tensor(ranks[1]["losses"])) / 2,
+                               rtol=1e-4, atol=1e-5)
+    assert any("head." in key for key in single["params"]) and any(".embeddings." in k for k in single["params"])
+    for key, [(_, expected)] in single["params"].items():
+        for rank in ranks:
+            for (r0, c0), shard in rank["params"].get(key, []):
+                if "head." in key:
+                    torch.testing.assert_close(shard, expected, rtol=1e-4, atol=1e-5, msg=key)
+                    continue
+                torch.testing.assert_close(shard, expected[r0:r0 + shard.shape[0], c0:c0 + shard.shape[1]],
+                                           rtol=1e-4, atol=1e-5, msg=key)
 
 
 def sharding_worker(rank: int, world: int, port: int, data: str, sharding_type: str, out: str) -> None:

@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
-from config import LoaderConfig, ModelConfig, ShardingConfig
+from config import LoaderConfig, ModelConfig, ShardingConfig, load_config
+from data.keys import SEQUENCE_KEY
 from data.schema import Metadata
-from sharding.plan import ShardingError, check_types, pooling_factor
+from sharding.plan import ShardingError, check_types, paper_metadata, pooling_factor
 from sharding.plan import main as plan_main
-from sharding.tables import table_configs
+from sharding.tables import sequence_table_configs, table_configs
 from tests.conftest import synthetic_dataset
 
 
@@ -52,3 +53,48 @@ def test_plan_on_paper_for_eight_gpus(small, capsys):
     assert plan_main(["--config", "configs/synthetic.yaml", f"data.path={small}", "--world-size", "2",
                       "sharding.per_table={item_ids: [row_wise]}"]) == 2
     assert "CPU cannot run" in capsys.readouterr().err
+
+
+def test_paper_sizes_set_the_tables_and_the_pooling_factors():
+    meta = paper_metadata(None, items=10**9, users=10**8, mean_history=300.0)
+    assert (meta.item_vocab, meta.user_vocab) == (10**9 + 1, 10**8 + 1)
+    assert pooling_factor(SEQUENCE_KEY, meta) == 300.0 and pooling_factor("hist_all", meta) == 300.0
+    assert pooling_factor("hist_last10", meta) == 10.0
+    cfg = load_config("configs/ml1m_transformer.yaml", ["loader.use_user_id=true"])
+    tables = {t.name: t.num_embeddings for t in table_configs(meta, cfg.loader, cfg.model)
+              + sequence_table_configs(meta, cfg.model)}
+    assert tables == {"item_ids": 10**9 + 1, "user_ids": 10**8 + 1}, "no data: no feature tables"
+
+
+@pytest.mark.parametrize("config", ["configs/ml1m.yaml", "configs/ml1m_transformer.yaml"])
+def test_plan_on_paper_before_the_data_exists_reports_every_rank(config, tmp_path, capsys):
+    args = ["--config", config, f"data.path={tmp_path / 'not-prepared'}", "--world-size", "4", "--device", "cuda",
+            "--hbm-gb", "2", "--items", "1e7", "--users", "1e6", "--mean-history", "300", "--all-types", "--json"]
+    assert plan_main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    items = next(v for k, v in out["plan"].items() if k.endswith("item_ids"))
+    assert sum(s["sizes"][0] for s in items["shards"]) == 10**7 + 1
+    assert items["sharding_type"] in ("row_wise", "table_row_wise", "column_wise", "table_column_wise"), \
+        "2.4 GiB of item table (and its optimizer state) cannot sit whole on one 2 GiB device"
+    ranks = out["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1, 2, 3]
+    weights = (10**7 + 1 + 10**6 + 1) * 64 * 4
+    assert weights <= sum(r["hbm_bytes"] for r in ranks) and all(r["hbm_bytes"] <= 2 * 2**30 for r in ranks)
+    assert all(r["step_ms"] > 0 for r in ranks)
+    assert plan_main(args[:-1]) == 0
+    table = capsys.readouterr().out
+    assert "est. step ms" in table and "HBM GiB of 2" in table and len(table.splitlines()) >= 4 + 2
+
+
+def test_plan_on_paper_that_cannot_fit_names_the_smallest_world_size(tmp_path, capsys):
+    args = ["--config", "configs/ml1m_transformer.yaml", f"data.path={tmp_path}", "--device", "cuda",
+            "--hbm-gb", "80", "--items", "1e10", "--mean-history", "300", "--all-types"]
+    assert plan_main(args + ["--world-size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "do not fit 8 ranks" in err
+    smallest = int(err.split("the smallest world size that fits is ")[1].split()[0])
+    assert plan_main(args + ["--world-size", str(smallest), "--json"]) == 0
+    capsys.readouterr()
+    assert plan_main(args + ["--world-size", str(smallest - 1)]) == 2, "the smallest: one rank fewer does not fit"
+    assert plan_main(args + ["--world-size", "2", "--items", "0"]) == 2
+    assert "--items must be at least 1" in capsys.readouterr().err

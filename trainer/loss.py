@@ -210,10 +210,10 @@ class CandidateLogQ:
 
 
     def distinct(self, candidate_ids: torch.Tensor, positives: torch.Tensor, set_sizes: torch.Tensor) -> torch.Tensor:
-        """log Q for the transformer's candidates: each rank contributes the *distinct* targets of its P_r
-        positions, so item j is among them with probability 1 - (1 - p(j))^P_r (streaming: 1 - exp(-P_r/P
-        times the estimated count per step)), summed over ranks, plus S q(j) for the mixed negatives.
-        `positives` are the global batch's position targets (0: padding), `set_sizes` the P_r."""
+        """log Q for the transformer's candidates: the *distinct* targets of the global batch's P positions hold
+        item j with probability 1 - (1 - p(j))^P (streaming: 1 - exp(-estimated count per step)), plus S q(j)
+        for the mixed negatives. `positives` are the global batch's position targets (0: padding), `set_sizes`
+        the sizes of the sets that were made distinct (one: P), each contributing its term."""
         sizes = set_sizes.double()[:, None]
         if self.streaming is not None:
             self.streaming.update(positives)
@@ -266,11 +266,12 @@ def padded_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 class SequenceRetrievalLoss(torch.nn.Module):
-    """The transformer's loss: every real position against the batch's distinct targets (gathered from every
-    rank, each rank's set padded to the largest with id 0, which is masked) plus the rank's mixed negatives.
-    A position's own column is its target's; any other column holding that item (a negative, or the same
-    item in another rank's set) is an accidental hit and is masked. The loss is the sum over positions
-    divided by the global number of positions over the world size, as in `RetrievalLoss`."""
+    """The transformer's loss: every real position against the global batch's distinct targets plus the rank's
+    mixed negatives. Across ranks the distinct targets are one set: every rank's set is gathered (padded to
+    the largest with id 0) and each item kept once, at its first copy, so a world of W ranks builds the same
+    candidates as one process on the concatenated batch. A position's own column is its target's; any other
+    column holding that item (a mixed negative) is an accidental hit and is masked. The loss is the sum over
+    positions divided by the global number of positions over the world size, as in `RetrievalLoss`."""
 
     def __init__(self, temperature: float, in_batch: bool, logq_on_positive: bool, log_q: CandidateLogQ | None,
                  max_logits: int = DEFAULT_MAX_LOGITS, world_size: int = 1):
@@ -283,20 +284,30 @@ class SequenceRetrievalLoss(torch.nn.Module):
         positives, positive_ids = candidates[:u], batch.candidate_ids[:u]
         own = batch.own_column
         targets = positive_ids[own]
-        all_targets, set_sizes = targets, torch.tensor([own.numel()], device=query.device)
+        all_targets, positions = targets, torch.tensor([own.numel()], device=query.device)
         if self.world_size > 1:
             width = torch.tensor([u, own.numel()], device=query.device)
             dist.all_reduce(width, op=dist.ReduceOp.MAX)
-            set_sizes = all_gather_ids(set_sizes)
+            dist.all_reduce(positions)
             all_targets = all_gather_ids(padded_rows(targets, int(width[1])))
-            positives = all_gather_with_grad(padded_rows(positives, int(width[0])))
-            positive_ids = all_gather_ids(padded_rows(positive_ids, int(width[0])))
-            own = own + dist.get_rank() * int(width[0])
+            positives, positive_ids = global_distinct(all_gather_with_grad(padded_rows(positives, int(width[0]))),
+                                                      all_gather_ids(padded_rows(positive_ids, int(width[0]))))
+            own = torch.searchsorted(positive_ids, targets)
         ids = torch.cat([positive_ids, batch.candidate_ids[u:]])
-        log_q = self.log_q.distinct(ids, all_targets, set_sizes) if self.log_q is not None else None
+        log_q = self.log_q.distinct(ids, all_targets, positions) if self.log_q is not None else None
         bias = column_bias(ids, log_q, len(positive_ids), self.in_batch)
         own_bias = -log_q[own] if log_q is not None and self.logq_on_positive else torch.zeros_like(query[:, 0])
         total = softmax_cross_entropy(query, torch.cat([positives, candidates[u:]]), bias, own, own_bias,
                                       accidental_hits(targets, ids, own), torch.ones_like(query[:, 0]),
                                       self.temperature, self.max_logits)
-        return total / (set_sizes.sum() / self.world_size).clamp(min=1e-6)
+        return total / (positions.sum() / self.world_size).clamp(min=1e-6)
+
+
+def global_distinct(embeddings: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of the gathered per-rank distinct targets, each real item once (its first copy, so its gradient
+    flows back to one rank) in ascending id order, as `np.unique` orders a single process's set."""
+    distinct, inverse = torch.unique(ids, return_inverse=True)
+    first = torch.full(distinct.shape, len(ids), dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
+    real = distinct > 0
+    return embeddings[first[real]], distinct[real]

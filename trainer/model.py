@@ -165,8 +165,10 @@ class SequenceHead(nn.Module):
         """The causal stack's output at `positions` (row * width + step, width = the longest row), followed by
         the history bags there."""
         d = history.shape[1]
-        if len(positions) == 0:
+        if len(lengths) == 0:  # no sequence rows (the catalogue's candidates only)
             return history.new_zeros(0, d * (1 + len(self.bags)))
+        # A batch without positions (a rank's all-padding last batch) still runs the stack, so that every rank
+        # builds the same autograd graph and DDP's gradient all-reduce meets on all of them.
         lengths = lengths.long()
         width = max(int(lengths.max()), 1)
         items = padded(history, lengths, width)
