@@ -38,37 +38,45 @@ from data.schema import METADATA_FILE, SCHEMA_VERSION, Metadata
 from sharding.tables import sequence_table_configs, table_configs
 
 CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
-MAX_WORLD_SIZE = 1 << 16  # the search for a world size that fits gives up beyond this
 GPU_SHARDING_TYPES = CPU_SHARDING_TYPES + ("row_wise", "table_row_wise")
+# EmbeddingCollection (unpooled) tables: TorchRec has no table-column-wise sharder for them, and data-parallel
+# fails; row-wise runs on CPU too (tests/test_distributed.py trains each of these on two processes).
+UNPOOLED_SHARDING_TYPES = ("table_wise", "column_wise", "row_wise")
+MAX_WORLD_SIZE = 1 << 16  # the search for a world size that fits gives up beyond this
 
 
 class ShardingError(ValueError):
     pass
 
 
-def possible_types(device: torch.device) -> tuple[str, ...]:
+def possible_types(device: torch.device, unpooled: bool = False) -> tuple[str, ...]:
+    if unpooled:
+        return UNPOOLED_SHARDING_TYPES
     return GPU_SHARDING_TYPES if device.type == "cuda" else CPU_SHARDING_TYPES
 
 
 def check_types(cfg: ShardingConfig, tables: list[BaseEmbeddingConfig], device: torch.device) -> None:
-    """Fails before any work when config asks for a placement this device cannot run."""
-    allowed = possible_types(device)
+    """Fails before any work when config asks for a placement this device (or, for an EmbeddingCollection
+    table, TorchRec's sharder) cannot run, naming the config key and the possible types."""
     names = {t.name for t in tables}
-    for t in tables:
-        if isinstance(t, EmbeddingConfig) and "data_parallel" in cfg.per_table.get(t.name, cfg.sharding_types):
-            raise ShardingError(f"table '{t.name}' is an unpooled EmbeddingCollection table, which TorchRec cannot "
-                                f"shard data_parallel; set sharding.per_table.{t.name} to other types")
     unknown = sorted(set(cfg.per_table) - names)
     if unknown:
         raise ShardingError(f"sharding.per_table names unknown tables {unknown}; tables are {sorted(names)}")
     for where, types in [("sharding.sharding_types", cfg.sharding_types)] + [
             (f"sharding.per_table.{name}", types) for name, types in cfg.per_table.items()]:
-        bad = [t for t in types if t not in allowed]
+        if not types:
+            raise ShardingError(f"{where} is empty; possible on {device.type}: {list(possible_types(device))}")
+    for t in tables:
+        unpooled = isinstance(t, EmbeddingConfig)
+        where = f"sharding.per_table.{t.name}" if t.name in cfg.per_table else "sharding.sharding_types"
+        allowed = possible_types(device, unpooled)
+        bad = [x for x in cfg.per_table.get(t.name, cfg.sharding_types) if x not in allowed]
+        if bad and unpooled:
+            raise ShardingError(f"{where} asks for {bad} for '{t.name}', an unpooled EmbeddingCollection table, "
+                                f"which TorchRec shards only as {list(allowed)}; set sharding.per_table.{t.name}")
         if bad:
             raise ShardingError(f"{where} asks for {bad}, which {device.type.upper()} cannot run; possible on "
                                 f"{device.type}: {list(allowed)}")
-        if not types:
-            raise ShardingError(f"{where} is empty; possible on {device.type}: {list(allowed)}")
 
 
 def pooling_factor(feature: str, meta: Metadata) -> float:
@@ -147,11 +155,11 @@ def plan_as_json(plan: ShardingPlan) -> str:
 
 
 def every_type(cfg: ShardingConfig, sequence_tables: list[EmbeddingConfig], device: torch.device) -> ShardingConfig:
-    """`cfg` letting the planner choose among every type `device` runs (EmbeddingCollection tables: all but
-    data_parallel)."""
-    types = list(possible_types(device))
-    unpooled = [t for t in types if t != "data_parallel"]
-    return dataclasses.replace(cfg, sharding_types=types, per_table={t.name: unpooled for t in sequence_tables})
+    """`cfg` letting the planner choose among every type `device` runs (for EmbeddingCollection tables, every type
+    TorchRec shards them with)."""
+    unpooled = list(possible_types(device, unpooled=True))
+    return dataclasses.replace(cfg, sharding_types=list(possible_types(device)),
+                               per_table={t.name: unpooled for t in sequence_tables})
 
 
 def paper_metadata(base: Metadata | None, items: int | None, users: int | None,

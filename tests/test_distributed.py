@@ -19,6 +19,7 @@ from config import dump, load_config
 from data.batch import TrainBatch, make_kjt
 from data.loader import open_loader
 from serving.model import ExportedModel
+from sharding.plan import UNPOOLED_SHARDING_TYPES
 from tests.conftest import synthetic_dataset
 from trainer.collectives import all_gather_with_grad
 from trainer.distributed import free_port
@@ -203,23 +204,27 @@ def test_two_processes_train_the_transformer_like_one_on_the_concatenated_batch(
                                            rtol=1e-4, atol=1e-5, msg=key)
 
 
-def sharding_worker(rank: int, world: int, port: int, data: str, sharding_type: str, out: str) -> None:
+def sharding_worker(rank: int, world: int, port: int, data: str, sharding_type: str, out: str,
+                    tower: str = "bags") -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     from trainer import checkpoint, distributed
     from trainer.train import build
 
+    # The transformer: the EmbeddingCollection's item table gets the type, the EBC's feature tables table_wise.
+    types = [f"sharding.sharding_types=[{sharding_type}]"] if tower == "bags" else \
+        [f"model.query_tower={tower}", "loader.max_sequence_length=6", "sharding.sharding_types=[table_wise]",
+         f"sharding.per_table={{item_ids: [{sharding_type}]}}"]
     cfg = load_config(None, [f"data.path={data}", "loader.batch_size=32", "loader.num_negatives=16",
                              "model.hidden_dims=[32]", "model.output_dim=16", "model.item_dim=16",
-                             "model.feature_dim=8", "tracking.enabled=false",
-                             f"sharding.sharding_types=[{sharding_type}]"])
+                             "model.feature_dim=8", "tracking.enabled=false", *types])
     job = build(cfg, distributed.init("cpu"))
 
     def tables():
         """This rank's copy of every table it holds: a local shard, or a replica (data-parallel)."""
         out = {}
         for key, value in job.model.dmp.state_dict().items():
-            if "embedding_bags" not in key:
+            if "embedding_bags" not in key and ".embeddings." not in key:
                 continue
             if not hasattr(value, "local_shards"):
                 out[key] = value.detach().clone()
@@ -233,6 +238,11 @@ def sharding_worker(rank: int, world: int, port: int, data: str, sharding_type: 
     after = tables()
     plan = json.loads(job.model.plan_json)
     changed = {k: bool((before[k] - after[k]).abs().max() > 0) for k in before}
+    if tower == "transformer":
+        torch.save({"losses": losses, "types": {k: v["sharding_type"] for k, v in plan.items()},
+                    "changed": changed}, Path(out) / f"{tower}-{sharding_type}-{rank}.pt")
+        distributed.shutdown()
+        return
     # The sharded model's scores on this rank's first validation batch, and its weights for export.
     checkpoint.save_model(job.model.dmp, Path(out) / f"{sharding_type}-model", {"epoch": 0, "step": 4}, dump(cfg))
     job.model.pipeline.detach()
@@ -263,3 +273,19 @@ def test_each_cpu_sharding_type_trains_on_two_processes(parity_data, tmp_path, s
             query = model.tower.query(result["features"]).numpy()
         torch.testing.assert_close(torch.from_numpy(query @ model.embeddings.T),
                                    result["scores"][:, torch.from_numpy(model.item_ids)], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding_type", [t for t in UNPOOLED_SHARDING_TYPES if t != "table_wise"])
+def test_each_cpu_sharding_type_of_the_item_collection_trains_the_transformer(parity_data, tmp_path, sharding_type):
+    """Every type TorchRec shards an EmbeddingCollection with on CPU (table_wise: the parity test above;
+    sharding.plan refuses data_parallel and table_column_wise for it, naming these)."""
+    mp.spawn(sharding_worker, args=(2, free_port(), str(parity_data), sharding_type, str(tmp_path), "transformer"),
+             nprocs=2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"transformer-{sharding_type}-{rank}.pt")
+        assert result["types"].pop("towers.ec.item_ids") == sharding_type
+        assert set(result["types"].values()) == {"table_wise"}, result["types"]
+        assert all(np.isfinite(result["losses"]))
+        assert result["changed"] and all(result["changed"].values()), ("every local table shard was updated",
+                                                                       result["changed"])

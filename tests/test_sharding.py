@@ -98,3 +98,17 @@ def test_plan_on_paper_that_cannot_fit_names_the_smallest_world_size(tmp_path, c
     assert plan_main(args + ["--world-size", str(smallest - 1)]) == 2, "the smallest: one rank fewer does not fit"
     assert plan_main(args + ["--world-size", "2", "--items", "0"]) == 2
     assert "--items must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("types", [["data_parallel"], ["table_column_wise"]])
+def test_the_item_collection_refuses_types_torchrec_cannot_shard_it_with(small, types):
+    meta = Metadata.load(small)
+    model = ModelConfig(query_tower="transformer")
+    tables = table_configs(meta, LoaderConfig(), model) + sequence_table_configs(meta, model)
+    with pytest.raises(ShardingError) as err:
+        check_types(ShardingConfig(sharding_types=types), tables, torch.device("cpu"))
+    message = str(err.value)
+    assert "sharding.sharding_types" in message and "'item_ids'" in message and "sharding.per_table.item_ids" in message
+    assert "['table_wise', 'column_wise', 'row_wise']" in message and "\n" not in message
+    check_types(ShardingConfig(sharding_types=types, per_table={"item_ids": ["row_wise"]}), tables,
+                torch.device("cpu"))
