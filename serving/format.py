@@ -1,7 +1,8 @@
 """The export format: what `trainer/export.py` writes and `serving/model.py` reads.
 
     <export>/export.json      the manifest below: architecture, query semantics, provenance, index
-    <export>/query_tower.pt   the plain query tower's state dict (torch.load(weights_only=True))
+    <export>/query_tower.pt   the plain query tower's state dict (torch.load(weights_only=True)): PlainTowers'
+                              (bags) or PlainSequenceTower's (transformer), as the manifest's query_tower.kind
     <export>/items.parquet    item, raw_id, title, freq, embedding (L2-normalised, fixed_size_list<float32>)
     <export>/items.faiss      ANN index over the embeddings, inner product (ids = item)
     <export>/id_maps/         raw value -> id of each query feature (and of users, with a user table)
@@ -10,7 +11,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from serving.plain import TableSpec
@@ -43,6 +44,10 @@ class QueryTower:
     max_history: int
     use_user_id: bool
     features: list[dict]  # {"name": user or context feature, "multi": is a list}
+    kind: str = "bags"  # model.query_tower: "bags", or "transformer" (serving/sequence.py)
+    # transformer: shape (serving.sequence.SequenceShape), item_vocab, max_length, candidate_dim; history_bags
+    # are then its causal bags
+    sequence: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """An export directory (serving/format.py) loaded for serving, without TorchRec.
 
-Loading needs torch, numpy, pyarrow and faiss only: the query tower is plain `nn.EmbeddingBag`s
-loaded with `torch.load(weights_only=True)`, the items are Parquet and the index is faiss. A query
-is built by `data.keys.QueryLayout`, the code the training loader uses.
+Loading needs torch, numpy, pyarrow and faiss only: the query tower is plain `nn.EmbeddingBag`s (bags) or
+`serving.sequence.PlainSequenceTower` (transformer) loaded with `torch.load(weights_only=True)`, the items are
+Parquet and the index is faiss. A query is built by `data.keys.QueryLayout`, the code the training loader
+uses; the transformer's sequence is the history's last `max_length` ids, oldest first, as its loader cuts it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from serving.format import (
     check_complete,
 )
 from serving.plain import PlainTowers
+from serving.sequence import PlainSequenceTower, SequenceShape
 
 
 class ExportedModel:
@@ -36,12 +38,19 @@ class ExportedModel:
         check_complete(self.directory)
         self.manifest = Manifest.load(self.directory)
         tower = self.manifest.query_tower
-        self.layout = QueryLayout.of(tower.history_bags, tower.use_user_id,
+        self.sequence = tower.kind == "transformer"
+        self.layout = QueryLayout.of(() if self.sequence else tower.history_bags, tower.use_user_id,
                                      [(f["name"], f["multi"]) for f in tower.features])
         if self.layout.keys != tower.query_keys:
             raise ExportError(f"{self.directory}: the manifest's query keys {tower.query_keys} are not those of its "
                               f"query layout {self.layout.keys}")
-        self.tower = PlainTowers(tower.tables, tower.query_keys, [], tower.hidden_dims, tower.output_dim)
+        if self.sequence:
+            seq = tower.sequence
+            self.tower = PlainSequenceTower(SequenceShape(**seq["shape"]), seq["item_vocab"], seq["max_length"],
+                                            tower.tables, tower.query_keys, seq["candidate_dim"],
+                                            tuple(tower.history_bags))
+        else:
+            self.tower = PlainTowers(tower.tables, tower.query_keys, [], tower.hidden_dims, tower.output_dim)
         self.tower.load_state_dict(torch.load(self.directory / QUERY_TOWER_FILE, weights_only=True))
         self.tower.eval()
         items = pq.read_table(self.directory / ITEM_EMBEDDINGS_FILE)
@@ -72,6 +81,16 @@ class ExportedModel:
         return {key: (torch.from_numpy(lengths), torch.from_numpy(values))
                 for key, (lengths, values) in zip(self.layout.keys, arrays)}
 
+    def sequence_input(self, history: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer's (lengths, ids) of one query: the last `max_length` of the history's last
+        `max_history` ids (the prepared data's cut, then the loader's), oldest first."""
+        tower = self.manifest.query_tower
+        ids = np.asarray(history[-tower.max_history:][-tower.sequence["max_length"]:], dtype=np.int64)
+        return torch.tensor([len(ids)]), torch.from_numpy(ids)
+
     def encode(self, history: list[int], features: dict[str, list[int]], user: int = PAD_ID) -> np.ndarray:
         with torch.no_grad():
-            return self.tower.query(self.query_input(history, features, user)).numpy()[0]
+            inputs = self.query_input(history, features, user)
+            if self.sequence:
+                return self.tower.query(*self.sequence_input(history), inputs).numpy()[0]
+            return self.tower.query(inputs).numpy()[0]

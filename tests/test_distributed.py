@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 from config import dump, load_config
 from data.batch import TrainBatch, make_kjt
+from data.keys import SEQUENCE_KEY
 from data.loader import open_loader
 from serving.model import ExportedModel
 from sharding.plan import UNPOOLED_SHARDING_TYPES
@@ -238,20 +239,35 @@ def sharding_worker(rank: int, world: int, port: int, data: str, sharding_type: 
     after = tables()
     plan = json.loads(job.model.plan_json)
     changed = {k: bool((before[k] - after[k]).abs().max() > 0) for k in before}
-    if tower == "transformer":
-        torch.save({"losses": losses, "types": {k: v["sharding_type"] for k, v in plan.items()},
-                    "changed": changed}, Path(out) / f"{tower}-{sharding_type}-{rank}.pt")
-        distributed.shutdown()
-        return
     # The sharded model's scores on this rank's first validation batch, and its weights for export.
-    checkpoint.save_model(job.model.dmp, Path(out) / f"{sharding_type}-model", {"epoch": 0, "step": 4}, dump(cfg))
+    checkpoint.save_model(job.model.dmp, Path(out) / f"{tower}-{sharding_type}-model", {"epoch": 0, "step": 4},
+                          dump(cfg))
     job.model.pipeline.detach()
+    job.model.dmp.eval()
     batch = next(iter(job.data.eval_loaders["valid"].epoch(0)))
     scores = job.model.scorer(job.data, torch.device("cpu"))(batch)
+    history = batch.sequence[SEQUENCE_KEY] if tower == "transformer" else None
     torch.save({"losses": losses, "types": {k: v["sharding_type"] for k, v in plan.items()}, "changed": changed,
-                "scores": scores, "features": kjt_features(batch.sparse)},
-               Path(out) / f"{sharding_type}-{rank}.pt")
+                "scores": scores, "features": kjt_features(batch.sparse),
+                "sequence": None if history is None else (history.lengths().long(), history.values())},
+               Path(out) / f"{tower}-{sharding_type}-{rank}.pt")
     distributed.shutdown()
+
+
+def check_export_scores_like_the_sharded_model(out: Path, tower: str, sharding_type: str) -> None:
+    """Export reassembles the shards of both ranks into one unsharded model that scores like the sharded one."""
+    export(out / f"{tower}-{sharding_type}-model", out / "export")
+    model = ExportedModel(out / "export")
+    assert model.manifest.query_tower.kind == tower
+    for rank in range(2):
+        result = torch.load(out / f"{tower}-{sharding_type}-{rank}.pt")
+        with torch.no_grad():
+            if result["sequence"] is not None:
+                query = model.tower.query(*result["sequence"], result["features"]).numpy()
+            else:
+                query = model.tower.query(result["features"]).numpy()
+        torch.testing.assert_close(torch.from_numpy(query @ model.embeddings.T),
+                                   result["scores"][:, torch.from_numpy(model.item_ids)], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -259,20 +275,12 @@ def sharding_worker(rank: int, world: int, port: int, data: str, sharding_type: 
 def test_each_cpu_sharding_type_trains_on_two_processes(parity_data, tmp_path, sharding_type):
     mp.spawn(sharding_worker, args=(2, free_port(), str(parity_data), sharding_type, str(tmp_path)), nprocs=2)
     for rank in range(2):
-        result = torch.load(tmp_path / f"{sharding_type}-{rank}.pt")
+        result = torch.load(tmp_path / f"bags-{sharding_type}-{rank}.pt")
         assert set(result["types"].values()) == {sharding_type}, result["types"]
         assert all(np.isfinite(result["losses"]))
         assert result["changed"] and all(result["changed"].values()), ("every local table shard was updated",
                                                                        result["changed"])
-    # Export reassembles the shards of both ranks into one unsharded model that scores like the sharded one.
-    export(tmp_path / f"{sharding_type}-model", tmp_path / "export")
-    model = ExportedModel(tmp_path / "export")
-    for rank in range(2):
-        result = torch.load(tmp_path / f"{sharding_type}-{rank}.pt")
-        with torch.no_grad():
-            query = model.tower.query(result["features"]).numpy()
-        torch.testing.assert_close(torch.from_numpy(query @ model.embeddings.T),
-                                   result["scores"][:, torch.from_numpy(model.item_ids)], rtol=1e-5, atol=1e-5)
+    check_export_scores_like_the_sharded_model(tmp_path, "bags", sharding_type)
 
 
 @pytest.mark.slow
@@ -289,3 +297,4 @@ def test_each_cpu_sharding_type_of_the_item_collection_trains_the_transformer(pa
         assert all(np.isfinite(result["losses"]))
         assert result["changed"] and all(result["changed"].values()), ("every local table shard was updated",
                                                                        result["changed"])
+    check_export_scores_like_the_sharded_model(tmp_path, "transformer", sharding_type)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from config import ExportConfig, dump, load_config
+from data.keys import SEQUENCE_KEY
 from data.schema import Metadata
 from serving import index as ann
 from serving.model import ExportedModel
@@ -32,28 +33,43 @@ def recommend(*args: str, module: str = "serving.recommend") -> subprocess.Compl
                           timeout=300)
 
 
-@pytest.fixture(scope="module")
-def exported(tiny_data, tmp_path_factory):
-    """A dev-mode model trained for a few steps, its model snapshot, and the export written from it."""
+TOWERS = {"bags": {}, "transformer": {"model.query_tower": "transformer", "loader.max_sequence_length": 20}}
+
+
+def tower_queries(model: ExportedModel, batch) -> np.ndarray:
+    """The exported tower's queries of a loader's evaluation batch (the transformer's from its sequence)."""
+    features = kjt_features(batch.sparse)
+    with torch.no_grad():
+        if model.sequence:
+            history = batch.sequence[SEQUENCE_KEY]
+            return model.tower.query(history.lengths().long(), history.values(), features).numpy()
+        return model.tower.query(features).numpy()
+
+
+@pytest.fixture(scope="module", params=sorted(TOWERS))
+def exported(request, tiny_data, tmp_path_factory):
+    """A dev-mode model of each tower trained for a few steps, its model snapshot, and the export written
+    from it: every test below runs for both towers."""
     tmp = tmp_path_factory.mktemp("export")
-    cfg = tiny_config(tiny_data)
+    cfg = tiny_config(tiny_data, **TOWERS[request.param])
     job = build(cfg, distributed.init("cpu"))
     batches = iter(job.data.train_loader.epoch(0))
     for _ in range(8):
         job.model.pipeline.progress(batches)
     checkpoint.save_model(job.model.dmp, tmp / "best", {"epoch": 0, "step": 8}, dump(cfg))
     job.model.pipeline.detach()
+    job.model.dmp.eval()  # as the trainer evaluates: the transformer's dropout off
     batch = next(iter(job.data.eval_loaders["valid"].epoch(0)))
     scores = job.model.scorer(job.data, torch.device("cpu"))(batch)
     manifest = export(tmp / "best", tmp / "out")
     return SimpleNamespace(dir=tmp / "out", manifest=manifest, batch=batch, scores=scores, data=tiny_data,
-                           checkpoint=tmp / "best")
+                           checkpoint=tmp / "best", tower=request.param)
 
 
 def test_exported_towers_score_like_the_training_model(exported):
     model = ExportedModel(exported.dir)
-    with torch.no_grad():
-        query = model.tower.query(kjt_features(exported.batch.sparse)).numpy()
+    assert model.manifest.query_tower.kind == exported.tower
+    query = tower_queries(model, exported.batch)
     torch.testing.assert_close(torch.from_numpy(query @ model.embeddings.T),
                                exported.scores[:, torch.from_numpy(model.item_ids)], rtol=1e-5, atol=1e-5)
     assert exported.manifest.index["recall@10"] >= 0.95
@@ -79,8 +95,7 @@ def test_a_query_built_from_raw_inputs_matches_the_loaders(exported):
     """What the recommend CLI builds from a history and feature values is what training fed the tower."""
     model = ExportedModel(exported.dir)
     rows = pq.read_table(exported.data / "valid.parquet").slice(0, 40).to_pylist()
-    with torch.no_grad():
-        expected = model.tower.query(kjt_features(exported.batch.sparse)).numpy()[:40]
+    expected = tower_queries(model, exported.batch)[:40]
     for row, want in zip(rows, expected):
         features = {name: row[name] if multi else [row[name]] for name, multi in model.features.items()}
         np.testing.assert_allclose(model.encode(row["history"], features), want, rtol=1e-5, atol=1e-6)

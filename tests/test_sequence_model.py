@@ -15,11 +15,11 @@ from config import ConfigError, ModelConfig, load_config
 from data.batch import make_kjt
 from data.keys import ITEM_KEY, SEQUENCE_KEY
 from data.schema import Metadata
+from serving.sequence import CausalBlock, Dropout, SequenceHead, causal_attention, causal_bags, padded
 from tests.conftest import tiny_config
 from tests.test_train import pipelined_and_plain_losses
 from trainer import distributed
 from trainer.evaluate import evaluate
-from trainer.model import CausalBlock, Dropout, SequenceHead, causal_attention, causal_bags, padded
 from trainer.train import build, train
 
 TRANSFORMER = {"model.query_tower": "transformer", "loader.batch_size": 32, "loader.max_sequence_length": 12}

@@ -26,8 +26,8 @@ from data import schema
 from data.atomic import atomic_directory
 from data.catalogue import Catalogue
 from data.errors import DataError
-from data.keys import QueryLayout, candidate_keys
-from data.loader import EvalLoader
+from data.keys import ITEM_KEY, SEQUENCE_KEY, QueryLayout, candidate_keys
+from data.loader import open_loader
 from serving import index as ann
 from serving.format import (
     EMBEDDING_COLUMN,
@@ -41,6 +41,7 @@ from serving.format import (
     QueryTower,
 )
 from serving.plain import Features, PlainTowers, TableSpec
+from serving.sequence import PlainSequenceTower, SequenceShape
 from sharding.tables import table_configs
 from trainer import checkpoint
 from trainer.evaluate import catalogue_embeddings
@@ -90,14 +91,61 @@ def query_side(model: PlainTowers) -> PlainTowers:
     return tower
 
 
-def split_queries(tower: PlainTowers, cfg: JobConfig, split: str, limit: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Query embeddings of up to `limit` users of a split, and each one's seen items."""
-    loader = EvalLoader(cfg.data.path, cfg.loader, split, min(limit, cfg.eval.batch_size))
+def sequence_shape(cfg: JobConfig) -> SequenceShape:
+    m = cfg.model
+    return SequenceShape(m.item_dim, m.blocks, m.heads, m.dropout, list(m.hidden_dims), m.output_dim)
+
+
+def plain_sequence_tower(cfg: JobConfig, meta: schema.Metadata, query_only: bool = False) -> PlainSequenceTower:
+    """The transformer towers in plain PyTorch: every EBC table (item features embed the catalogue), or with
+    `query_only` just the tables the query reads (the exported tower)."""
+    layout = QueryLayout.for_data(meta, (), cfg.loader.use_user_id)
+    tables = table_specs(table_configs(meta, cfg.loader, cfg.model))
+    dims = {f: t.dim for t in tables for f in t.features}
+    features = candidate_keys([f.name for f in meta.item_features])[1:]
+    if query_only:
+        keys = set(layout.keys)
+        tables = [TableSpec(t.name, t.num_embeddings, t.dim, tuple(f for f in t.features if f in keys))
+                  for t in tables if keys & set(t.features)]
+    return PlainSequenceTower(sequence_shape(cfg), meta.item_vocab, cfg.loader.max_sequence_length, tables,
+                              layout.keys, sum(dims[k] for k in features), tuple(cfg.loader.history_bags))
+
+
+class PlainSequenceWeights:
+    """`PlainSequenceTower` as a checkpoint component, under the sharded SequenceTwoTower's names."""
+
+    def __init__(self, model: PlainSequenceTower):
+        self.model = model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"towers.ec.embeddings.item_ids.weight": self.model.items.weight.detach()}
+        state.update({f"towers.ebc.embedding_bags.{name}.weight": bag.weight.detach()
+                      for name, bag in self.model.tables.items()})
+        state.update({f"towers.head.{k}": v for k, v in self.model.head.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """DCP loaded into the tensors of `state_dict()`, which are the model's own: nothing left to do."""
+
+
+def split_queries(tower: PlainTowers | PlainSequenceTower, cfg: JobConfig, split: str,
+                  limit: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Query embeddings of up to `limit` users of a split, and each one's seen items, as the training evaluator
+    builds the queries (the transformer's from its sequence loader)."""
+    sequence = isinstance(tower, PlainSequenceTower)
+    loader = open_loader(cfg.data.path, cfg.loader, split, batch_size=min(limit, cfg.eval.batch_size),
+                         query_tower="transformer" if sequence else "bags")
     queries, seen = [], []
     with torch.no_grad():
         for batch in loader.epoch(0):
             rows = batch.row_mask.nonzero().squeeze(1).numpy()
-            queries.append(tower.query(kjt_features(batch.sparse)).numpy()[rows])
+            features = kjt_features(batch.sparse)
+            if sequence:
+                history = batch.sequence[SEQUENCE_KEY]
+                encoded = tower.query(history.lengths().long(), history.values(), features)
+            else:
+                encoded = tower.query(features)
+            queries.append(encoded.numpy()[rows])
             offsets, values = batch.seen_offsets.numpy(), batch.seen_values.numpy()
             seen += [values[offsets[r]:offsets[r + 1]] for r in rows]
             if len(seen) >= limit:
@@ -134,17 +182,26 @@ def export(path: str | Path, out: str | Path, cfg: JobConfig | None = None, over
         if not (path / name).is_file():
             raise DataError(path / name, None, "a complete checkpoint directory (step-N or best)", "no such file")
     cfg = cfg or load_config(path / checkpoint.CONFIG_FILE, overrides)
-    if cfg.model.query_tower != "bags":
-        raise ConfigError(f"{path}: a model.query_tower={cfg.model.query_tower} checkpoint; export (plain modules "
-                          f"for serving) is built for the bags tower only so far")
     state = checkpoint.read_state(path)
     meta = schema.Metadata.load(cfg.data.path)
-    model = plain_towers(cfg, meta)
-    checkpoint.read({"model": PlainWeights(model)}, path, no_dist=True)
-    model.eval()
     catalogue = Catalogue(Path(cfg.data.path), meta)
-    items = catalogue_embeddings(lambda kjt: model.candidate(kjt_features(kjt)), catalogue, [],
-                                 model.candidate_keys).numpy()
+    item_features = candidate_keys([f.name for f in meta.item_features])
+    if cfg.model.query_tower == "transformer":
+        model = plain_sequence_tower(cfg, meta)
+        checkpoint.read({"model": PlainSequenceWeights(model)}, path, no_dist=True)
+        model.eval()
+        items = catalogue_embeddings(lambda kjt: model.candidate(kjt_features(kjt), ITEM_KEY, item_features[1:]),
+                                     catalogue, [], item_features).numpy()
+        tower = plain_sequence_tower(cfg, meta, query_only=True)
+        tower.load_state_dict({k: v for k, v in model.state_dict().items() if k in tower.state_dict()})
+        tower.eval()
+    else:
+        model = plain_towers(cfg, meta)
+        checkpoint.read({"model": PlainWeights(model)}, path, no_dist=True)
+        model.eval()
+        items = catalogue_embeddings(lambda kjt: model.candidate(kjt_features(kjt)), catalogue, [],
+                                     model.candidate_keys).numpy()
+        tower = query_side(model)
     table = items_table(Path(cfg.data.path), items)
     ids = table.column(schema.ITEM).to_numpy()
     vectors = items[ids]
@@ -152,18 +209,23 @@ def export(path: str | Path, out: str | Path, cfg: JobConfig | None = None, over
     x = cfg.export
     index = ann.build(vectors, ids, x.index, x.hnsw_m, x.hnsw_ef_construction, x.hnsw_ef_search)
     build_s = time.perf_counter() - start
-    queries, _ = split_queries(model, cfg, "valid", x.recall_queries)
+    queries, _ = split_queries(tower, cfg, "valid", x.recall_queries)
     _, approx = ann.search(index, queries, RECALL_K)
     _, exact = ann.exact_search(vectors, ids, queries, RECALL_K)
-    tower = query_side(model)
     state = state.get("loop", state)  # a step-N checkpoint nests the loop state; `best` holds it flat
+    sequence = {}
+    if isinstance(tower, PlainSequenceTower):
+        sequence = {"shape": sequence_shape(cfg).as_dict(), "item_vocab": meta.item_vocab,
+                    "max_length": cfg.loader.max_sequence_length,
+                    "candidate_dim": model.head.candidate_mlp[0].in_features - cfg.model.item_dim}
     manifest = Manifest(
         dim=cfg.model.output_dim, temperature=cfg.loss.temperature, filter_seen=cfg.eval.filter_seen,
         query_tower=QueryTower(tables=tower.specs, query_keys=tower.query_keys, hidden_dims=cfg.model.hidden_dims,
                                output_dim=cfg.model.output_dim, history_bags=cfg.loader.history_bags,
                                max_history=meta.max_history, use_user_id=cfg.loader.use_user_id,
                                features=[{"name": f.name, "multi": f.multi}
-                                         for f in meta.user_features + meta.context_features]),
+                                         for f in meta.user_features + meta.context_features],
+                               kind=cfg.model.query_tower, sequence=sequence),
         items={"count": len(ids)},
         index={"kind": x.index, "m": x.hnsw_m, "ef_construction": x.hnsw_ef_construction,
                "ef_search": x.hnsw_ef_search, "build_s": build_s, f"recall@{RECALL_K}": ann.recall_at_k(approx, exact),

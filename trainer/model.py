@@ -15,8 +15,6 @@ as a leaf, so its data-dependent code is not traced.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,6 +27,7 @@ from data.catalogue import Catalogue
 from data.keys import ITEM_KEY, SEQUENCE_KEY, QueryLayout, candidate_keys
 from data.schema import Metadata
 from serving.plain import TableSpec, mlp
+from serving.sequence import SequenceHead
 from sharding.tables import sequence_table_configs, table_configs
 from trainer.evaluate import catalogue_embeddings
 
@@ -65,127 +64,6 @@ class TwoTower(nn.Module):
 
     def query_embeddings(self, batch, device: torch.device) -> torch.Tensor:
         return self.towers(batch.sparse.to(device), batch.row_mask.shape[0])[0]
-
-
-class Dropout(nn.Module):
-    """Inverted dropout drawn as uniform >= p: the distribution of nn.Dropout, about 2.5x faster on CPU, where
-    torch's bernoulli_ is the slowest op of the transformer step."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        return x * ((torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p)))
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: Dropout) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + causal mask) v, with dropout on the attention weights. torch's
-    scaled_dot_product_attention does this, except where it would draw the dropout with bernoulli_ on the
-    CPU (about 40 ms per call on ML-1M batches): there the weights are formed here and `dropout` applied."""
-    if not (dropout.training and dropout.p > 0 and q.device.type == "cpu"):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                              dropout_p=dropout.p if dropout.training else 0.0)
-    n = q.shape[-2]
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
-    return dropout(scores.masked_fill(future, float("-inf")).softmax(dim=-1)) @ v
-
-
-class CausalBlock(nn.Module):
-    """Pre-norm transformer block: x + attention(norm(x)), then x + feed-forward(norm(x)); causal attention
-    (a position sees itself and the positions before it)."""
-
-    def __init__(self, dim: int, heads: int, dropout: float, device: torch.device):
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.attention_norm = nn.LayerNorm(dim, device=device)
-        self.qkv = nn.Linear(dim, 3 * dim, device=device)
-        self.out = nn.Linear(dim, dim, device=device)
-        self.ff_norm = nn.LayerNorm(dim, device=device)
-        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim, device=device), nn.GELU(), Dropout(dropout),
-                                nn.Linear(4 * dim, dim, device=device))
-        self.drop = Dropout(dropout)
-        self.attention_dropout = Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(self.attention_norm(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attended = causal_attention(q, k, v, self.attention_dropout)
-        x = x + self.drop(self.out(attended.transpose(1, 2).reshape(b, n, d)))
-        return x + self.drop(self.ff(self.ff_norm(x)))
-
-
-def padded(values: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """(rows, width, d) from jagged rows (values (sum(lengths), d)), left-aligned, zeros after each row."""
-    rows = torch.repeat_interleave(torch.arange(len(lengths), device=values.device), lengths)
-    starts = torch.cumsum(lengths, 0) - lengths
-    step = torch.arange(len(values), device=values.device) - torch.repeat_interleave(starts, lengths)
-    out = values.new_zeros(len(lengths) * width, values.shape[1])
-    return out.index_copy(0, rows * width + step, values).view(len(lengths), width, values.shape[1])
-
-
-def causal_bags(x: torch.Tensor, windows: list[int]) -> list[torch.Tensor]:
-    """Per window k, the mean of the last min(k, t + 1) items at every step t of the padded rows x (B, n, d)
-    (k = 0: every item so far): the bag tower's last-k bags for every position at once, from cumulative
-    sums. Steps past a row's length are never read."""
-    n = x.shape[1]
-    sums = F.pad(x.cumsum(dim=1), (0, 0, 1, 0))  # sums[:, t + 1] = x[:, :t + 1].sum(1)
-    steps = torch.arange(1, n + 1, device=x.device, dtype=x.dtype)[None, :, None]
-    out = []
-    for k in windows:
-        start = torch.zeros(n, dtype=torch.long, device=x.device) if k == 0 else \
-            (torch.arange(n, device=x.device) + 1 - k).clamp(min=0)
-        out.append((sums[:, 1:] - sums[:, start]) / (steps if k == 0 else steps.clamp(max=k)))
-    return out
-
-
-class SequenceHead(nn.Module):
-    """Everything after the lookups: positions, the causal stack, the history bags (`loader.history_bags`,
-    mean-pooled causally from the same lookup), feature fusion, both MLPs."""
-
-    def __init__(self, cfg: ModelConfig, max_length: int, query_dim: int, candidate_dim: int, device: torch.device,
-                 bags: tuple[int, ...] = ()):
-        super().__init__()
-        self.bags = list(bags)
-        self.scale = math.sqrt(cfg.item_dim)
-        self.position = nn.Embedding(max_length, cfg.item_dim, device=device)
-        self.input_dropout = Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(CausalBlock(cfg.item_dim, cfg.heads, cfg.dropout, device)
-                                    for _ in range(cfg.blocks))
-        self.norm = nn.LayerNorm(cfg.item_dim, device=device)
-        self.query_mlp = mlp(cfg.item_dim * (1 + len(self.bags)) + query_dim, cfg.hidden_dims, cfg.output_dim,
-                             device)
-        self.candidate_mlp = mlp(cfg.item_dim + candidate_dim, cfg.hidden_dims, cfg.output_dim, device)
-        nn.init.normal_(self.position.weight, std=0.02)
-
-    def encode(self, history: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The causal stack's output at `positions` (row * width + step, width = the longest row), followed by
-        the history bags there."""
-        d = history.shape[1]
-        if len(lengths) == 0:  # no sequence rows (the catalogue's candidates only)
-            return history.new_zeros(0, d * (1 + len(self.bags)))
-        # A batch without positions (a rank's all-padding last batch) still runs the stack, so that every rank
-        # builds the same autograd graph and DDP's gradient all-reduce meets on all of them.
-        lengths = lengths.long()
-        width = max(int(lengths.max()), 1)
-        items = padded(history, lengths, width)
-        x = self.input_dropout(items * self.scale + self.position.weight[:width])
-        for block in self.blocks:
-            x = block(x)
-        parts = [self.norm(x)] + causal_bags(items, self.bags)
-        return torch.cat([p.reshape(-1, d)[positions] for p in parts], dim=1)
-
-    def forward(self, history: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
-                query_features: list[torch.Tensor], items: torch.Tensor,
-                item_features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised queries at `positions` of the sequence rows (`lengths`) and candidates."""
-        encoded = self.encode(history, lengths, positions)
-        query = self.query_mlp(torch.cat([encoded] + query_features, dim=1))
-        candidate = self.candidate_mlp(torch.cat([items] + item_features, dim=1))
-        return F.normalize(query, dim=-1), F.normalize(candidate, dim=-1)
 
 
 class SequenceTwoTower(nn.Module):
