@@ -3,6 +3,7 @@ kubernetes and slurm forms through `torchx run --dryrun`."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -87,14 +88,16 @@ def test_local_jobs_declare_the_free_port_they_use(monkeypatch, recwarn):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nnodes,nproc", [(1, 2), (2, 1)])
-def test_local_cwd_trains_across_processes_into_one_mlflow_run(tiny_data, tmp_path, nnodes, nproc):
+@pytest.mark.parametrize("nnodes,nproc,tower", [(1, 2, "bags"), (2, 1, "bags"), (1, 2, "transformer"),
+                                                (2, 1, "transformer")])
+def test_local_cwd_trains_across_processes_into_one_mlflow_run(tiny_data, tmp_path, nnodes, nproc, tower):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    towers = ["model.query_tower=transformer", "loader.max_sequence_length=20"] if tower == "transformer" else []
     result = torchx("run", "--wait", "--log", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'torchx'}",
                     "launch/components.py:train",
                     "--nnodes", str(nnodes), "--nproc_per_node", str(nproc), "--env", f"MLFLOW_TRACKING_URI={uri}",
-                    f"data.path={tiny_data}", *TINY, "export.enabled=true", f"export.dir={tmp_path / 'exports'}",
-                    f"checkpoint.dir={tmp_path / 'ckpt'}")
+                    f"data.path={tiny_data}", *TINY, *towers, "export.enabled=true",
+                    f"export.dir={tmp_path / 'exports'}", f"checkpoint.dir={tmp_path / 'ckpt'}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("two-tower").experiment_id])
@@ -107,4 +110,6 @@ def test_local_cwd_trains_across_processes_into_one_mlflow_run(tiny_data, tmp_pa
     # Both ranks wrote the best epoch's shards under checkpoint.dir; rank 0 exported them into the run.
     assert run.data.metrics["export/index_recall_at_10"] >= 0.95
     assert (tmp_path / "exports" / run.info.run_id / "query_tower.pt").is_file()
+    manifest = json.loads((tmp_path / "exports" / run.info.run_id / "export.json").read_text())
+    assert manifest["query_tower"]["kind"] == tower
     assert "export" in {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -234,10 +234,7 @@ class Trainer:
             summary["popularity_valid"] = self.evaluate("valid", popularity)
             summary["popularity_test"] = self.evaluate("test", popularity)
         if self.env.is_main and cfg.export.enabled:
-            if cfg.model.query_tower == "transformer":
-                log.warning("export skipped: exporting the transformer query tower for serving is not built yet "
-                            "(the bags tower exports); the test metrics above are complete")
-            elif self.best.directory is not None:
+            if self.best.directory is not None:
                 summary["export"] = self.export(state.run_id)
             else:
                 log.warning("export skipped: a multi-node job keeps the best model under checkpoint.dir, on storage "
