@@ -5,7 +5,7 @@ REQS    := requirements.txt requirements-base.txt requirements-gpu.txt requireme
 DEMO    ?= prepared/synthetic
 TESTS   ?= tests
 
-.PHONY: setup demo lint test ui-screenshot bench-loader bench-quality bench-train-step bench-faults clean
+.PHONY: setup demo lint test ui-screenshot bench-loader bench-quality bench-train-step bench-serving bench-faults clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,9 @@ bench-quality: setup
 
 bench-train-step: setup
 	$(PY) -m bench.train_step
+
+bench-serving: setup  # EXPORTS="bags=exports/<run id> transformer=exports/<run id>"
+	$(PY) -m bench.serving_latency --export $(EXPORTS)
 
 clean:
 	rm -rf .venv prepared

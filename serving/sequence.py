@@ -62,7 +62,7 @@ class CausalBlock(nn.Module):
     """Pre-norm transformer block: x + attention(norm(x)), then x + feed-forward(norm(x)); causal attention
     (a position sees itself and the positions before it)."""
 
-    def __init__(self, dim: int, heads: int, dropout: float, device: torch.device):
+    def __init__(self, dim: int, heads: int, dropout: float, device: torch.device | None = None):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.attention_norm = nn.LayerNorm(dim, device=device)
