@@ -152,7 +152,6 @@ def test_every_serving_entry_point_runs_without_torchrec(exported, tmp_path):
     assert fresh_interpreter("import trainer.train").stdout.strip() != "LOADED []", "the check can see TorchRec"
 
 
-@BOTH_TOWERS
 def test_recommend_skips_unknown_and_seen_ids(exported, tmp_path):
     model = ExportedModel(exported.dir)
     history = model.raw_ids[:5]
