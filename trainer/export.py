@@ -80,11 +80,16 @@ class PlainWeights:
         """DCP loaded into the tensors of `state_dict()`, which are the model's own: nothing left to do."""
 
 
+def tables_read_by(tables: list[TableSpec], keys: list[str]) -> list[TableSpec]:
+    """The tables that some of `keys` read, each with only those features: what an exported query tower keeps."""
+    wanted = set(keys)
+    return [TableSpec(t.name, t.num_embeddings, t.dim, tuple(f for f in t.features if f in wanted))
+            for t in tables if wanted & set(t.features)]
+
+
 def query_side(model: PlainTowers) -> PlainTowers:
     """The query tower alone: only the tables (and features) the query reads, and the query MLP."""
-    keys = set(model.query_keys)
-    tables = [TableSpec(t.name, t.num_embeddings, t.dim, tuple(f for f in t.features if f in keys))
-              for t in model.specs if keys & set(t.features)]
+    tables = tables_read_by(model.specs, model.query_keys)
     widths = [layer.out_features for layer in model.query_mlp if isinstance(layer, torch.nn.Linear)]
     tower = PlainTowers(tables, model.query_keys, [], widths[:-1], widths[-1])
     tower.load_state_dict({k: v for k, v in model.state_dict().items() if k in tower.state_dict()})
@@ -104,9 +109,7 @@ def plain_sequence_tower(cfg: JobConfig, meta: schema.Metadata, query_only: bool
     dims = {f: t.dim for t in tables for f in t.features}
     features = candidate_keys([f.name for f in meta.item_features])[1:]
     if query_only:
-        keys = set(layout.keys)
-        tables = [TableSpec(t.name, t.num_embeddings, t.dim, tuple(f for f in t.features if f in keys))
-                  for t in tables if keys & set(t.features)]
+        tables = tables_read_by(tables, layout.keys)
     return PlainSequenceTower(sequence_shape(cfg), meta.item_vocab, cfg.loader.max_sequence_length, tables,
                               layout.keys, sum(dims[k] for k in features), tuple(cfg.loader.history_bags))
 
