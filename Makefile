@@ -3,6 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 REQS    := requirements.txt requirements-base.txt requirements-gpu.txt requirements-torchrec.txt pyproject.toml
 DEMO    ?= prepared/synthetic
+ARGS    ?=
 TESTS   ?= tests
 
 .PHONY: setup demo lint test ui-screenshot bench-loader bench-quality bench-train-step bench-serving bench-faults clean
@@ -24,7 +25,7 @@ $(STAMP): $(REQS)
 
 demo: setup
 	$(PY) -m data.prepare synthetic --out $(DEMO) --overwrite
-	$(PY) -m trainer --config configs/synthetic.yaml data.path=$(DEMO)
+	$(PY) -m trainer --config configs/synthetic.yaml data.path=$(DEMO) $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

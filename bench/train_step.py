@@ -1,10 +1,13 @@
 """Training-step throughput: the TorchRec model against plain PyTorch, same towers, loss and batches.
 
-    torchrec      DistributedModelParallel, fused rowwise Adagrad in the backward (Adam on GPU),
-                  TrainPipelineSparseDist, dense Adam over the MLPs: what `python -m trainer` runs
-    sparse_adam   nn.EmbeddingBag(sparse=True) + SparseAdam on the tables, Adam on the MLPs: what an
-                  expert writes in plain PyTorch
-    dense_adam    nn.EmbeddingBag + one Adam over every parameter: the tutorials' way
+    torchrec           DistributedModelParallel, fused rowwise Adagrad in the backward (Adam on GPU),
+                       TrainPipelineSparseDist, dense Adam over the MLPs: what `python -m trainer` runs,
+                       its loss with one logit column per distinct candidate item (loss.merge_duplicates)
+    torchrec_unmerged  the same with loss.merge_duplicates=false: one column per candidate copy, as the
+                       plain baselines compute it; the difference is what merging buys
+    sparse_adam        nn.EmbeddingBag(sparse=True) + SparseAdam on the tables, Adam on the MLPs: what an
+                       expert writes in plain PyTorch
+    dense_adam         nn.EmbeddingBag + one Adam over every parameter: the tutorials' way
 
 A step is forward, loss (sampled softmax, in-batch + mixed negatives, logQ), backward and optimizer,
 on B=1024 queries and 1024 sampled negatives, dim 64, history bags last-1/last-10/all over up to 50
@@ -43,7 +46,7 @@ from trainer.model import table_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 
-IMPLS = ("torchrec", "sparse_adam", "dense_adam")
+IMPLS = ("torchrec", "torchrec_unmerged", "sparse_adam", "dense_adam")
 MAX_HISTORY = 50
 ZIPF = 1.0
 
@@ -87,7 +90,8 @@ def batches(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, count: int
 def loss_module(cfg: JobConfig, probs: np.ndarray, sampler: NegativeSampler) -> RetrievalLoss:
     log_q = CandidateLogQ(torch.from_numpy(probs * 1e9), torch.from_numpy(sampler.probs), cfg.loader.num_negatives,
                           cfg.loss.in_batch, cfg.loss.frequency, cfg.loss.streaming_buckets, cfg.loss.streaming_alpha)
-    return RetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive, log_q, cfg.loss.max_logits)
+    return RetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive, log_q, cfg.loss.max_logits,
+                         merge=False)
 
 
 def torchrec_step(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, sampler: NegativeSampler):
@@ -100,7 +104,8 @@ def torchrec_step(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, samp
     def step(stream) -> None:
         model.pipeline.progress(stream)
 
-    return step, "fused rowwise_adagrad (tables) + adam (MLPs), TrainPipelineSparseDist"
+    return step, (f"fused rowwise_adagrad (tables) + adam (MLPs), TrainPipelineSparseDist, "
+                  f"loss.merge_duplicates={str(cfg.loss.merge_duplicates).lower()}")
 
 
 def plain_step(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, sampler: NegativeSampler, sparse: bool):
@@ -134,12 +139,13 @@ def plain_step(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, sampler
 
 def worker(impl: str, items: int, warmup: int, steps: int) -> dict:
     torch.manual_seed(0)
-    cfg = load_config(None, ["tracking.enabled=false", "loader.history_bags=[1, 10, 0]"])
+    cfg = load_config(None, ["tracking.enabled=false", "loader.history_bags=[1, 10, 0]"]
+                      + (["loss.merge_duplicates=false"] if impl == "torchrec_unmerged" else []))
     meta = catalogue_meta(items)
     probs = popularity(items)
     data, sampler = batches(cfg, meta, probs, warmup + steps + 2, seed=0)  # the pipeline reads ahead
     rss_before = peak_rss_mib()
-    if impl == "torchrec":
+    if impl.startswith("torchrec"):
         step, optimizer = torchrec_step(cfg, meta, probs, sampler)
     else:
         step, optimizer = plain_step(cfg, meta, probs, sampler, sparse=impl == "sparse_adam")

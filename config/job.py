@@ -124,6 +124,9 @@ class LossConfig:
     # at once, which bounds the loss's memory; the result equals one big computation. 2^20 (4 MB of float32)
     # stays in cache: measured fastest on this machine for the transformer's ~14k positions x 3.5k candidates.
     max_logits: int = 1 << 20
+    # One logit column per distinct candidate item, its bias raised by log(copies): the same loss and per-item
+    # gradients as one column per copy, with fewer logits (trainer/loss.py). false: one column per copy.
+    merge_duplicates: bool = True
 
     def __post_init__(self) -> None:
         check(self.max_logits >= 1, "loss.max_logits must be >= 1")

@@ -28,6 +28,14 @@ class TableSpec:
         return {**asdict(self), "features": list(self.features)}
 
 
+def first_copies(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(distinct ids ascending, the first position of each, each position's index into the distinct ids)."""
+    distinct, inverse = torch.unique(ids, return_inverse=True)
+    rows = torch.arange(ids.shape[0], device=ids.device)  # not len(): the pipeline's FX tracer runs this
+    first = torch.full_like(distinct, ids.shape[0]).scatter_reduce_(0, inverse, rows, reduce="amin")
+    return distinct, first, inverse
+
+
 def mlp(in_dim: int, hidden: list[int], out_dim: int, device: torch.device | None = None) -> nn.Sequential:
     layers: list[nn.Module] = []
     for width in hidden:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serving.plain import Features, TableSpec, mlp
+from serving.plain import Features, TableSpec, first_copies, mlp
 
 
 @dataclass(frozen=True)
@@ -153,23 +153,30 @@ class SequenceHead(nn.Module):
         return F.normalize(self.candidate_mlp(torch.cat([items] + item_features, dim=1)), dim=-1)
 
     def forward(self, history: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
-                query_features: list[torch.Tensor], items: torch.Tensor,
-                item_features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised queries at `positions` of the sequence rows (`lengths`) and candidates."""
-        return self.query(history, lengths, positions, query_features), self.candidate(items, item_features)
+                query_features: list[torch.Tensor], items: torch.Tensor, item_features: list[torch.Tensor],
+                candidate_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised queries at `positions` of the sequence rows (`lengths`) and candidates. Given the candidate
+        rows' ids, the candidate MLP runs once per distinct item and its output is spread back to every row."""
+        query = self.query(history, lengths, positions, query_features)
+        if candidate_ids is None:
+            return query, self.candidate(items, item_features)
+        _, first, inverse = first_copies(candidate_ids)
+        distinct = self.candidate(items.index_select(0, first), [f.index_select(0, first) for f in item_features])
+        return query, distinct.index_select(0, inverse)
 
 
 class PlainSequenceTower(nn.Module):
     """The exported transformer query tower: the item table as an `nn.Embedding`, the user and context feature
     tables as mean `nn.EmbeddingBag`s, and the training `SequenceHead` (its candidate MLP included, so the
     state dict is the training model's, name for name). Parameter names: `items.weight`,
-    `tables.<table>.weight`, `head.*`."""
+    `tables.<table>.weight`, `head.*`. `sparse`: sparse gradients for the item table (the training-step
+    benchmark's SparseAdam baseline)."""
 
     def __init__(self, shape: SequenceShape, item_vocab: int, max_length: int, tables: list[TableSpec],
-                 query_keys: list[str], candidate_dim: int, bags: tuple[int, ...]):
+                 query_keys: list[str], candidate_dim: int, bags: tuple[int, ...], sparse: bool = False):
         super().__init__()
         self.specs, self.query_keys = tables, list(query_keys)
-        self.items = nn.Embedding(item_vocab, shape.item_dim)
+        self.items = nn.Embedding(item_vocab, shape.item_dim, sparse=sparse)
         self.tables = nn.ModuleDict({t.name: nn.EmbeddingBag(t.num_embeddings, t.dim, mode="mean",
                                                              include_last_offset=True) for t in tables})
         self.table_of = {f: t.name for t in tables for f in t.features}

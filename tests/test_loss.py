@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import trainer.loss as loss_module
 from trainer.loss import CandidateLogQ, StreamingFrequency, sampled_softmax_loss
 
 
@@ -40,35 +41,79 @@ def case(seed=0, b=5, s=4, d=3):
     """A batch with a duplicated positive, a negative equal to a positive, and a padding row."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.nn.functional.normalize(torch.randn(b, d, generator=gen, dtype=torch.float64), dim=1)
-    c = torch.nn.functional.normalize(torch.randn(b + s, d, generator=gen, dtype=torch.float64), dim=1)
     ids = torch.tensor([7, 3, 7, 9, 0, 3, 11, 7, 12])[: b + s]
+    # Copies of an item are one embedding, as the candidate tower makes them.
+    c = torch.nn.functional.normalize(torch.randn(13, d, generator=gen, dtype=torch.float64), dim=1)[ids]
     row_mask = ids[:b] > 0
-    log_q = torch.log(torch.rand(b + s, generator=gen, dtype=torch.float64) * 3 + 0.1)
-    return q.requires_grad_(), c.requires_grad_(), ids, row_mask, log_q
+    log_q = torch.log(torch.rand(13, generator=gen, dtype=torch.float64) * 3 + 0.1)[ids]  # log Q is per item
+    return q.requires_grad_(), c.detach().requires_grad_(), ids, row_mask, log_q
 
 
+def per_item(grad: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The gradient reaching each item: the sum over the columns holding it (what its parameters receive)."""
+    return torch.zeros(int(ids.max()) + 1, grad.shape[1], dtype=grad.dtype).index_add_(0, ids, grad)
+
+
+@pytest.mark.parametrize("merge", [False, True])
 @pytest.mark.parametrize("in_batch,use_logq,on_positive", [(True, True, True), (True, True, False),
                                                            (True, False, True), (False, True, True)])
-def test_value_and_gradient_match_brute_force(in_batch, use_logq, on_positive):
+def test_value_and_gradient_match_brute_force(in_batch, use_logq, on_positive, merge):
+    """Merged (one column per item) the gradient of each column is not the reference's, but the gradient
+    reaching each item is."""
     q, c, ids, row_mask, log_q = case()
     log_q = log_q if use_logq else None
     b = q.shape[0]
     pos = torch.arange(b)
-    args = dict(num_in_batch=b, temperature=0.3, in_batch=in_batch, logq_on_positive=on_positive)
+    args = dict(num_in_batch=b, temperature=0.3, in_batch=in_batch, logq_on_positive=on_positive, merge=merge)
     ours = sampled_softmax_loss(q, c, ids, pos, row_mask, log_q, **args)
     grad_q, grad_c = torch.autograd.grad(ours, (q, c))
     ref = brute_force(q, c, ids.tolist(), pos.tolist(), row_mask.tolist(), log_q, b, 0.3, in_batch, on_positive)
     ref_q, ref_c = torch.autograd.grad(ref, (q, c))
     assert ours.item() == pytest.approx(ref.item(), rel=1e-9, abs=1e-12)
     torch.testing.assert_close(grad_q, ref_q, rtol=1e-9, atol=1e-12)
+    if merge:
+        grad_c, ref_c = per_item(grad_c, ids), per_item(ref_c, ids)
     torch.testing.assert_close(grad_c, ref_c, rtol=1e-9, atol=1e-12)
+
+
+def random_batch(seed: int, b: int = 64, s: int = 64, items: int = 30):
+    """Many repeats: 128 candidates over 30 items, a few padding rows."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, items + 1, (b + s,), generator=gen)
+    ids[b - 3:b] = 0
+    q = torch.nn.functional.normalize(torch.randn(b, 8, generator=gen, dtype=torch.float64), dim=1)
+    table = torch.nn.functional.normalize(torch.randn(items + 1, 8, generator=gen, dtype=torch.float64), dim=1)
+    log_q = torch.log(torch.rand(items + 1, generator=gen, dtype=torch.float64) + 0.05)[ids]
+    return q.requires_grad_(), table[ids].detach().requires_grad_(), ids, ids[:b] > 0, log_q
+
+
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_merged_duplicates_equal_one_column_per_copy(in_batch):
+    q, c, ids, row_mask, log_q = random_batch(3)
+    args = dict(num_in_batch=64, temperature=0.1, in_batch=in_batch)
+    copies = sampled_softmax_loss(q, c, ids, torch.arange(64), row_mask, log_q, merge=False, **args)
+    merged = sampled_softmax_loss(q, c, ids, torch.arange(64), row_mask, log_q, merge=True, **args)
+    assert merged.item() == pytest.approx(copies.item(), rel=1e-12)
+    (gq, gc), (mq, mc) = torch.autograd.grad(copies, (q, c)), torch.autograd.grad(merged, (q, c))
+    torch.testing.assert_close(mq, gq, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(per_item(mc, ids), per_item(gc, ids), rtol=1e-10, atol=1e-12)
+
+
+def test_merging_without_the_copies_count_is_caught(monkeypatch):
+    """The log(copies) raise is what keeps the loss: a merge that drops it differs from one column per copy."""
+    q, c, ids, row_mask, log_q = random_batch(3)
+    copies = sampled_softmax_loss(q, c, ids, torch.arange(64), row_mask, log_q, num_in_batch=64, temperature=0.1,
+                                  merge=False)
+    monkeypatch.setattr(loss_module, "log_copies", torch.zeros_like)
+    broken = sampled_softmax_loss(q, c, ids, torch.arange(64), row_mask, log_q, num_in_batch=64, temperature=0.1)
+    assert abs(broken.item() - copies.item()) > 1e-2
 
 
 def test_accidental_hits_and_padding_get_no_gradient_from_the_row():
     q, c, ids, row_mask, log_q = case()
     b = q.shape[0]
     loss = sampled_softmax_loss(q[:1], c, ids, torch.tensor([0]), row_mask[:1], log_q, num_in_batch=b,
-                                temperature=0.3)
+                                temperature=0.3, merge=False)
     grad_c, = torch.autograd.grad(loss, (c,))
     duplicates = [j for j in range(len(ids)) if ids[j] == ids[0] and j != 0]  # item 7 again: columns 2 and 7
     assert duplicates == [2, 7]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import trainer.loss as loss_module
-from tests.test_loss import brute_force
+from tests.test_loss import brute_force, per_item
 from trainer.loss import CandidateLogQ, SequenceRetrievalLoss, accidental_hits, softmax_cross_entropy
 
 TEMPERATURE = 0.3
@@ -24,12 +24,13 @@ def sequence_case(seed=0, p=7, d=3):
     negatives = torch.tensor([8, 4, 2, 4, 11])
     own = torch.tensor([0, 1, 1, 2, 3, 0, 2])[:p]
     query = torch.nn.functional.normalize(torch.randn(p, d, generator=gen, dtype=torch.float64), dim=1)
-    candidates = torch.nn.functional.normalize(torch.randn(9, d, generator=gen, dtype=torch.float64), dim=1)
-    batch = SimpleNamespace(num_positives=torch.tensor([4]), candidate_ids=torch.cat([targets, negatives]),
-                            own_column=own)
+    ids = torch.cat([targets, negatives])
+    # Copies of an item are one embedding, as the candidate tower makes them.
+    candidates = torch.nn.functional.normalize(torch.randn(12, d, generator=gen, dtype=torch.float64), dim=1)[ids]
+    batch = SimpleNamespace(num_positives=torch.tensor([4]), candidate_ids=ids, own_column=own)
     freq = torch.tensor([0.0, 3, 9, 1, 4, 12, 2, 2, 6, 5, 1, 1])
     proposal = torch.tensor([0.0, 0.05, 0.1, 0.05, 0.2, 0.1, 0.05, 0.05, 0.1, 0.1, 0.1, 0.1])
-    return query.requires_grad_(), candidates.requires_grad_(), batch, freq, proposal
+    return query.requires_grad_(), candidates.detach().requires_grad_(), batch, freq, proposal
 
 
 def log_q_of(freq, proposal, in_batch=True, negatives=5):
@@ -51,13 +52,15 @@ def expected_log_q(freq, proposal, ids, targets, negatives, in_batch):
     return torch.log((inclusion if in_batch else 0) + negatives * proposal.double()[ids])
 
 
+@pytest.mark.parametrize("merge", [False, True])
 @pytest.mark.parametrize("in_batch,use_logq,on_positive", [(True, True, True), (True, True, False),
                                                            (True, False, True), (False, True, True)])
-def test_value_and_gradients_match_brute_force(in_batch, use_logq, on_positive):
+def test_value_and_gradients_match_brute_force(in_batch, use_logq, on_positive, merge):
+    """Merged (one column per item), the gradient reaching each item is the reference's."""
     query, candidates, batch, freq, proposal = sequence_case()
     log_q = log_q_of(freq, proposal, in_batch) if use_logq else None
-    ours = SequenceRetrievalLoss(TEMPERATURE, in_batch, on_positive, log_q, max_logits=1 << 20)(query, candidates,
-                                                                                             batch)
+    ours = SequenceRetrievalLoss(TEMPERATURE, in_batch, on_positive, log_q, max_logits=1 << 20, merge=merge)(
+        query, candidates, batch)
     grads = torch.autograd.grad(ours, (query, candidates))
     column_log_q = None
     if use_logq:
@@ -68,23 +71,31 @@ def test_value_and_gradients_match_brute_force(in_batch, use_logq, on_positive):
     ref = reference(query, candidates, batch, column_log_q, in_batch, on_positive)
     ref_grads = torch.autograd.grad(ref, (query, candidates))
     assert ours.item() == pytest.approx(ref.item(), rel=1e-9, abs=1e-12)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads[0], ref_grads[0], rtol=1e-9, atol=1e-12)
+    got, want = grads[1], ref_grads[1]
+    if merge:
+        got, want = per_item(got, batch.candidate_ids), per_item(want, batch.candidate_ids)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("mutant", ["flipped_logq_sign", "no_accidental_hit_mask"])
-def test_the_reference_catches_a_flipped_sign_and_a_missing_mask(monkeypatch, mutant):
-    """The comparison above is sharp: a loss with logQ added instead of subtracted, or without the mask of
-    accidental hits (the negatives 8 and 2 equal targets), differs from the reference."""
+@pytest.mark.parametrize("mutant,merge", [("flipped_logq_sign", True), ("flipped_logq_sign", False),
+                                          ("no_accidental_hit_mask", False), ("merged_without_copies", True)])
+def test_the_reference_catches_a_flipped_sign_and_a_missing_mask(monkeypatch, mutant, merge):
+    """The comparison above is sharp: a loss with logQ added instead of subtracted, without the mask of
+    accidental hits (the negatives 8 and 2 equal targets), or merging copies (item 4 twice) without raising
+    the merged column by log(copies), differs from the reference."""
     query, candidates, batch, freq, proposal = sequence_case()
     log_q = log_q_of(freq, proposal)
     column_log_q = log_q.distinct(batch.candidate_ids, batch.candidate_ids[:4][batch.own_column], torch.tensor([7]))
     ref = reference(query, candidates, batch, column_log_q, True, True)
     if mutant == "flipped_logq_sign":
         monkeypatch.setattr(CandidateLogQ, "distinct", lambda self, *args: -column_log_q)
-    else:
+    elif mutant == "no_accidental_hit_mask":
         monkeypatch.setattr(loss_module, "accidental_hits", lambda rows, ids, own: (own[:0], own[:0]))
-    broken = SequenceRetrievalLoss(TEMPERATURE, True, True, log_q, max_logits=1 << 20)(query, candidates, batch)
+    else:
+        monkeypatch.setattr(loss_module, "log_copies", torch.zeros_like)
+    broken = SequenceRetrievalLoss(TEMPERATURE, True, True, log_q, max_logits=1 << 20, merge=merge)(
+        query, candidates, batch)
     assert abs(broken.item() - ref.item()) > 1e-3, (mutant, broken.item(), ref.item())
 
 

@@ -230,3 +230,21 @@ def test_a_query_without_its_features_maps_to_trained_embeddings(tiny_data, towe
             assert metrics["hr@50"] > 2 * 50 / meta.num_items, metrics
     assert all(moved[0.3].values()), moved
     assert not any(moved[0.0].values()), "without dropout the padding rows are never looked up in training"
+
+
+@pytest.mark.parametrize("tower", ["bags", "transformer"])
+def test_merged_candidate_columns_train_like_one_column_per_copy(tiny_data, tower):
+    """loss.merge_duplicates (and the candidate MLP run once per distinct item) changes how much is computed,
+    not the training: the same losses, step after step, as one logit column per candidate copy."""
+    overrides = {**TRANSFORMER, "model.dropout": 0.0} if tower == "transformer" else {}
+    losses = {}
+    for merge in ("true", "false"):
+        job = build(tiny_config(tiny_data, **overrides, **{"loss.merge_duplicates": merge}), distributed.init("cpu"))
+        assert job.model.dmp.module.loss_fn.merge is (merge == "true"), "the config reaches the loss"
+        batches = list(job.data.train_loader.epoch(0))[:6]
+        ids = batches[0].candidate_ids
+        assert len(torch.unique(ids)) < len(ids), "the batch repeats candidates, so merging has work to do"
+        iterator = iter(batches)
+        losses[merge] = [float(job.model.pipeline.progress(iterator)["loss"]) for _ in batches]
+    assert losses["true"][0] != losses["true"][-1], "training moved the parameters"
+    torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), rtol=1e-5, atol=1e-6)

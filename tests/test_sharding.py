@@ -100,6 +100,21 @@ def test_plan_on_paper_that_cannot_fit_names_the_smallest_world_size(tmp_path, c
     assert "--items must be at least 1" in capsys.readouterr().err
 
 
+def test_plan_on_paper_holds_each_rank_to_the_host_memory_given(tmp_path, capsys):
+    """On CPU the tables live in host memory: --host-gb caps each rank's share. Two 0.24 GiB tables do not fit
+    one rank of 0.4 GiB; they fit two, one table each."""
+    args = ["--config", "configs/ml1m.yaml", f"data.path={tmp_path}", "loader.use_user_id=true", "--device", "cpu",
+            "--items", "1e6", "--users", "1e6", "--host-gb", "0.4"]
+    assert plan_main(args + ["--world-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit 1 ranks" in err and "the smallest world size that fits is 2" in err
+    assert plan_main(args + ["--world-size", "2", "--json"]) == 0
+    ranks = json.loads(capsys.readouterr().out)["ranks"]
+    assert all((10**6 + 1) * 64 * 4 <= r["host_bytes"] <= 0.4 * 2**30 for r in ranks)
+    assert plan_main(args + ["--world-size", "2"]) == 0
+    assert "host GiB of 0.4" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("types", [["data_parallel"], ["table_column_wise"]])
 def test_the_item_collection_refuses_types_torchrec_cannot_shard_it_with(small, types):
     meta = Metadata.load(small)

@@ -10,6 +10,11 @@ Both towers share one kernel, `softmax_cross_entropy`: logits are computed in ro
 `max_logits` entries, and each chunk's gradient (softmax minus one-hot, two matrix products) is
 computed right away, so only one chunk's logits are ever alive and nothing is recomputed. The
 accidental hits are found by sorting (`accidental_hits`), never by a rows x columns comparison.
+
+Candidates repeat (popular items among the positives and the negatives). With `merge_duplicates` (the
+default) every item is one column whose bias is raised by log(its copies): m equal columns add m exp(l) =
+exp(l + log m) to a row's denominator, so the loss is the same and the gradient reaching each item is the
+sum its copies received, with as many fewer logits as there were copies (`merge_duplicates`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from serving.plain import first_copies
 from trainer.collectives import all_gather_ids, all_gather_with_grad
 
 MASKED_LOGIT = -1e9
@@ -107,6 +113,32 @@ def softmax_cross_entropy(query: torch.Tensor, candidates: torch.Tensor, bias: t
                                       needs_grad)
 
 
+def merge_duplicates(candidates: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor,
+                     own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(candidates, bias, own) with each item's columns merged into its first: the bias of the merged column is
+    the items' -log Q plus log(live copies), or masked when every copy was. A row's own column becomes its
+    item's merged column, which the kernel gives the row's own logit: that drops the item's other copies from
+    the row, as the accidental-hit mask does. -log Q is a function of the item, so live copies share it."""
+    bias = bias.to(candidates.dtype)
+    live = bias > MASKED_LOGIT / 2
+    distinct, first, inverse = first_copies(ids)
+    copies = torch.zeros(distinct.shape, dtype=bias.dtype, device=ids.device)
+    copies.index_add_(0, inverse, live.to(bias.dtype))
+    value = torch.full(distinct.shape, MASKED_LOGIT, dtype=bias.dtype, device=ids.device)
+    value.scatter_reduce_(0, inverse, bias, reduce="amax")
+    merged = torch.where(copies > 0, value + log_copies(copies), MASKED_LOGIT)
+    return candidates.index_select(0, first), merged, inverse[own]
+
+
+def log_copies(copies: torch.Tensor) -> torch.Tensor:
+    """m equal columns weigh exp(l) m = exp(l + log m) in a softmax."""
+    return torch.log(copies.clamp(min=1))
+
+
+def no_hits(own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return own[:0], own[:0]
+
+
 def column_bias(candidate_ids: torch.Tensor, log_q: torch.Tensor | None, num_in_batch: int,
                 in_batch: bool) -> torch.Tensor:
     """-log Q per column; padding columns, and the in-batch ones without `in_batch`, masked for every row
@@ -122,8 +154,9 @@ def sampled_softmax_loss(query: torch.Tensor, candidates: torch.Tensor, candidat
                          positive_index: torch.Tensor, row_mask: torch.Tensor, log_q: torch.Tensor | None,
                          num_in_batch: int, temperature: float, in_batch: bool = True,
                          logq_on_positive: bool = True, normalizer: torch.Tensor | None = None,
-                         max_logits: int = DEFAULT_MAX_LOGITS) -> torch.Tensor:
-    """Loss summed over the rows of `row_mask`, divided by `normalizer` (default: their number, the mean).
+                         max_logits: int = DEFAULT_MAX_LOGITS, merge: bool = True) -> torch.Tensor:
+    """Loss summed over the rows of `row_mask`, divided by `normalizer` (default: their number, the mean);
+    `merge`: one column per item (`merge_duplicates`), else one per candidate with the accidental hits masked.
 
     query (B, d); candidates (C, d) with C = num_in_batch + S; candidate_ids (C,); positive_index (B,):
     the column of each row's positive; log_q (C,): log Q of each column's item, or None for no logQ.
@@ -133,10 +166,13 @@ def sampled_softmax_loss(query: torch.Tensor, candidates: torch.Tensor, candidat
         own_bias = -log_q[positive_index]
     else:
         own_bias = torch.zeros(positive_index.shape, dtype=query.dtype, device=query.device)
-    hits = accidental_hits(candidate_ids[positive_index], candidate_ids, positive_index)
+    if merge:
+        candidates, bias, own = merge_duplicates(candidates, candidate_ids, bias, positive_index)
+        hits = no_hits(own)
+    else:
+        own, hits = positive_index, accidental_hits(candidate_ids[positive_index], candidate_ids, positive_index)
     weights = row_mask.to(query.dtype)
-    total = softmax_cross_entropy(query, candidates, bias, positive_index, own_bias, hits, weights, temperature,
-                                  max_logits)
+    total = softmax_cross_entropy(query, candidates, bias, own, own_bias, hits, weights, temperature, max_logits)
     if normalizer is None:
         normalizer = weights.sum()
     return total / normalizer.to(total.dtype).clamp(min=1e-6)  # 0 rows: 0 / tiny = 0
@@ -232,10 +268,10 @@ class RetrievalLoss(torch.nn.Module):
     children, it is a leaf for the pipeline's FX tracer, so its data-dependent code is not traced."""
 
     def __init__(self, temperature: float, in_batch: bool, logq_on_positive: bool, log_q: CandidateLogQ | None,
-                 max_logits: int = DEFAULT_MAX_LOGITS, world_size: int = 1):
+                 max_logits: int = DEFAULT_MAX_LOGITS, world_size: int = 1, merge: bool = True):
         super().__init__()
         self.temperature, self.in_batch, self.logq_on_positive = temperature, in_batch, logq_on_positive
-        self.log_q, self.max_logits, self.world_size = log_q, max_logits, world_size
+        self.log_q, self.max_logits, self.world_size, self.merge = log_q, max_logits, world_size, merge
 
     def forward(self, query: torch.Tensor, candidates: torch.Tensor, batch) -> torch.Tensor:
         """In-batch positives are gathered from every rank, so the negatives are the global batch.
@@ -258,7 +294,7 @@ class RetrievalLoss(torch.nn.Module):
         return sampled_softmax_loss(query, candidates, ids, positive_index, batch.row_mask, log_q,
                                     num_in_batch=len(positive_ids), temperature=self.temperature,
                                     in_batch=self.in_batch, logq_on_positive=self.logq_on_positive,
-                                    normalizer=normalizer, max_logits=self.max_logits)
+                                    normalizer=normalizer, max_logits=self.max_logits, merge=self.merge)
 
 
 def padded_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -274,10 +310,10 @@ class SequenceRetrievalLoss(torch.nn.Module):
     positions divided by the global number of positions over the world size, as in `RetrievalLoss`."""
 
     def __init__(self, temperature: float, in_batch: bool, logq_on_positive: bool, log_q: CandidateLogQ | None,
-                 max_logits: int = DEFAULT_MAX_LOGITS, world_size: int = 1):
+                 max_logits: int = DEFAULT_MAX_LOGITS, world_size: int = 1, merge: bool = True):
         super().__init__()
         self.temperature, self.in_batch, self.logq_on_positive = temperature, in_batch, logq_on_positive
-        self.log_q, self.max_logits, self.world_size = log_q, max_logits, world_size
+        self.log_q, self.max_logits, self.world_size, self.merge = log_q, max_logits, world_size, merge
 
     def forward(self, query: torch.Tensor, candidates: torch.Tensor, batch) -> torch.Tensor:
         u = int(batch.num_positives[0])
@@ -297,8 +333,13 @@ class SequenceRetrievalLoss(torch.nn.Module):
         log_q = self.log_q.distinct(ids, all_targets, positions) if self.log_q is not None else None
         bias = column_bias(ids, log_q, len(positive_ids), self.in_batch)
         own_bias = -log_q[own] if log_q is not None and self.logq_on_positive else torch.zeros_like(query[:, 0])
-        total = softmax_cross_entropy(query, torch.cat([positives, candidates[u:]]), bias, own, own_bias,
-                                      accidental_hits(targets, ids, own), torch.ones_like(query[:, 0]),
+        columns = torch.cat([positives, candidates[u:]])
+        if self.merge:
+            columns, bias, own = merge_duplicates(columns, ids, bias, own)
+            hits = no_hits(own)
+        else:
+            hits = accidental_hits(targets, ids, own)
+        total = softmax_cross_entropy(query, columns, bias, own, own_bias, hits, torch.ones_like(query[:, 0]),
                                       self.temperature, self.max_logits)
         return total / (positions.sum() / self.world_size).clamp(min=1e-6)
 
@@ -306,8 +347,6 @@ class SequenceRetrievalLoss(torch.nn.Module):
 def global_distinct(embeddings: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of the gathered per-rank distinct targets, each real item once (its first copy, so its gradient
     flows back to one rank) in ascending id order, as `np.unique` orders a single process's set."""
-    distinct, inverse = torch.unique(ids, return_inverse=True)
-    first = torch.full(distinct.shape, len(ids), dtype=torch.long, device=ids.device)
-    first.scatter_reduce_(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
+    distinct, first, _ = first_copies(ids)
     real = distinct > 0
     return embeddings[first[real]], distinct[real]

@@ -26,7 +26,7 @@ from data.batch import SequenceBatch, SequenceEvalBatch, TrainBatch, make_kjt
 from data.catalogue import Catalogue
 from data.keys import ITEM_KEY, SEQUENCE_KEY, QueryLayout, candidate_keys
 from data.schema import Metadata
-from serving.plain import TableSpec, mlp
+from serving.plain import TableSpec, first_copies, mlp
 from serving.sequence import SequenceHead
 from sharding.tables import sequence_table_configs, table_configs
 from trainer.evaluate import catalogue_embeddings
@@ -48,15 +48,23 @@ class TwoTower(nn.Module):
         self.query_mlp = mlp(sum(dims[k] for k in self.query_keys), cfg.hidden_dims, cfg.output_dim, device)
         self.candidate_mlp = mlp(sum(dims[k] for k in self.candidate_keys), cfg.hidden_dims, cfg.output_dim, device)
 
-    def towers(self, features: KeyedJaggedTensor, num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised query embeddings of rows [0, num_queries) and candidate embeddings of all rows."""
+    def towers(self, features: KeyedJaggedTensor, num_queries: int,
+               candidate_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised query embeddings of rows [0, num_queries) and candidate embeddings of all rows. Given the
+        rows' `candidate_ids`, the candidate MLP runs once per distinct item (its copies have the same
+        features) and its output is spread back to every row."""
         pooled = self.ebc(features).to_dict()
         query = torch.cat([pooled[k][:num_queries] for k in self.query_keys], dim=1)
         candidate = torch.cat([pooled[k] for k in self.candidate_keys], dim=1)
-        return (F.normalize(self.query_mlp(query), dim=-1), F.normalize(self.candidate_mlp(candidate), dim=-1))
+        if candidate_ids is None:
+            return F.normalize(self.query_mlp(query), dim=-1), F.normalize(self.candidate_mlp(candidate), dim=-1)
+        _, first, inverse = first_copies(candidate_ids)
+        # index_select, not [...]: its backward is an index_add, about 3x faster than indexing's on CPU
+        distinct = F.normalize(self.candidate_mlp(candidate.index_select(0, first)), dim=-1)
+        return F.normalize(self.query_mlp(query), dim=-1), distinct.index_select(0, inverse)
 
     def encode(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.towers(batch.sparse, batch.row_mask.shape[0])
+        return self.towers(batch.sparse, batch.row_mask.shape[0], batch.candidate_ids)
 
     def item_embeddings(self, catalogue: Catalogue, device: torch.device) -> torch.Tensor:
         return catalogue_embeddings(lambda kjt: self.towers(kjt.to(device), 0)[1], catalogue, self.query_keys,
@@ -96,7 +104,10 @@ class SequenceTwoTower(nn.Module):
         # The history key's lengths span the KJT's stride (sequence rows, then the candidates' empty rows):
         # only the sequence rows go through the causal stack.
         lengths = history.lengths()[:batch.row_mask.shape[0]]
-        return self.head(history.values(), lengths, batch.positions, query_features, items.values(), item_features)
+        # Training batches carry the candidates' ids (the head runs its candidate MLP once per distinct item);
+        # evaluation batches have no candidates.
+        return self.head(history.values(), lengths, batch.positions, query_features, items.values(), item_features,
+                         getattr(batch, "candidate_ids", None))
 
     def item_embeddings(self, catalogue: Catalogue, device: torch.device, chunk: int = 8192) -> torch.Tensor:
         """(num_items + 1, dim) candidate embeddings of the whole catalogue, in chunks."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import random
@@ -74,15 +73,41 @@ class TimedIterator:
 
 class Window:
     """Loss, throughput and data-wait share over the steps since the last log line. An example is a trained
-    target: a real row of a bags batch, a position of a transformer batch."""
+    target: a real row of a bags batch, a position of a transformer batch. The per-step losses stay on the
+    device and are read back in one transfer (`checked_losses`) at a log line, a checkpoint or the epoch's end:
+    a host sync per step would stall a GPU's queue."""
 
     def __init__(self, data: TimedIterator):
-        self.data, self.start, self.wait, self.losses, self.examples = data, time.perf_counter(), data.wait, [], 0
+        self.data, self.start, self.wait = data, time.perf_counter(), data.wait
+        self.losses: list[torch.Tensor] = []
+        self.examples: list[torch.Tensor] = []
+        self.steps: list[tuple[int, int, int]] = []  # (step, epoch, batch) of each loss
+        self.checked = 0
 
-    def metrics(self, world_size: int) -> dict[str, float]:
+    def add(self, stats: dict[str, torch.Tensor], step: int, epoch: int, batch: int) -> None:
+        self.losses.append(stats["loss"].reshape(()))
+        self.examples.append(stats["examples"].reshape(()))
+        self.steps.append((step, epoch, batch))
+
+    def checked_losses(self, rank: int) -> np.ndarray:
+        """The window's losses; the first non-finite one since the last check raises, naming its step."""
+        losses = torch.stack(self.losses).float().cpu().numpy() if self.losses else np.zeros(0)
+        bad = np.flatnonzero(~np.isfinite(losses[self.checked:]))
+        if len(bad):
+            step, epoch, batch = self.steps[self.checked + bad[0]]
+            raise TrainingError(f"the loss is {losses[self.checked + bad[0]]} at step {step} (epoch {epoch}, batch "
+                                f"{batch}) on rank {rank}. The batch's ids were validated when read, so this is not "
+                                f"bad input data: the weights diverged (lower optim.sparse_lr or optim.dense_lr, or "
+                                f"raise loss.temperature) or were loaded corrupted")
+        self.checked = len(losses)
+        return losses
+
+    def metrics(self, world_size: int, rank: int) -> dict[str, float]:
+        losses = self.checked_losses(rank)
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"train/loss": float(np.mean(self.losses)),
-                "train/examples_per_s": self.examples * world_size / elapsed,
+        examples = float(torch.stack(self.examples).sum()) if self.examples else 0.0
+        return {"train/loss": float(np.mean(losses)) if len(losses) else float("nan"),
+                "train/examples_per_s": examples * world_size / elapsed,
                 "train/data_wait_share": (self.data.wait - self.wait) / elapsed}
 
 
@@ -179,28 +204,22 @@ class Trainer:
                     break
                 state.step += 1
                 state.batch += 1
-                loss = float(stats["loss"])
-                if not math.isfinite(loss):
-                    raise TrainingError(f"the loss is {loss} at step {state.step} (epoch {state.epoch}, batch "
-                                        f"{state.batch - 1}) on rank {self.env.rank}. The batch's ids were validated "
-                                        f"when read, so this is not bad input data: the weights diverged (lower "
-                                        f"optim.sparse_lr or optim.dense_lr, or raise loss.temperature) or were "
-                                        f"loaded corrupted")
-                window.losses.append(loss)
-                window.examples += int(stats["examples"])
+                window.add(stats, state.step, state.epoch, state.batch - 1)
                 bar.update()
                 if state.step % cfg.train.log_every == 0:
-                    values = window.metrics(self.env.world_size)
+                    values = window.metrics(self.env.world_size, self.env.rank)
                     self.throughput.append(values["train/examples_per_s"])
                     bar.set_postfix(loss=f"{values['train/loss']:.3f}", ex_s=f"{values['train/examples_per_s']:,.0f}",
                                     wait=f"{values['train/data_wait_share']:.0%}", refresh=False)
                     self.logger.log_metrics(values, state.step)
                     window = Window(data)
                 if self.checkpoints.due(state.step):
+                    window.checked_losses(self.env.rank)  # never checkpoint diverged weights
                     self.checkpoints.save(self.model.stateful(), state)
                 if cfg.train.max_steps and state.step >= cfg.train.max_steps:
                     state.stopped = True
                     break
+        window.checked_losses(self.env.rank)  # before validation reads the weights
 
     def evaluate(self, split: str, scorer=None) -> dict[str, float]:
         """Full-catalogue metrics of `split`, with the current weights unless another scorer is given."""

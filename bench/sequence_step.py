@@ -1,0 +1,375 @@
+"""Transformer training-step throughput: the project against plain PyTorch, same model, loss and batches.
+
+    torchrec           what `python -m trainer` runs with model.query_tower=transformer: the EmbeddingCollection
+                       with fused rowwise Adagrad in the backward, TrainPipelineSparseDist, dense Adam, the loss
+                       with one logit column per distinct candidate item (loss.merge_duplicates)
+    torchrec_unmerged  the same with loss.merge_duplicates=false (one column per candidate copy, as the plain
+                       baselines compute it): the difference is what merging buys
+    sparse_adam        the same `SequenceHead` behind nn.Embedding(sparse=True) + SparseAdam, Adam on the rest:
+                       what an expert writes in plain PyTorch
+    dense_adam         nn.Embedding + one Adam over every parameter: the tutorials' way
+
+Every implementation runs the same `SequenceHead` (serving/sequence.py) and `SequenceRetrievalLoss`, so the
+comparison is the lookup, the optimizer, the step's plumbing and the merged columns. The model is
+configs/ml1m_transformer.yaml's (32 chunks of up to 200 items, about 3,200 positions a step, 4,096 uniform
+negatives, 2 blocks, history bags, MLP [512]) over a synthetic catalogue of N items with Zipf(1) popularity and
+no features.
+
+Steps: every (implementation, catalogue size) runs in a fresh subprocess (its peak RSS its own) on the same
+batches, `--warmup` steps then `--steps` timed; each configuration runs in `--repeats` processes, interleaved
+across implementations, and the table reports the median. `--epoch` adds the ML-1M training epoch end to end
+(the project's loader, step and log lines, no evaluation) for both towers, the project's Trainer against a plain
+loop over the same loader. `--profile` writes a Chrome trace of one project step at 10^6 items.
+
+    .venv/bin/python -m bench.sequence_step [--sizes ...] [--epoch prepared/ml-1m] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchrec import KeyedJaggedTensor
+
+from bench.common import machine, peak_rss_mib
+from bench.train_step import catalogue_meta, popularity
+from config import JobConfig, load_config
+from data import schema
+from data.batch import SequenceBatch, TrainBatch, make_kjt
+from data.keys import ITEM_KEY, SEQUENCE_KEY, QueryLayout, candidate_keys
+from data.sampler import NegativeSampler
+from serving.plain import PlainTowers
+from serving.sequence import PlainSequenceTower, SequenceShape
+from sharding.tables import table_configs
+from trainer.export import kjt_features
+from trainer.loss import CandidateLogQ, RetrievalLoss, SequenceRetrievalLoss
+from trainer.model import table_specs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"transformer": "configs/ml1m_transformer.yaml", "bags": "configs/ml1m.yaml"}
+IMPLS = ("torchrec", "torchrec_unmerged", "sparse_adam", "dense_adam")
+RESULTS = ROOT / "bench" / "results"
+
+
+def job_config(tower: str, data: str | None = None, impl: str = "torchrec") -> JobConfig:
+    overrides = ["tracking.enabled=false", "export.enabled=false"] + ([f"data.path={data}"] if data else [])
+    overrides += ["loss.merge_duplicates=false"] if impl == "torchrec_unmerged" else []
+    return load_config(str(ROOT / CONFIGS[tower]), overrides)
+
+
+def sequence_batches(cfg: JobConfig, num_items: int, probs: np.ndarray, count: int,
+                     seed: int) -> tuple[list[SequenceBatch], NegativeSampler]:
+    """`count` batches built as `SequenceLoader.make_batch` builds them: rows of 1..max_sequence_length items
+    (uniform, so about ML-1M's mean chunk), every position trained, candidates = the distinct targets then
+    the sampled negatives."""
+    rng = np.random.default_rng(seed)
+    cdf = np.cumsum(probs)
+    draw = lambda n: np.minimum(np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right"),
+                                num_items).astype(np.int64)
+    sampler = NegativeSampler((probs * 1e9).astype(np.int64) + (np.arange(len(probs)) > 0), cfg.loader.sampler,
+                              cfg.loader.unigram_alpha)
+    b, length = cfg.loader.batch_size, cfg.loader.max_sequence_length
+    out = []
+    for _ in range(count):
+        lengths = rng.integers(1, length + 1, b)
+        inputs, targets = draw(int(lengths.sum())), draw(int(lengths.sum()))
+        row = np.repeat(np.arange(b), lengths)
+        step = np.arange(len(inputs)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        distinct, own = np.unique(targets, return_inverse=True)
+        candidates = np.concatenate([distinct, sampler.sample(cfg.loader.num_negatives, rng)])
+        c = len(candidates)
+        sequence = make_kjt([SEQUENCE_KEY, ITEM_KEY], [(np.r_[lengths, np.zeros(c, np.int64)], inputs),
+                                                       (np.r_[np.zeros(b, np.int64), np.ones(c, np.int64)],
+                                                        candidates)])
+        empty = KeyedJaggedTensor(keys=[], values=torch.zeros(0, dtype=torch.long),
+                                  lengths=torch.zeros(0, dtype=torch.int32))
+        out.append(SequenceBatch(sparse=empty, sequence=sequence,
+                                 positions=torch.from_numpy(row * int(lengths.max()) + step),
+                                 own_column=torch.from_numpy(own.reshape(-1)),
+                                 candidate_ids=torch.from_numpy(candidates),
+                                 num_positives=torch.tensor([len(distinct)]),
+                                 row_mask=torch.ones(b, dtype=torch.bool)))
+    return out, sampler
+
+
+def log_q(cfg: JobConfig, freq: np.ndarray, proposal: np.ndarray) -> CandidateLogQ | None:
+    if not cfg.loss.logq:
+        return None
+    return CandidateLogQ(torch.from_numpy(freq.astype(np.float64)), torch.from_numpy(proposal),
+                         cfg.loader.num_negatives, cfg.loss.in_batch, cfg.loss.frequency, cfg.loss.streaming_buckets,
+                         cfg.loss.streaming_alpha)
+
+
+class PlainSequenceModel(torch.nn.Module):
+    """The transformer tower and its loss in plain PyTorch: `PlainSequenceTower`'s modules, fed the way
+    `SequenceTwoTower.encode` feeds `SequenceHead` (one item table for history and candidates; feature bags
+    pooled over the batch's P + C rows, queries first)."""
+
+    def __init__(self, cfg: JobConfig, meta: schema.Metadata, freq: np.ndarray, proposal: np.ndarray,
+                 sparse: bool):
+        super().__init__()
+        tables = table_specs(table_configs(meta, cfg.loader, cfg.model))
+        dims = {f: t.dim for t in tables for f in t.features}
+        self.query_keys = QueryLayout.for_data(meta, (), cfg.loader.use_user_id).keys
+        self.candidate_keys = candidate_keys([f.name for f in meta.item_features])[1:]
+        shape = SequenceShape(cfg.model.item_dim, cfg.model.blocks, cfg.model.heads, cfg.model.dropout,
+                              list(cfg.model.hidden_dims), cfg.model.output_dim)
+        self.tower = PlainSequenceTower(shape, meta.num_items + 1, cfg.loader.max_sequence_length, tables,
+                                        self.query_keys, sum(dims[k] for k in self.candidate_keys),
+                                        tuple(cfg.loader.history_bags), sparse=sparse)
+        self.loss_fn = SequenceRetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive,
+                                             log_q(cfg, freq, proposal), cfg.loss.max_logits, merge=False)
+
+    def forward(self, batch: SequenceBatch) -> torch.Tensor:
+        sequence = kjt_features(batch.sequence)
+        lengths, history = sequence[SEQUENCE_KEY]
+        p = batch.positions.shape[0]
+        features = kjt_features(batch.sparse) if self.query_keys or self.candidate_keys else {}
+        pooled = {k: self.tower.pooled(k, *features[k]) for k in self.query_keys + self.candidate_keys}
+        query, candidates = self.tower.head(self.tower.items(history), lengths[:batch.row_mask.shape[0]],
+                                            batch.positions, [pooled[k][:p] for k in self.query_keys],
+                                            self.tower.items(sequence[ITEM_KEY][1]),
+                                            [pooled[k][p:] for k in self.candidate_keys])
+        return self.loss_fn(query, candidates, batch)
+
+
+class PlainBagModel(torch.nn.Module):
+    """The bag tower and its loss in plain PyTorch (`PlainTowers`, as bench/train_step.py's baseline)."""
+
+    def __init__(self, cfg: JobConfig, meta: schema.Metadata, freq: np.ndarray, proposal: np.ndarray,
+                 sparse: bool):
+        super().__init__()
+        layout = QueryLayout.for_data(meta, cfg.loader.history_bags, cfg.loader.use_user_id)
+        self.towers = PlainTowers(table_specs(table_configs(meta, cfg.loader, cfg.model)), layout.keys,
+                                  candidate_keys([f.name for f in meta.item_features]), cfg.model.hidden_dims,
+                                  cfg.model.output_dim, sparse=sparse)
+        self.loss_fn = RetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive,
+                                     log_q(cfg, freq, proposal), cfg.loss.max_logits, merge=False)
+
+    def forward(self, batch: TrainBatch) -> torch.Tensor:
+        query, candidates = self.towers.towers(kjt_features(batch.sparse), batch.batch_size)
+        return self.loss_fn(query, candidates, batch)
+
+
+def plain_step(model: torch.nn.Module, impl: str, lr: float):
+    """One optimizer step of a plain model: SparseAdam on the sparse item table(s) and Adam on the rest, or one
+    Adam over everything."""
+    if impl == "sparse_adam":
+        sparse = [m.weight for m in model.modules() if getattr(m, "sparse", False)]
+        ids = {id(p) for p in sparse}
+        optimizers = [torch.optim.SparseAdam(sparse, lr=lr),
+                      torch.optim.Adam([p for p in model.parameters() if id(p) not in ids], lr=lr)]
+        name = "SparseAdam (item table) + adam (rest)"
+    else:
+        optimizers = [torch.optim.Adam(model.parameters(), lr=lr)]
+        name = "adam over all parameters"
+
+    def step(stream) -> torch.Tensor:
+        loss = model(next(stream))
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        return loss.detach()
+
+    return step, name
+
+
+def project_step(cfg: JobConfig, meta: schema.Metadata, freq: np.ndarray, proposal: np.ndarray):
+    from trainer import distributed
+    from trainer.build import build_model
+
+    model = build_model(cfg, distributed.init("cpu"), meta, freq, proposal)
+    return (lambda stream: model.pipeline.progress(stream)["loss"]), model, \
+        (f"fused {cfg.optim.sparse} (item table) + {cfg.optim.dense} (rest), TrainPipelineSparseDist, "
+         f"loss.merge_duplicates={str(cfg.loss.merge_duplicates).lower()}")
+
+
+def top_ops(prof, count: int = 10) -> list[dict]:
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:count]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1.0
+    return [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1000, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in rows]
+
+
+def step_worker(impl: str, items: int, warmup: int, steps: int, profile: str | None) -> dict:
+    torch.manual_seed(0)
+    cfg = job_config("transformer", impl=impl)
+    meta = catalogue_meta(items)
+    probs = popularity(items)
+    data, sampler = sequence_batches(cfg, items, probs, warmup + steps + 3, seed=0)  # the pipeline reads ahead
+    freq = (probs * 1e9).astype(np.int64)
+    rss_before = peak_rss_mib()
+    if impl.startswith("torchrec"):
+        step, _, optimizer = project_step(cfg, meta, freq, sampler.probs)
+    else:
+        step, optimizer = plain_step(PlainSequenceModel(cfg, meta, freq, sampler.probs, impl == "sparse_adam"), impl,
+                                     cfg.optim.dense_lr)
+    stream = iter(data)
+    times, positions = [], []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        step(stream)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            positions.append(data[i].positions.numel())  # the pipeline trains batch i at step i
+    median = statistics.median(times)
+    result = {"impl": impl, "items": items, "optimizer": optimizer,
+              "positions_per_s": statistics.median(p / t for p, t in zip(positions, times)),
+              "step_ms_median": 1000 * median, "step_ms": [1000 * t for t in times],
+              "positions_per_step": statistics.mean(positions), "peak_rss_mib": peak_rss_mib(),
+              "batches_rss_mib": rss_before}
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+        with profiler(activities=[ProfilerActivity.CPU]) as prof:
+            step(stream)
+        trace = Path(profile)
+        raw = trace.with_suffix("")  # export_chrome_trace writes plain JSON; the committed trace is gzipped
+        prof.export_chrome_trace(str(raw))
+        trace.write_bytes(gzip.compress(raw.read_bytes()))
+        raw.unlink()
+        result["top_ops"] = top_ops(prof)
+        result["trace"] = str(trace.relative_to(ROOT))
+    return result
+
+
+def epoch_worker(tower: str, impl: str, data_path: str) -> dict:
+    """One ML-1M training epoch, end to end: the loader, every step and the log lines (no evaluation)."""
+    from data.loader import open_loader
+    from trainer import distributed
+    from trainer.state import LoopState
+    from trainer.train import build, seed_everything
+
+    cfg = job_config(tower, data_path, impl)
+    seed_everything(cfg.seed)
+    if impl.startswith("torchrec"):
+        trainer = build(cfg, distributed.init("cpu"))
+        examples = trainer.data.meta.counts["train_examples"]
+        start = time.perf_counter()
+        trainer.train_epoch(LoopState())
+        optimizer = (f"fused {cfg.optim.sparse} + {cfg.optim.dense}, the project's Trainer.train_epoch, "
+                     f"loss.merge_duplicates={str(cfg.loss.merge_duplicates).lower()}")
+    else:
+        meta = schema.Metadata.load(data_path)
+        loader = open_loader(data_path, cfg.loader, "train", 0, 1, meta, query_tower=tower)
+        model_class = PlainSequenceModel if tower == "transformer" else PlainBagModel
+        model = model_class(cfg, meta, loader.catalogue.freq, loader.sampler.probs, impl == "sparse_adam")
+        step, optimizer = plain_step(model, impl, cfg.optim.dense_lr)
+        examples = meta.counts["train_examples"]
+        start = time.perf_counter()
+        stream, losses, steps = loader.epoch(0), [], 0
+        while True:
+            try:
+                losses.append(step(stream))
+            except StopIteration:
+                break
+            steps += 1
+            if steps % cfg.train.log_every == 0:
+                float(torch.stack(losses).mean())
+                losses = []
+    seconds = time.perf_counter() - start
+    return {"tower": tower, "impl": impl, "optimizer": optimizer, "seconds": seconds, "examples": examples,
+            "examples_per_s": examples / seconds, "peak_rss_mib": peak_rss_mib()}
+
+
+def run(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-m", "bench.sequence_step", *args], capture_output=True, text=True,
+                         cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_row(done: list[dict], key: str) -> dict:
+    values = [r[key] for r in done]
+    row = {k: v for k, v in done[0].items() if k not in ("step_ms", "top_ops", "trace", "batches_rss_mib")}
+    row.update({key: statistics.median(values), f"{key}_runs": values,
+                "peak_rss_mib": max(r["peak_rss_mib"] for r in done)})
+    if "step_ms_median" in done[0]:
+        row["step_ms_median"] = statistics.median(r["step_ms_median"] for r in done)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10**4, 10**5, 10**6, 10**7])
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per configuration")
+    parser.add_argument("--epoch", metavar="PREPARED", help="also time the ML-1M epoch end to end (both towers)")
+    parser.add_argument("--epoch-repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="Chrome trace of one project step at 10^6 items")
+    parser.add_argument("--out", default=str(RESULTS / "sequence_step.json"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--items", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--tower", help=argparse.SUPPRESS)
+    parser.add_argument("--trace", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = (epoch_worker(args.tower, args.worker, args.epoch) if args.tower
+                  else step_worker(args.worker, args.items, args.warmup, args.steps, args.trace))
+        print(json.dumps(result))
+        return
+    rows, epochs, profile = [], [], None
+    for items in args.sizes:
+        runs: dict[str, list[dict]] = {impl: [] for impl in args.impls}
+        for _ in range(args.repeats):
+            for impl in args.impls:  # interleaved, so drift on the machine hits every implementation alike
+                warmup, steps = args.warmup, args.steps
+                if impl == "dense_adam" and items >= 10**7:  # rewrites 10^7 rows and two moments a step
+                    warmup, steps = min(warmup, 1), min(steps, 3)
+                runs[impl].append(run(["--worker", impl, "--items", str(items), "--warmup", str(warmup),
+                                       "--steps", str(steps)]))
+        for impl, done in runs.items():
+            rows.append(median_row(done, "positions_per_s"))
+            print(f"{items:>10,} items  {impl:<12} {rows[-1]['positions_per_s']:>9,.0f} positions/s (runs "
+                  f"{', '.join(f'{v:,.0f}' for v in rows[-1]['positions_per_s_runs'])})  peak RSS "
+                  f"{rows[-1]['peak_rss_mib']:8,.0f} MiB", flush=True)
+    if args.profile:
+        profile = run(["--worker", "torchrec", "--items", str(10**6), "--warmup", str(args.warmup), "--steps", "1",
+                       "--trace", str(RESULTS / "sequence_step_trace.json.gz")])
+        profile = {"items": 10**6, "trace": profile["trace"], "top_ops": profile["top_ops"]}
+    if args.epoch:
+        for tower in ("bags", "transformer"):
+            runs = {impl: [] for impl in args.impls}
+            for _ in range(args.epoch_repeats):
+                for impl in runs:
+                    runs[impl].append(run(["--worker", impl, "--tower", tower, "--epoch", args.epoch]))
+            for impl, done in runs.items():
+                epochs.append(median_row(done, "examples_per_s"))
+                print(f"ML-1M epoch  {tower:<12} {impl:<12} {epochs[-1]['examples_per_s']:>9,.0f} examples/s "
+                      f"({statistics.median(r['seconds'] for r in done):.1f} s)", flush=True)
+    speed = {(r["impl"], r["items"]): r["positions_per_s"] for r in rows}
+    ratios = {str(items): {f"torchrec_over_{impl}": speed["torchrec", items] / speed[impl, items]
+                           for impl in args.impls if impl != "torchrec" and ("torchrec", items) in speed}
+              for items in args.sizes}
+    cfg = job_config("transformer")
+    result = {"machine": machine(),
+              "setup": {"config": CONFIGS["transformer"], "batch_size": cfg.loader.batch_size,
+                        "max_sequence_length": cfg.loader.max_sequence_length,
+                        "negatives": cfg.loader.num_negatives, "sampler": cfg.loader.sampler,
+                        "item_dim": cfg.model.item_dim, "blocks": cfg.model.blocks,
+                        "hidden_dims": cfg.model.hidden_dims, "history_bags": cfg.loader.history_bags,
+                        "popularity": "zipf(1.0)", "warmup_steps": args.warmup, "steps": args.steps,
+                        "repeats": args.repeats, "epoch_repeats": args.epoch_repeats if args.epoch else 0,
+                        "timing": "per process: median positions/s over the timed steps; reported: the median "
+                                  "over `repeats` fresh processes, run interleaved across implementations"},
+              "results": rows, "ratios": ratios, "epoch": epochs, "profile": profile}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(ratios, indent=2))
+
+
+if __name__ == "__main__":
+    main()
