@@ -6,7 +6,7 @@ DEMO    ?= prepared/synthetic
 ARGS    ?=
 TESTS   ?= tests
 
-.PHONY: setup demo lint test ui-screenshot bench-loader bench-quality bench-train-step bench-serving bench-faults clean
+.PHONY: setup demo lint test ui-screenshot bench-loader bench-quality bench-train-step bench-sequence-step bench-serving bench-faults clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,9 @@ bench-quality: setup
 
 bench-train-step: setup
 	$(PY) -m bench.train_step
+
+bench-sequence-step: setup  # the transformer step; with the ML-1M epoch end to end and a profile
+	$(PY) -m bench.sequence_step --epoch prepared/ml-1m --profile
 
 bench-serving: setup  # EXPORTS="bags=exports/<run id> transformer=exports/<run id>"
 	$(PY) -m bench.serving_latency --export $(EXPORTS)

@@ -20,6 +20,7 @@ from data.keys import SEQUENCE_KEY
 from data.schema import Metadata
 from serving import index as ann
 from serving.model import ExportedModel
+from serving.recommend import main as recommend_main
 from serving.recommend import mmr
 from tests.conftest import ROOT, dataset_dir, tiny_config
 from trainer import checkpoint, distributed
@@ -31,6 +32,13 @@ from trainer.train import build, train
 def recommend(*args: str, module: str = "serving.recommend") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
+
+
+def in_process(capsys, *args: str) -> SimpleNamespace:
+    """`recommend` run by its `main` in this process: the same exit code, stdout and stderr."""
+    code = recommend_main(list(args))
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 TOWERS = {"bags": {}, "transformer": {"model.query_tower": "transformer", "loader.max_sequence_length": 20}}
@@ -152,7 +160,9 @@ def test_every_serving_entry_point_runs_without_torchrec(exported, tmp_path):
     assert fresh_interpreter("import trainer.train").stdout.strip() != "LOADED []", "the check can see TorchRec"
 
 
-def test_recommend_skips_unknown_and_seen_ids(exported, tmp_path):
+def test_recommend_skips_unknown_and_seen_ids(exported, tmp_path, capsys):
+    """The CLI as a subprocess once; its other answers in process (the same `main`, without an interpreter's
+    start-up each)."""
     model = ExportedModel(exported.dir)
     history = model.raw_ids[:5]
     result = recommend("--run", str(exported.dir), "--history", ",".join([history[0], "no-such-item", *history[1:]]),
@@ -164,26 +174,26 @@ def test_recommend_skips_unknown_and_seen_ids(exported, tmp_path):
     scores = [r["score"] for r in ranked]
     assert scores == sorted(scores, reverse=True) and all(r["title"] for r in ranked)
 
-    similar = recommend("--run", str(exported.dir), "--similar", history[0], "-k", "5", "--json")
+    similar = in_process(capsys, "--run", str(exported.dir), "--similar", history[0], "-k", "5", "--json")
     assert similar.returncode == 0 and len(json.loads(similar.stdout)) == 5
     assert history[0] not in {r["raw_id"] for r in json.loads(similar.stdout)}
-    no_user_table = recommend("--run", str(exported.dir), "--history", history[0], "--user", "3")
+    no_user_table = in_process(capsys, "--run", str(exported.dir), "--history", history[0], "--user", "3")
     assert no_user_table.returncode == 0 and "--user ignored: this model has no user-id table" in no_user_table.stderr
-    unknown = recommend("--run", str(exported.dir), "--similar", "no-such-item")
+    unknown = in_process(capsys, "--run", str(exported.dir), "--similar", "no-such-item")
     assert unknown.returncode == 0 and "unknown item ids, skipped: no-such-item" in unknown.stderr
-    bad = recommend("--run", str(exported.dir), "--history", history[0], "--user-features", "u_shoe_size=44")
+    bad = in_process(capsys, "--run", str(exported.dir), "--history", history[0], "--user-features", "u_shoe_size=44")
     assert bad.returncode == 2 and "no feature u_shoe_size" in bad.stderr and "u_gender" in bad.stderr
-    missing = recommend("--run", str(exported.dir / "nowhere"), "--history", history[0])
+    missing = in_process(capsys, "--run", str(exported.dir / "nowhere"), "--history", history[0])
     assert missing.returncode == 2 and "nowhere" in missing.stderr and "neither an export directory" in missing.stderr
     store = tmp_path / "none.db"
-    no_store = recommend("--run", "0123456789abcdef0123456789abcdef", "--tracking-uri", f"sqlite:///{store}",
+    no_store = in_process(capsys, "--run", "0123456789abcdef0123456789abcdef", "--tracking-uri", f"sqlite:///{store}",
                          "--history", history[0])
     assert no_store.returncode == 2 and f"no MLflow store at sqlite:///{store}" in no_store.stderr
     assert not store.exists(), "looking a run up never creates an empty MLflow store"
     broken = tmp_path / "broken"
     shutil.copytree(exported.dir, broken)
     (broken / "items.faiss").unlink()
-    incomplete = recommend("--run", str(broken), "--history", history[0])
+    incomplete = in_process(capsys, "--run", str(broken), "--history", history[0])
     assert incomplete.returncode == 2 and f"{broken / 'items.faiss'}: missing" in incomplete.stderr
 
 
@@ -223,7 +233,7 @@ def test_ml1m_export_recall_and_recommendations_with_titles(tmp_path):
     raw = dataset_dir("ml-1m")
     data = tmp_path / "ml-1m"
     subprocess.run([sys.executable, "-m", "data.prepare", "movielens", str(raw), "--out", str(data),
-                    "--max-history", "200"], cwd=ROOT, check=True, capture_output=True)
+                    "--max-history", "30"], cwd=ROOT, check=True, capture_output=True)  # the longest bag: last 30
     cfg = load_config(ROOT / "configs" / "ml1m.yaml", [f"data.path={data}", "train.epochs=1", "train.max_steps=300",
                                                        "tracking.enabled=false", f"export.dir={tmp_path / 'exports'}"])
     summary = train(cfg)

@@ -1,0 +1,69 @@
+"""The README's benchmark tables, printed from the results JSON, so no number is copied by hand.
+
+    .venv/bin/python -m bench.tables train_step | sequence_step
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NAMES = {"torchrec": "project", "torchrec_unmerged": "project unmerged",
+         "sparse_adam": "SparseAdam", "dense_adam": "dense Adam"}
+
+
+def step_table(result: dict, unit: str) -> list[str]:
+    impls = list(dict.fromkeys(r["impl"] for r in result["results"]))
+    rows = {(r["impl"], r["items"]): r for r in result["results"]}
+    sizes = sorted({r["items"] for r in result["results"]})
+    others = [i for i in impls if i != "torchrec"]
+    head = (["items"] + [f"{NAMES[i]} ({unit})" for i in impls] + [f"project / {NAMES[i]}" for i in others]
+            + ["peak RSS MiB (" + " / ".join(NAMES[i] for i in impls) + ")"])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    key = "examples_per_s" if unit == "examples/s" else "positions_per_s"
+    for n in sizes:
+        speed = [rows[i, n][key] for i in impls]
+        ratios = [rows["torchrec", n][key] / rows[i, n][key] for i in others]
+        rss = " / ".join(f"{rows[i, n]['peak_rss_mib']:,.0f}" for i in impls)
+        lines.append("| " + " | ".join([f"{n:,}"] + [f"{v:,.0f}" for v in speed] + [f"x{r:.2f}" for r in ratios]
+                                       + [rss]) + " |")
+    return lines
+
+
+def epoch_table(result: dict) -> list[str]:
+    lines = ["| ML-1M epoch | implementation | seconds | examples/s | project / this | peak RSS MiB |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    project = {r["tower"]: r["examples_per_s"] for r in result["epoch"] if r["impl"] == "torchrec"}
+    for r in result["epoch"]:
+        lines.append(f"| {r['tower']} | {NAMES[r['impl']]} | {r['seconds']:,.1f} | {r['examples_per_s']:,.0f} | "
+                     f"x{project[r['tower']] / r['examples_per_s']:.2f} | {r['peak_rss_mib']:,.0f} |")
+    return lines
+
+
+def profile_table(result: dict) -> list[str]:
+    profile = result["profile"]
+    lines = [f"| op (one project step, {profile['items']:,} items) | self CPU ms | share | calls |",
+             "| --- | --- | --- | --- |"]
+    for op in profile["top_ops"]:
+        lines.append(f"| `{op['op']}` | {op['self_cpu_ms']:.1f} | {op['share']:.1%} | {op['calls']} |")
+    return lines
+
+
+def main(argv: list[str]) -> None:
+    name = argv[0] if argv else "train_step"
+    result = json.loads((RESULTS / f"{name}.json").read_text())
+    if name == "train_step":
+        lines = step_table(result, "examples/s")
+    else:
+        lines = step_table(result, "positions/s")
+        if result.get("epoch"):
+            lines += [""] + epoch_table(result)
+        if result.get("profile"):
+            lines += [""] + profile_table(result)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
