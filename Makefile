@@ -31,7 +31,7 @@ lint: setup
 	$(PY) -m ruff check .
 
 test: lint
-	$(PY) -m pytest $(TESTS) -q -ra
+	$(PY) -m pytest $(TESTS) -q -ra --durations=25
 
 # The MLflow run page in headless Chromium (Debian's package), into docs/.
 ui-screenshot: setup

@@ -1,6 +1,6 @@
-"""Directories written atomically: built under a hidden temporary name, then renamed into place, so a
-reader sees the old directory or the complete new one, never a half-written one. Used by prepare,
-checkpoints and export."""
+"""Directories and files written atomically: built under a hidden temporary name, then renamed into place, so
+a reader sees the old version or the complete new one, never a half-written one. Used by prepare, checkpoints,
+export and the torchrun error files."""
 
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ def replace_directory(tmp: Path, final: Path) -> None:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_file(final: Path, text: str) -> None:
+    """Writes `text` to `final` through a temporary file in the same folder and a rename."""
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, final)
 
 
 def pid_alive(pid: int) -> bool:

@@ -107,6 +107,9 @@ def context_columns(timestamps: np.ndarray) -> dict[str, pa.Array]:
 
 
 CONTEXT_SPECS = [schema.FeatureSpec("c_hour", 25, False), schema.FeatureSpec("c_dow", 8, False)]
+# What serving is sent for them (`recommend --user-features c_hour=14,c_dow=Sat`): raw value i has id i + 1.
+CONTEXT_VOCABS = {"c_hour": np.array([str(h) for h in range(24)]),
+                  "c_dow": np.array(["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"])}
 
 
 def history_column(items: np.ndarray, user_start: np.ndarray, cutoffs: np.ndarray, max_len: int) -> pa.ListArray:
@@ -313,6 +316,7 @@ def write_catalogue(prep: Prepared, out: Path) -> np.ndarray:
     maps.mkdir()
     vocabularies = {"item": prep.item_vocab, "user": prep.user_vocab}
     vocabularies.update({n: f["vocab"] for n, f in {**prep.item_features, **prep.user_features}.items()})
+    vocabularies.update(CONTEXT_VOCABS)
     for name, vocab in vocabularies.items():
         pq.write_table(pa.table({"raw": pa.array(vocab.astype(str)),
                                  "id": pa.array(np.arange(1, len(vocab) + 1), type=pa.int64())}),

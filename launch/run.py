@@ -6,12 +6,13 @@ worker died, so torchx, which reports the earliest error file, names the first f
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun
+
+from trainer.distributed import write_error_file
 
 
 def record_root_cause(err: ChildFailedError) -> None:
@@ -22,9 +23,7 @@ def record_root_cause(err: ChildFailedError) -> None:
     cause = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
     message = (f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) of {err.name} died with {cause} "
                f"and wrote no error file: it was killed (for example by the OOM killer or a SIGKILL)")
-    with open(path, "w") as handle:
-        json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(int(failure.timestamp))}}}, handle)
-    os.utime(path, (failure.timestamp, failure.timestamp))
+    write_error_file(path, message, failure.timestamp)
 
 
 def main() -> None:

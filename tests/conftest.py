@@ -135,3 +135,19 @@ def synthetic_dataset(tmp_path_factory, name: str, users: int, items: int, mean_
 def tiny_data(tmp_path_factory):
     """800 synthetic users (666 with at least 5 distinct items), 300 items: a few seconds per epoch."""
     return synthetic_dataset(tmp_path_factory, "tiny", 800, 300, 15, 12, 20)
+
+
+def recommend_from_raw_ids(model, row: dict, k: int = 10) -> tuple[list[int], list[float]]:
+    """A prepared row's history and features as a user types them into `recommend` (raw ids, oldest first),
+    through the same `Recommender` the CLI runs: the dense item ids it ranks top, and their scores."""
+    from serving.recommend import Recommender
+
+    raw_item = dict(zip(model.item_ids.tolist(), model.raw_ids))
+    features = {}
+    for name, multi in model.features.items():
+        raw_value = {dense: raw for raw, dense in model.id_maps[name].items()}
+        features[name] = [raw_value[v] for v in (row[name] if multi else [row[name]]) if v != schema.PAD_ID]
+    recommender = Recommender(model)
+    ranked = recommender.recommend([raw_item[i] for i in row["history"]], features, k=k)
+    assert not [n for n in recommender.notes if "unknown" in n], recommender.notes
+    return [int(model.item_ids[model.row_of_raw[r.raw_id]]) for r in ranked], [r.score for r in ranked]

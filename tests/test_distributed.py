@@ -10,6 +10,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,7 +22,7 @@ from data.keys import SEQUENCE_KEY
 from data.loader import open_loader
 from serving.model import ExportedModel
 from sharding.plan import UNPOOLED_SHARDING_TYPES
-from tests.conftest import synthetic_dataset
+from tests.conftest import recommend_from_raw_ids, synthetic_dataset
 from trainer.collectives import all_gather_with_grad
 from trainer.distributed import free_port
 from trainer.export import export, kjt_features
@@ -254,7 +255,7 @@ def sharding_worker(rank: int, world: int, port: int, data: str, sharding_type: 
     distributed.shutdown()
 
 
-def check_export_scores_like_the_sharded_model(out: Path, tower: str, sharding_type: str) -> None:
+def check_export_scores_like_the_sharded_model(out: Path, data: Path, tower: str, sharding_type: str) -> None:
     """Export reassembles the shards of both ranks into one unsharded model that scores like the sharded one."""
     export(out / f"{tower}-{sharding_type}-model", out / "export")
     model = ExportedModel(out / "export")
@@ -268,6 +269,13 @@ def check_export_scores_like_the_sharded_model(out: Path, tower: str, sharding_t
                 query = model.tower.query(result["features"]).numpy()
         torch.testing.assert_close(torch.from_numpy(query @ model.embeddings.T),
                                    result["scores"][:, torch.from_numpy(model.item_ids)], rtol=1e-5, atol=1e-5)
+        # The same queries from raw ids, as `recommend --history` builds them: this rank's validation rows are
+        # its contiguous half of the file, in order.
+        rows = pq.read_table(data / "valid.parquet")
+        rows = rows.slice(rank * rows.num_rows // 2, 10).to_pylist()
+        for position, row in enumerate(rows):
+            items, scores = recommend_from_raw_ids(model, row)
+            torch.testing.assert_close(torch.tensor(scores), result["scores"][position, items], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -280,7 +288,7 @@ def test_each_cpu_sharding_type_trains_on_two_processes(parity_data, tmp_path, s
         assert all(np.isfinite(result["losses"]))
         assert result["changed"] and all(result["changed"].values()), ("every local table shard was updated",
                                                                        result["changed"])
-    check_export_scores_like_the_sharded_model(tmp_path, "bags", sharding_type)
+    check_export_scores_like_the_sharded_model(tmp_path, parity_data, "bags", sharding_type)
 
 
 @pytest.mark.slow
@@ -297,4 +305,4 @@ def test_each_cpu_sharding_type_of_the_item_collection_trains_the_transformer(pa
         assert all(np.isfinite(result["losses"]))
         assert result["changed"] and all(result["changed"].values()), ("every local table shard was updated",
                                                                        result["changed"])
-    check_export_scores_like_the_sharded_model(tmp_path, "transformer", sharding_type)
+    check_export_scores_like_the_sharded_model(tmp_path, parity_data, "transformer", sharding_type)

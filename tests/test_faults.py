@@ -16,12 +16,14 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
+from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from config import ConfigError, LoaderConfig
 from data.loader import open_loader
 from tests.conftest import ROOT, TINY_MODEL, tiny_config
 from trainer import checkpoint
 from trainer.checkpoint import CheckpointError
+from trainer.distributed import WholeErrorFile
 from trainer.train import TrainingError, train
 
 TORCHX = str(Path(sys.executable).with_name("torchx"))
@@ -94,6 +96,30 @@ def test_a_killed_rank_is_the_reported_root_cause(tiny_data, tmp_path):
     status = log[log.index("AppStatus"):]
     assert "rank 1 (local rank 0" in status and "SIGKILL" in status, status[:2000]
     assert "Connection reset" not in status and "RendezvousConnectionError" not in status
+
+
+def test_a_rank_killed_while_writing_its_error_file_leaves_none_torchrun_cannot_parse(tmp_path, monkeypatch):
+    """torchrun's agent SIGTERMs the surviving ranks when one dies, and parses each rank's error file; a rank
+    killed mid-write once left an empty file that crashed the agent, so the job was not restarted."""
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    write_text = Path.write_text
+
+    def killed_halfway(path: Path, text: str, *args, **kwargs):
+        write_text(path, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt("SIGTERM while writing")
+
+    try:
+        raise RuntimeError("gloo: connection reset by peer")
+    except RuntimeError as err:
+        monkeypatch.setattr(Path, "write_text", killed_halfway)
+        with pytest.raises(KeyboardInterrupt):
+            WholeErrorFile().record_exception(err)
+        monkeypatch.setattr(Path, "write_text", write_text)
+        assert not error_file.exists(), "torchrun's agent reads an absent file as 'no error file'"
+        WholeErrorFile().record_exception(err)
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file=str(error_file))
+    assert failure.message["message"] == "RuntimeError: gloo: connection reset by peer"
 
 
 @pytest.fixture(scope="module")

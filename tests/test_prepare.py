@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data import schema
+from data.prepare import CONTEXT_VOCABS, context_columns
 from data.prepare import main as prepare_main
 from data.schema import Metadata
 from tests.conftest import dataset_dir
@@ -79,7 +80,15 @@ def test_ml100k_has_users_items_genres_and_user_features(tmp_path):
     assert genders[users.loc["1", "u_gender"]] == "M" and occupations[users.loc["1", "u_occupation"]] == "technician"
     train = pq.read_table(out / schema.TRAIN_DIR).to_pandas()
     assert {"u_age", "u_gender", "u_occupation", "u_zip", "c_hour", "c_dow"} <= set(train.columns)
+    assert raw_id_of(out, "c_dow")[train["c_dow"].iloc[0]] in ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
     assert catalogue["freq"].sum() == len(train), "catalogue frequency counts training positives"
+
+
+def test_context_ids_map_back_to_the_hour_and_weekday_serving_sends():
+    saturday_2pm = int(pd.Timestamp("2026-11-28 14:05", tz="UTC").timestamp())
+    columns = context_columns(np.array([0, saturday_2pm]))
+    hours, days = (CONTEXT_VOCABS[name][np.asarray(columns[name]) - 1].tolist() for name in ("c_hour", "c_dow"))
+    assert hours == ["0", "14"] and days == ["Thu", "Sat"], "1970-01-01 00:00 UTC was a Thursday"
 
 
 def write_interactions(path, rows, fmt):

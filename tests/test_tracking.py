@@ -46,6 +46,9 @@ class Server:
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
                     if response.status == 200:
+                        # Its first store request opens the database, which on a loaded machine took longer
+                        # than the trainers' 2 s request timeout; warm it up with the client's own timeout.
+                        MlflowClient(self.uri).search_experiments()
                         return
             except OSError:
                 time.sleep(0.5)
@@ -79,28 +82,6 @@ def single_run(client: MlflowClient):
     return runs[0]
 
 
-@pytest.mark.slow
-def test_training_logs_to_a_real_server_over_http(tiny_data, tmp_path):
-    server = Server(tmp_path)
-    try:
-        job = trainer(tiny_data, server.uri, "train.epochs=2", "train.log_every=2", summary=tmp_path / "s.json")
-        out, _ = job.communicate(timeout=600)
-        assert job.returncode == 0, out
-        client = MlflowClient(server.uri)
-        run = single_run(client)
-        assert run.info.status == "FINISHED"
-        assert run.data.params["loss.logq"] == "True" and run.data.params["env.world_size"] == "1"
-        history = client.get_metric_history(run.info.run_id, "train/loss")
-        assert len(history) >= 5 and sorted(m.step for m in history) == [m.step for m in history]
-        assert len(client.get_metric_history(run.info.run_id, "valid/ndcg_at_10")) == 2
-        summary = json.loads((tmp_path / "s.json").read_text())
-        assert run.data.metrics["best/test_hr_at_10"] == pytest.approx(summary["test"]["hr@10"])
-        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"config.yaml", "sharding_plan.txt", "sharding_plan.json", "eval_table.json"} <= artifacts
-    finally:
-        server.stop()
-
-
 def wait_for_metric(client: MlflowClient, job: subprocess.Popen, name: str, count: int) -> str:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and job.poll() is None:
@@ -114,7 +95,8 @@ def wait_for_metric(client: MlflowClient, job: subprocess.Popen, name: str, coun
 
 @pytest.mark.slow
 def test_a_tracking_outage_mid_run_loses_nothing(tiny_data, tmp_path):
-    """The server is SIGKILLed during training and back 20 s later: every step's metrics arrive anyway."""
+    """Training logs over HTTP to a real server, which is SIGKILLed mid-run and back 10 s later: every step's
+    metrics, the params and the artifacts arrive anyway."""
     server = Server(tmp_path)
     client = MlflowClient(server.uri)
     job = trainer(tiny_data, server.uri, "train.epochs=3", "train.log_every=1", "tracking.request_timeout_s=2",
@@ -122,7 +104,7 @@ def test_a_tracking_outage_mid_run_loses_nothing(tiny_data, tmp_path):
     try:
         run_id = wait_for_metric(client, job, "train/loss", 3)
         server.stop(signal.SIGKILL)
-        time.sleep(20)
+        time.sleep(10)
         assert job.poll() is None, "training was still running while the server was down"
         server.start()
         out, _ = job.communicate(timeout=600)
@@ -133,7 +115,11 @@ def test_a_tracking_outage_mid_run_loses_nothing(tiny_data, tmp_path):
         assert run.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(1, steps + 1))
         assert len(client.get_metric_history(run_id, "valid/ndcg_at_10")) == 3
-        assert "best/test_hr_at_10" in run.data.metrics
+        assert run.data.params["loss.logq"] == "True" and run.data.params["env.world_size"] == "1"
+        summary = json.loads((tmp_path / "s.json").read_text())
+        assert run.data.metrics["best/test_hr_at_10"] == pytest.approx(summary["test"]["hr@10"])
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+        assert {"config.yaml", "sharding_plan.txt", "sharding_plan.json", "eval_table.json"} <= artifacts
     finally:
         job.kill()
         server.stop()

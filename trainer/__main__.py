@@ -7,22 +7,25 @@ started by torchrun/torchx. The same command either way.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from config import ConfigError, load_config
 from data.errors import DataError
 from sharding.plan import ShardingError
 from trainer.checkpoint import CheckpointError
-from trainer.distributed import DeviceError
+from trainer.distributed import DeviceError, WholeErrorFile
 from trainer.evaluate import EvaluationError
 from trainer.tracking import TrackingError, tracking_uri
 from trainer.train import TrainingError, train
+
+ERRORS = WholeErrorFile()
 
 
 def fail(err: Exception, code: int, prefix: str = "") -> int:
@@ -30,11 +33,11 @@ def fail(err: Exception, code: int, prefix: str = "") -> int:
     instead of `error_file: <N/A>`."""
     print(f"error: {prefix}{err}", file=sys.stderr)
     if "TORCHELASTIC_ERROR_FILE" in os.environ:
-        get_error_handler().record_exception(err)
+        ERRORS.record_exception(err)
     return code
 
 
-@record
+@functools.partial(record, error_handler=ERRORS)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

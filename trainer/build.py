@@ -156,8 +156,11 @@ def build_model(cfg: JobConfig, env: distributed.Env, meta: Metadata, freq: np.n
     dmp = DistributedModelParallel(model, device=env.device, plan=plan,
                                   data_parallel_wrapper=data_parallel_wrapper(env.world_size))
     dense_class = optimizer_class(cfg.optim.dense)
+    # torch's fused Adam updates every MLP tensor in one kernel, CPU or CUDA: about 3x faster than its default
+    # for-each path, and it is a fixed cost of every step.
+    fused = {"fused": True} if cfg.optim.dense == "adam" else {}
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  lambda params: dense_class(params, lr=cfg.optim.dense_lr))
+                                  lambda params: dense_class(params, lr=cfg.optim.dense_lr, **fused))
     pipeline = TrainPipelineSparseDist(dmp, dense, env.device)
     return ShardedModel(dmp.module.towers, dmp, pipeline, dense, log_q.streaming if log_q else None, str(plan),
                         plan_as_json(plan))

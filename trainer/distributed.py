@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+from data.atomic import write_file
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,24 @@ class Env:
 
 class DeviceError(ValueError):
     """The configured device does not exist here; a one-line error, like a config error."""
+
+
+def write_error_file(path: str, message: str, timestamp: float, callstack: str | None = None) -> None:
+    """A torchelastic error file (the JSON torchrun and torchx read), whole or not at all: when one rank dies,
+    torchrun's agent SIGTERMs the others and parses their files; one killed while torch's own handler was
+    writing left an empty file, and the agent crashed on it instead of restarting the job (seen in CI)."""
+    extra = {"timestamp": str(int(timestamp)), **({"py_callstack": callstack} if callstack else {})}
+    write_file(Path(path), json.dumps({"message": {"message": message, "extraInfo": extra}}))
+    os.utime(path, (timestamp, timestamp))
+
+
+class WholeErrorFile(ErrorHandler):
+    """torch's error handler, writing through `write_error_file`."""
+
+    def record_exception(self, e: BaseException) -> None:
+        path = self._get_error_file_path()
+        if path:
+            write_error_file(path, f"{type(e).__name__}: {e}", time.time(), traceback.format_exc())
 
 
 def pick_device(wanted: str, local_rank: int) -> torch.device:
