@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 
@@ -95,15 +96,20 @@ def test_adam_on_cpu_is_refused_before_work(tiny_data):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (nccl, FBGEMM CUDA kernels, fused Adam)")
-def test_gpu_dev_mode_trains_with_fused_adam_on_nccl(tiny_data, tmp_path):
-    """A fresh process, so the process group is created for CUDA (nccl), not reused from CPU tests."""
+@pytest.mark.parametrize("tower", ["bags", "transformer"])
+def test_gpu_dev_mode_trains_with_fused_adam_on_nccl(tiny_data, tmp_path, tower):
+    """A fresh process, so the process group is created for CUDA (nccl), not reused from CPU tests. The item
+    table (the EBC's, or the transformer's EmbeddingCollection) row-wise, the others table-wise."""
     summary = tmp_path / "summary.json"
-    result = subprocess.run([sys.executable, "-m", "trainer", f"data.path={tiny_data}", *TINY_MODEL,
+    towers = ["model.query_tower=transformer", "loader.max_sequence_length=20"] if tower == "transformer" else []
+    result = subprocess.run([sys.executable, "-m", "trainer", f"data.path={tiny_data}", *TINY_MODEL, *towers,
                              "tracking.enabled=false", "train.device=cuda", "optim.sparse=adam", "train.epochs=2",
-                             "sharding.sharding_types=[row_wise,table_wise]", "--summary", str(summary)],
+                             "sharding.sharding_types=[table_wise]", "sharding.per_table={item_ids: [row_wise]}",
+                             "--summary", str(summary)],
                             cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank:0/cuda:0" in result.stdout, "tables placed on the GPU"
+    assert re.search(r"item_ids\s*\|\s*row_wise", result.stdout), result.stdout[-3000:]
     metrics = json.loads(summary.read_text())
     assert metrics["test"]["hr@50"] > metrics["popularity_test"]["hr@50"]
 
