@@ -171,7 +171,7 @@ def train_free_embeddings(logq_sign: float, seed: int = 0):
     the learned scores approach log p(y|x), the ranking that maximises recall on the true data.
     """
     rng = np.random.default_rng(seed)
-    n_items, n_ctx, d, batch, steps = 200, 40, 16, 256, 600
+    n_items, n_ctx, d, batch, steps = 200, 40, 16, 256, 300
     popularity = 1.0 / np.arange(1, n_items + 1) ** 1.1
     affinity = rng.normal(size=(n_ctx, n_items)) * 1.0
     p_y_given_x = popularity[None, :] * np.exp(affinity)
