@@ -47,6 +47,13 @@ def test_pipelined_losses_equal_the_plain_loop(tiny_data):
     torch.testing.assert_close(torch.tensor(pipelined), torch.tensor(plain), rtol=1e-5, atol=1e-6)
 
 
+def test_the_dense_adam_is_torchs_fused_one(tiny_data):
+    """One kernel over every MLP tensor instead of a loop over them: a fixed cost of every step
+    (bench/train_step.py)."""
+    groups = build(tiny_config(tiny_data), distributed.init("cpu")).model.dense_optimizer.param_groups
+    assert groups and all(g["fused"] is True for g in groups)
+
+
 @pytest.mark.slow
 def test_dev_mode_training_beats_popularity_and_is_reproducible(tiny_data):
     cfg = tiny_config(tiny_data, **{"train.epochs": 3, "train.early_stopping_metric": "hr@50"})
