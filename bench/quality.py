@@ -2,6 +2,7 @@
 the loss ablation.
 
     python -m bench.quality [--towers bags transformer] [--runs NAME ...] [--seeds N] [--ml1m DIR] [--prepared DIR]
+                            [--note TEXT]
 
 For each tower, its committed config (`configs/ml1m.yaml` for the bags, `configs/ml1m_transformer.yaml` for
 the transformer) is trained as committed (in-batch + mixed negatives + logQ) and, on the same data with the
@@ -63,13 +64,14 @@ def pick(metrics: dict) -> dict:
     return {k: round(metrics[k], 4) for k in REPORTED}
 
 
-def row(name: str, overrides: list[str], result: dict) -> dict:
+def row(name: str, overrides: list[str], result: dict, note: str | None = None) -> dict:
+    """One run's entry. `note` says how its wall time was measured when not alone on the machine."""
     return {"name": name, "overrides": overrides, "best_epoch": result["best_epoch"],
             "epochs_run": len(result["history"]), "steps": result["steps"], "seconds": round(result["seconds"], 1),
             "train_examples_per_s": round(result["train_examples_per_s"], 1), "run_id": result.get("run_id"),
             "test": pick(result["test"]), "valid": pick(result["valid"]),
             "valid_history": [{k: round(h[k], 4) for k in ("epoch", "hr@10", "ndcg@10")} for h in result["history"]],
-            "popularity_test": pick(result["popularity_test"])}
+            "popularity_test": pick(result["popularity_test"])} | ({"note": note} if note else {})
 
 
 def save(output: dict, out: Path) -> None:
@@ -87,6 +89,7 @@ def main() -> None:
                         help="rerun these (default: every run not yet in the results file)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds of the committed config (default: 1, seed 0)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality_ml1m.json"))
+    parser.add_argument("--note", help="recorded with each run of this invocation, e.g. that it shared the cores")
     args = parser.parse_args()
     prepared, out = Path(args.prepared), Path(args.out)
     if not (prepared / "metadata.json").exists():
@@ -105,7 +108,7 @@ def main() -> None:
         for name, overrides in sorted(ABLATION, key=lambda run: run[0] != COMMITTED):
             if (name not in args.runs) if args.runs else (name in entry["ablation"]):
                 continue
-            entry["ablation"][name] = row(name, overrides, run(CONFIGS[tower], prepared, overrides))
+            entry["ablation"][name] = row(name, overrides, run(CONFIGS[tower], prepared, overrides), args.note)
             if name == COMMITTED:  # its other seeds belong to the run they were measured beside
                 entry.pop("seeds", None), entry.pop("seed_spread", None)
                 entry["test"] = entry["ablation"][name]["test"]
@@ -114,7 +117,8 @@ def main() -> None:
         seeds = entry.setdefault("seeds", {})
         for seed in range(1, args.seeds):
             if str(seed) not in seeds:
-                seeds[str(seed)] = row(COMMITTED, [f"seed={seed}"], run(CONFIGS[tower], prepared, [f"seed={seed}"]))
+                seeds[str(seed)] = row(COMMITTED, [f"seed={seed}"], run(CONFIGS[tower], prepared, [f"seed={seed}"]),
+                                       args.note)
                 save(output, out)
         if seeds and COMMITTED in entry["ablation"]:
             tests = [entry["ablation"][COMMITTED]["test"]] + [r["test"] for r in seeds.values()]

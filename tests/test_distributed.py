@@ -206,10 +206,19 @@ def test_two_processes_train_the_transformer_like_one_on_the_concatenated_batch(
                                            rtol=1e-4, atol=1e-5, msg=key)
 
 
-def sharding_worker(rank: int, world: int, port: int, data: str, sharding_type: str, out: str,
-                    tower: str = "bags") -> None:
+def sharding_worker(rank: int, world: int, port: int, data: str, cases: list[tuple[str, str]], out: str) -> None:
+    """Trains every (tower, sharding type) case in turn in one process group: one spawn, and one start-up of
+    TorchRec per rank, for all of them."""
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    from trainer import distributed
+
+    for tower, sharding_type in cases:
+        train_one_sharding(rank, data, tower, sharding_type, out)
+    distributed.shutdown()
+
+
+def train_one_sharding(rank: int, data: str, tower: str, sharding_type: str, out: str) -> None:
     from trainer import checkpoint, distributed
     from trainer.train import build
 
@@ -252,13 +261,12 @@ def sharding_worker(rank: int, world: int, port: int, data: str, sharding_type: 
                 "scores": scores, "features": kjt_features(batch.sparse),
                 "sequence": None if history is None else (history.lengths().long(), history.values())},
                Path(out) / f"{tower}-{sharding_type}-{rank}.pt")
-    distributed.shutdown()
 
 
 def check_export_scores_like_the_sharded_model(out: Path, data: Path, tower: str, sharding_type: str) -> None:
     """Export reassembles the shards of both ranks into one unsharded model that scores like the sharded one."""
-    export(out / f"{tower}-{sharding_type}-model", out / "export")
-    model = ExportedModel(out / "export")
+    export(out / f"{tower}-{sharding_type}-model", out / f"{tower}-{sharding_type}-export")
+    model = ExportedModel(out / f"{tower}-{sharding_type}-export")
     assert model.manifest.query_tower.kind == tower
     for rank in range(2):
         result = torch.load(out / f"{tower}-{sharding_type}-{rank}.pt")
@@ -278,31 +286,42 @@ def check_export_scores_like_the_sharded_model(out: Path, data: Path, tower: str
             torch.testing.assert_close(torch.tensor(scores), result["scores"][position, items], rtol=1e-5, atol=1e-5)
 
 
+BAG_SHARDING_TYPES = ["table_wise", "column_wise", "table_column_wise", "data_parallel"]
+# Every type TorchRec shards an EmbeddingCollection with on CPU (table_wise: the parity test above;
+# sharding.plan refuses data_parallel and table_column_wise for it, naming these).
+COLLECTION_SHARDING_TYPES = [t for t in UNPOOLED_SHARDING_TYPES if t != "table_wise"]
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(parity_data, tmp_path_factory) -> Path:
+    """Both ranks' results for every CPU sharding case, from one 2-process spawn."""
+    out = tmp_path_factory.mktemp("sharded")
+    cases = [("bags", t) for t in BAG_SHARDING_TYPES] + [("transformer", t) for t in COLLECTION_SHARDING_TYPES]
+    mp.spawn(sharding_worker, args=(2, free_port(), str(parity_data), cases, str(out)), nprocs=2)
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding_type", ["table_wise", "column_wise", "table_column_wise", "data_parallel"])
-def test_each_cpu_sharding_type_trains_on_two_processes(parity_data, tmp_path, sharding_type):
-    mp.spawn(sharding_worker, args=(2, free_port(), str(parity_data), sharding_type, str(tmp_path)), nprocs=2)
+@pytest.mark.parametrize("sharding_type", BAG_SHARDING_TYPES)
+def test_each_cpu_sharding_type_trains_on_two_processes(parity_data, sharded_runs, sharding_type):
     for rank in range(2):
-        result = torch.load(tmp_path / f"bags-{sharding_type}-{rank}.pt")
+        result = torch.load(sharded_runs / f"bags-{sharding_type}-{rank}.pt")
         assert set(result["types"].values()) == {sharding_type}, result["types"]
         assert all(np.isfinite(result["losses"]))
         assert result["changed"] and all(result["changed"].values()), ("every local table shard was updated",
                                                                        result["changed"])
-    check_export_scores_like_the_sharded_model(tmp_path, parity_data, "bags", sharding_type)
+    check_export_scores_like_the_sharded_model(sharded_runs, parity_data, "bags", sharding_type)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding_type", [t for t in UNPOOLED_SHARDING_TYPES if t != "table_wise"])
-def test_each_cpu_sharding_type_of_the_item_collection_trains_the_transformer(parity_data, tmp_path, sharding_type):
-    """Every type TorchRec shards an EmbeddingCollection with on CPU (table_wise: the parity test above;
-    sharding.plan refuses data_parallel and table_column_wise for it, naming these)."""
-    mp.spawn(sharding_worker, args=(2, free_port(), str(parity_data), sharding_type, str(tmp_path), "transformer"),
-             nprocs=2)
+@pytest.mark.parametrize("sharding_type", COLLECTION_SHARDING_TYPES)
+def test_each_cpu_sharding_type_of_the_item_collection_trains_the_transformer(parity_data, sharded_runs,
+                                                                              sharding_type):
     for rank in range(2):
-        result = torch.load(tmp_path / f"transformer-{sharding_type}-{rank}.pt")
+        result = torch.load(sharded_runs / f"transformer-{sharding_type}-{rank}.pt")
         assert result["types"].pop("towers.ec.item_ids") == sharding_type
         assert set(result["types"].values()) == {"table_wise"}, result["types"]
         assert all(np.isfinite(result["losses"]))
         assert result["changed"] and all(result["changed"].values()), ("every local table shard was updated",
                                                                        result["changed"])
-    check_export_scores_like_the_sharded_model(tmp_path, parity_data, "transformer", sharding_type)
+    check_export_scores_like_the_sharded_model(sharded_runs, parity_data, "transformer", sharding_type)

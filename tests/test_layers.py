@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,13 @@ def test_only_the_key_module_spells_feature_keys():
     spelled = [str(path.relative_to(ROOT)) for path in modules(ROOT).values()
                if KEY_LITERALS.search(path.read_text()) and path != ROOT / "data" / "keys.py"]
     assert spelled == [], "feature keys are built with data/keys.py, never written as strings"
+
+
+def test_a_trainer_process_starts_without_mlflow_matplotlib_or_pandas():
+    """Every rank of every job imports the trainer; MLflow alone was a third of that start-up (about 3 s of
+    CPU per process), and only the rank that tracks needs it (or matplotlib and pandas, for its plots and
+    tables). They are imported where they are used."""
+    code = ("import sys, trainer.__main__, trainer.train, launch.run; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'matplotlib', 'pandas'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -179,14 +179,17 @@ def test_unreachable_server_at_start_is_a_clear_error(tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_demo_run_has_params_metric_series_and_artifacts(tmp_path):
-    """The commands `make demo` runs, in a scratch directory, read back through MlflowClient."""
+    """The commands `make demo` runs, in a scratch directory, read back through MlflowClient. Two of the demo's
+    four epochs: what is logged does not depend on how many there are, and training is most of this test's time
+    (the suite's longest)."""
     data = tmp_path / "prepared" / "synthetic"
     prepared = subprocess.run([sys.executable, "-m", "data.prepare", "synthetic", "--out", str(data)], cwd=ROOT,
                               check=True, capture_output=True, text=True)
     assert "repeats: 0.0% of validation targets (0 of 5767)" in prepared.stdout, "the demo data has no repeats"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = subprocess.run([sys.executable, "-m", "trainer", "--config", "configs/synthetic.yaml",
-                             f"data.path={data}", f"tracking.uri={uri}", f"export.dir={tmp_path / 'exports'}"],
+                             f"data.path={data}", f"tracking.uri={uri}", f"export.dir={tmp_path / 'exports'}",
+                             "train.epochs=2"],
                             cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "mlflow ui --backend-store-uri" in result.stdout

@@ -12,15 +12,13 @@ import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from mlflow.types import ColSpec, DataType, Schema
-from mlflow.types.schema import Array
 
 from config import JobConfig, dump
 from data import schema
 from data.schema import Metadata
 
 ROOT = Path(__file__).resolve().parents[1]
-ARROW_TYPES = {"int64": DataType.long, "int32": DataType.integer, "double": DataType.double, "string": DataType.string}
+ARROW_TYPES = {"int64": "long", "int32": "integer", "double": "double", "string": "string"}  # MLflow DataType names
 
 
 def git(*args: str) -> str:
@@ -77,14 +75,17 @@ def result(summary: dict, metric: str) -> str:
 
 def dataset(cfg: JobConfig, meta: Metadata) -> dict:
     """The prepared data as an MLflow dataset: source, digest (of its metadata), the training schema and
-    the row counts of every split."""
+    the row counts of every split. MLflow is imported here, on the rank that tracks (see trainer.tracking)."""
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
     directory = Path(cfg.data.path).resolve()
     arrow = pq.read_schema(directory / meta.train_files[0])
     columns = []
     for name, kind in zip(arrow.names, arrow.types):
         value = getattr(kind, "value_type", None)
-        columns.append(ColSpec(Array(ARROW_TYPES.get(str(value), DataType.string)), name) if value is not None
-                       else ColSpec(ARROW_TYPES.get(str(kind), DataType.string), name))
+        columns.append(ColSpec(Array(DataType[ARROW_TYPES.get(str(value), "string")]), name) if value is not None
+                       else ColSpec(DataType[ARROW_TYPES.get(str(kind), "string")], name))
     digest = hashlib.sha256((directory / schema.METADATA_FILE).read_bytes()).hexdigest()[:16]
     profile = {"users": meta.num_users, "items": meta.num_items, "train_examples": meta.counts["train_examples"],
                "valid_queries": meta.counts["valid_rows"], "test_queries": meta.counts["test_rows"],

@@ -27,21 +27,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
-import matplotlib
+import psutil
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.image  # noqa: E402
-import pandas as pd  # noqa: E402
-import psutil  # noqa: E402
-import torch  # noqa: E402
-from mlflow.entities import Dataset as DatasetEntity  # noqa: E402
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+from config import TrackingConfig
+from serving.runs import default_tracking_uri
 
-from config import TrackingConfig  # noqa: E402
-from serving.runs import default_tracking_uri  # noqa: E402
+if TYPE_CHECKING:
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 10_000  # records held in memory; more go to the outbox file
@@ -113,7 +109,17 @@ class NullLogger:
         return None
 
 
+def client_for(uri: str) -> MlflowClient:
+    """MLflow is imported here, when a rank first talks to it, not with this module: it is about a third of
+    a trainer process's start-up, and the ranks that do not track (all but rank 0) never need it."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
 def metric_entities(record: dict) -> list[Metric]:
+    from mlflow.entities import Metric
+
     return [Metric(k, v, record["timestamp"], record["step"]) for k, v in record["metrics"].items()]
 
 
@@ -142,6 +148,9 @@ def send_batch(client: MlflowClient, run_id: str, records: list[dict]) -> None:
 
 def send(client: MlflowClient, run_id: str, record: dict) -> None:
     """Sends one record; raises on any failure (the caller retries or keeps it)."""
+    from mlflow.entities import Dataset as DatasetEntity
+    from mlflow.entities import DatasetInput, InputTag, Param, RunTag
+
     kind = record["kind"]
     if kind == "params":
         client.log_batch(run_id, params=[Param(k, v) for k, v in record["params"].items()])
@@ -156,6 +165,8 @@ def send(client: MlflowClient, run_id: str, record: dict) -> None:
     elif kind == "tags":
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
     elif kind == "table":
+        import pandas as pd
+
         client.log_table(run_id, data=pd.DataFrame(record["rows"]), artifact_file=record["file"])
     elif kind == "dataset":
         dataset = DatasetEntity(name=record["name"], digest=record["digest"], source_type="local",
@@ -188,7 +199,7 @@ class MlflowLogger:
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(cfg.request_timeout_s)
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
         self.uri = tracking_uri(cfg)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = client_for(self.uri)
         try:
             experiment = self.client.get_experiment_by_name(cfg.experiment)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
@@ -290,6 +301,11 @@ class MlflowLogger:
 
     def log_images(self, make: Callable[[], dict]) -> None:
         """`make()` returns {artifact file: RGBA array}; each is written as a PNG, then sent."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.image
+
         for artifact_file, image in make().items():
             path = self.files / artifact_file
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -389,7 +405,7 @@ def replay(path: Path, client: MlflowClient | None = None) -> list[dict]:
     path = Path(path)
     with open(path) as handle:
         header, *records = [json.loads(line) for line in handle if line.strip()]
-    client = client or MlflowClient(tracking_uri=header["tracking_uri"])
+    client = client or client_for(header["tracking_uri"])
     sent = 0
     while sent < len(records):
         batch = leading_batch(records, sent)
@@ -428,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {path}: no such outbox file", file=sys.stderr)
         return 2
     total = count_records(path)
-    left = replay(path, MlflowClient(tracking_uri=args.tracking_uri) if args.tracking_uri else None)
+    left = replay(path, client_for(args.tracking_uri) if args.tracking_uri else None)
     if left:
         print(f"error: sent {total - len(left)} of {total} records; {len(left)} are still in {path} (run this again "
               f"once the server answers)", file=sys.stderr)

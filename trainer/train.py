@@ -34,7 +34,6 @@ from trainer.build import JobData, ShardedModel, build_data, build_model, check_
 from trainer.checkpoint import BEST_MODEL, BestWeights, CheckpointManager, read_state, resume_point
 from trainer.evaluate import evaluate, popularity_scorer
 from trainer.export import export
-from trainer.plots import plots
 from trainer.state import LoopState
 from trainer.tracking import MetricsLogger, MlflowLogger, NullLogger
 
@@ -259,7 +258,7 @@ class Trainer:
                 log.warning("export skipped: a multi-node job keeps the best model under checkpoint.dir, on storage "
                             "every node shares; set checkpoint.dir to export")
         self.log_result(summary, state)
-        self.logger.log_images(lambda: plots(cfg, self.data.meta, summary))
+        self.logger.log_images(lambda: draw_plots(cfg, self.data.meta, summary))
         self.best.cleanup()
         return summary
 
@@ -287,6 +286,13 @@ class Trainer:
         self.logger.log_model(out, self.cfg.tracking.register_as)
         self.logger.log_metrics({f"export/index_recall@{RECALL_K}": recall}, manifest.source["state"]["step"])
         return {"dir": str(out), "index": manifest.index}
+
+
+def draw_plots(cfg: JobConfig, meta: Metadata, summary: dict) -> dict:
+    """The run's plots, importing matplotlib only on the rank that tracks, when it draws them."""
+    from trainer.plots import plots
+
+    return plots(cfg, meta, summary)
 
 
 def build(cfg: JobConfig, env: distributed.Env, logger: MetricsLogger | None = None) -> Trainer:
