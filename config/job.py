@@ -30,6 +30,8 @@ SPARSE_OPTIMIZERS = tuple(name for name, spec in OPTIMIZERS.items() if spec.fuse
 CPU_FUSED_OPTIMIZERS = tuple(name for name, spec in OPTIMIZERS.items() if spec.fused == "cpu")
 DENSE_OPTIMIZERS = tuple(name for name, spec in OPTIMIZERS.items() if spec.dense)
 INDEX_KINDS = ("hnsw", "flat")
+# TorchRec's training compute kernels: "dense" is a replicated (data-parallel) table, the uvm ones need CUDA.
+COMPUTE_KERNELS = ("fused", "dense", "fused_uvm", "fused_uvm_caching")
 METRICS = ("hr", "recall", "ndcg", "mrr", "coverage")
 QUERY_TOWERS = ("bags", "transformer")
 DEVICES = ("auto", "cpu", "cuda")
@@ -189,6 +191,10 @@ class ShardingConfig:
     sharding_types: list[str] = field(default_factory=lambda: ["table_wise"])
     compute_kernel: str = "fused"
     per_table: dict[str, list[str]] = field(default_factory=dict)  # table name -> allowed sharding types
+
+    def __post_init__(self) -> None:
+        check(self.compute_kernel in COMPUTE_KERNELS, f"sharding.compute_kernel must be one of {COMPUTE_KERNELS}, "
+                                                      f"got '{self.compute_kernel}'")
 
 
 @dataclass

@@ -66,6 +66,9 @@ def check_types(cfg: ShardingConfig, tables: list[BaseEmbeddingConfig], device: 
             (f"sharding.per_table.{name}", types) for name, types in cfg.per_table.items()]:
         if not types:
             raise ShardingError(f"{where} is empty; possible on {device.type}: {list(possible_types(device))}")
+    if cfg.compute_kernel.startswith("fused_uvm") and device.type != "cuda":
+        raise ShardingError(f"sharding.compute_kernel={cfg.compute_kernel} keeps tables in CUDA unified memory, which "
+                            f"{device.type.upper()} does not have; use fused")
     for t in tables:
         unpooled = isinstance(t, EmbeddingConfig)
         where = f"sharding.per_table.{t.name}" if t.name in cfg.per_table else "sharding.sharding_types"
@@ -77,6 +80,10 @@ def check_types(cfg: ShardingConfig, tables: list[BaseEmbeddingConfig], device: 
         if bad:
             raise ShardingError(f"{where} asks for {bad}, which {device.type.upper()} cannot run; possible on "
                                 f"{device.type}: {list(allowed)}")
+        if cfg.compute_kernel == "dense" and "data_parallel" not in cfg.per_table.get(t.name, cfg.sharding_types):
+            raise ShardingError(f"sharding.compute_kernel=dense replicates every table (data_parallel), but {where} "
+                                f"places '{t.name}' only as {cfg.per_table.get(t.name, cfg.sharding_types)}; use "
+                                f"compute_kernel fused, or allow data_parallel there")
 
 
 def pooling_factor(feature: str, meta: Metadata) -> float:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from config import LoaderConfig, ModelConfig, ShardingConfig, load_config
+from config import ConfigError, LoaderConfig, ModelConfig, ShardingConfig, load_config
 from data.keys import SEQUENCE_KEY
 from data.schema import Metadata
 from sharding.plan import ShardingError, check_types, paper_metadata, pooling_factor
@@ -127,3 +127,19 @@ def test_the_item_collection_refuses_types_torchrec_cannot_shard_it_with(small, 
     assert "['table_wise', 'column_wise', 'row_wise']" in message and "\n" not in message
     check_types(ShardingConfig(sharding_types=types, per_table={"item_ids": ["row_wise"]}), tables,
                 torch.device("cpu"))
+
+
+def test_a_compute_kernel_the_tables_cannot_use_is_named_before_any_work(small):
+    tables = table_configs(Metadata.load(small), LoaderConfig(), ModelConfig())
+    with pytest.raises(ConfigError, match="sharding.compute_kernel must be one of .* got 'dnse'"):
+        load_config(None, ["sharding.compute_kernel=dnse"])
+    with pytest.raises(ShardingError) as err:
+        check_types(ShardingConfig(compute_kernel="dense"), tables, torch.device("cpu"))
+    message = str(err.value)
+    assert "sharding.compute_kernel=dense" in message and "sharding.sharding_types" in message
+    assert "['table_wise']" in message and "\n" not in message
+    check_types(ShardingConfig(sharding_types=["data_parallel"], compute_kernel="dense"), tables,
+                torch.device("cpu"))
+    with pytest.raises(ShardingError, match="fused_uvm_caching keeps tables in CUDA unified memory"):
+        check_types(ShardingConfig(compute_kernel="fused_uvm_caching"), tables, torch.device("cpu"))
+    check_types(ShardingConfig(compute_kernel="fused_uvm_caching"), tables, torch.device("cuda"))
