@@ -129,6 +129,10 @@ class LossConfig:
     # One logit column per distinct candidate item, its bias raised by log(copies): the same loss and per-item
     # gradients as one column per copy, with fewer logits (trainer/loss.py). false: one column per copy.
     merge_duplicates: bool = True
+    # Transformer: a position's negatives leave out the items it has already read (its row up to and including
+    # it), its own target excepted. With eval.filter_seen those items are never ranked, so training stops
+    # spending capacity on pushing them down (trainer/loss.py:seen_hits).
+    mask_seen: bool = False
 
     def __post_init__(self) -> None:
         check(self.max_logits >= 1, "loss.max_logits must be >= 1")
@@ -267,6 +271,9 @@ class JobConfig:
         check(self.model.query_tower == "bags" or self.model.share_item_table,
               "model.share_item_table=false is for the bags tower; the transformer looks up history and candidates "
               "in one EmbeddingCollection table")
+        check(self.model.query_tower == "transformer" or not self.loss.mask_seen,
+              "loss.mask_seen=true is for the transformer tower (model.query_tower=transformer): the bags tower's "
+              "batches do not carry each query's whole history")
         check(self.loss.in_batch or self.loader.num_negatives > 0,
               "loss.in_batch=false needs loader.num_negatives > 0: there would be no negatives")
         name, _, k = self.train.early_stopping_metric.partition("@")

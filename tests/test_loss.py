@@ -12,8 +12,9 @@ import trainer.loss as loss_module
 from trainer.loss import CandidateLogQ, StreamingFrequency, sampled_softmax_loss
 
 
-def brute_force(q, c, ids, pos, row_mask, log_q, g, temperature, in_batch, logq_on_positive):
-    """Row by row, column by column, in float64 Python: the definition, written independently."""
+def brute_force(q, c, ids, pos, row_mask, log_q, g, temperature, in_batch, logq_on_positive, seen=None):
+    """Row by row, column by column, in float64 Python: the definition, written independently. `seen`: per
+    row, the items it has already read, left out of its negatives (`loss.mask_seen`)."""
     total, rows = 0.0, 0
     for i in range(q.shape[0]):
         if not row_mask[i]:
@@ -23,6 +24,8 @@ def brute_force(q, c, ids, pos, row_mask, log_q, g, temperature, in_batch, logq_
             if j != pos[i]:
                 if ids[j] == ids[pos[i]] or ids[j] == 0:
                     continue  # accidental hit or padding
+                if seen is not None and int(ids[j]) in seen[i]:
+                    continue  # already read by this row
                 if not in_batch and j < g:
                     continue
             logit = sum(q[i, k] * c[j, k] for k in range(q.shape[1])) / temperature

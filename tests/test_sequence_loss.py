@@ -11,7 +11,9 @@ import torch
 
 import trainer.loss as loss_module
 from tests.test_loss import brute_force, per_item
-from trainer.loss import CandidateLogQ, SequenceRetrievalLoss, accidental_hits, softmax_cross_entropy
+from data.batch import make_kjt
+from data.keys import SEQUENCE_KEY
+from trainer.loss import CandidateLogQ, SequenceRetrievalLoss, accidental_hits, seen_hits, softmax_cross_entropy
 
 TEMPERATURE = 0.3
 
@@ -37,12 +39,32 @@ def log_q_of(freq, proposal, in_batch=True, negatives=5):
     return CandidateLogQ(freq, proposal, negatives, in_batch, "exact", 16, 0.1)
 
 
-def reference(query, candidates, batch, log_q, in_batch, on_positive):
+# The 7 positions read two history rows: row 0 (items 3, 4, 11, 5) at its steps 0-3, row 1 (8, 2, 4) at its
+# steps 0-2. What they have read covers a target column (5, 8), both copies of negative 4, negative 11, and, at
+# the last position, its own target 2 (a repeat: its own column stays, the other copy of 2 is masked).
+HISTORY = [[3, 4, 11, 5], [8, 2, 4]]
+POSITIONS = [0, 1, 2, 3, 4, 5, 6]  # row * 4 + step: the batch's longest row has 4 items
+
+
+def with_history(batch):
+    lengths = np.array([len(r) for r in HISTORY])
+    batch.sequence = make_kjt([SEQUENCE_KEY], [(lengths, np.concatenate(HISTORY))])
+    batch.positions, batch.row_mask = torch.tensor(POSITIONS), torch.ones(len(HISTORY), dtype=torch.bool)
+    return batch
+
+
+def read_items():
+    """Per position, the items it has read: its row up to and including its step."""
+    return [set(HISTORY[p // 4][:p % 4 + 1]) for p in POSITIONS]
+
+
+def reference(query, candidates, batch, log_q, in_batch, on_positive, seen=None):
     """The definition (tests/test_loss.py:brute_force), position by position: the own column is the target's,
-    every other column holding that item is skipped, and the loss is the mean over positions."""
+    every other column holding that item (or, with `seen`, an item the position has read) is skipped, and
+    the loss is the mean over positions."""
     ids = batch.candidate_ids.tolist()
     return brute_force(query, candidates, ids, batch.own_column.tolist(), [True] * query.shape[0], log_q,
-                       int(batch.num_positives[0]), TEMPERATURE, in_batch, on_positive)
+                       int(batch.num_positives[0]), TEMPERATURE, in_batch, on_positive, seen)
 
 
 def expected_log_q(freq, proposal, ids, targets, negatives, in_batch):
@@ -97,6 +119,70 @@ def test_the_reference_catches_a_flipped_sign_and_a_missing_mask(monkeypatch, mu
     broken = SequenceRetrievalLoss(TEMPERATURE, True, True, log_q, max_logits=1 << 20, merge=merge)(
         query, candidates, batch)
     assert abs(broken.item() - ref.item()) > 1e-3, (mutant, broken.item(), ref.item())
+
+
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("in_batch,use_logq", [(True, True), (True, False), (False, True)])
+def test_masking_what_each_position_has_read_matches_brute_force(in_batch, use_logq, merge):
+    """loss.mask_seen: value and gradients equal the reference that skips, per position, every column holding
+    an item of its row up to and including it (its own target column excepted)."""
+    query, candidates, batch, freq, proposal = sequence_case()
+    batch = with_history(batch)
+    log_q = log_q_of(freq, proposal, in_batch) if use_logq else None
+    ours = SequenceRetrievalLoss(TEMPERATURE, in_batch, True, log_q, max_logits=1 << 20, merge=merge,
+                                 mask_seen=True)(query, candidates, batch)
+    grads = torch.autograd.grad(ours, (query, candidates))
+    column_log_q = None if log_q is None else log_q.distinct(
+        batch.candidate_ids, batch.candidate_ids[:4][batch.own_column], torch.tensor([7]))
+    ref = reference(query, candidates, batch, column_log_q, in_batch, True, read_items())
+    ref_grads = torch.autograd.grad(ref, (query, candidates))
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-9, abs=1e-12)
+    torch.testing.assert_close(grads[0], ref_grads[0], rtol=1e-9, atol=1e-12)
+    got, want = grads[1], ref_grads[1]
+    if merge:
+        got, want = per_item(got, batch.candidate_ids), per_item(want, batch.candidate_ids)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mutant", ["no_seen_mask", "whole_row_masked", "mask_seen_ignored"])
+def test_the_seen_reference_catches_a_missing_or_a_too_wide_mask(monkeypatch, mutant):
+    """Without the mask, with the row's later items masked too (the future it has not read), or with the
+    flag not reaching the loss, the value differs from the reference."""
+    query, candidates, batch, freq, proposal = sequence_case()
+    batch = with_history(batch)
+    log_q = log_q_of(freq, proposal)
+    column_log_q = log_q.distinct(batch.candidate_ids, batch.candidate_ids[:4][batch.own_column], torch.tensor([7]))
+    ref = reference(query, candidates, batch, column_log_q, True, True, read_items())
+    real = loss_module.seen_hits
+    if mutant == "no_seen_mask":
+        monkeypatch.setattr(loss_module, "seen_hits", lambda *args: (torch.zeros(0, dtype=torch.long),) * 2)
+    elif mutant == "whole_row_masked":
+        last = torch.tensor([(p // 4) * 4 + len(HISTORY[p // 4]) - 1 for p in POSITIONS])
+        monkeypatch.setattr(loss_module, "seen_hits", lambda h, lengths, p, c, o: real(h, lengths, last, c, o))
+    broken = SequenceRetrievalLoss(TEMPERATURE, True, True, log_q, max_logits=1 << 20,
+                                   mask_seen=mutant != "mask_seen_ignored")(query, candidates, batch)
+    assert abs(broken.item() - ref.item()) > 1e-3, (mutant, broken.item(), ref.item())
+
+
+def test_seen_hits_equal_the_brute_force_comparison():
+    """Random rows with repeated items, columns with copies and padding: every (position, column) whose item
+    the position has read, except its own column, once per read, sorted by position."""
+    rng = np.random.default_rng(3)
+    lengths = torch.tensor([5, 0, 9, 3])
+    history = torch.from_numpy(rng.integers(1, 8, int(lengths.sum())))
+    rows = torch.repeat_interleave(torch.arange(4), lengths)
+    steps = torch.cat([torch.arange(n) for n in lengths.tolist()])
+    positions = rows * 9 + steps
+    ids = torch.from_numpy(np.r_[rng.integers(0, 10, 14)])
+    own = torch.from_numpy(rng.integers(0, 14, len(positions)))
+    got_rows, got_columns = seen_hits(history, lengths, positions, ids, own)
+    starts = torch.cumsum(lengths, 0) - lengths
+    want = []
+    for i, (r, t) in enumerate(zip(rows.tolist(), steps.tolist())):
+        for item in history[starts[r]:starts[r] + t + 1].tolist():
+            want += [(i, j) for j in range(len(ids)) if ids[j] == item and j != own[i]]
+    assert sorted(zip(got_rows.tolist(), got_columns.tolist())) == sorted(want) and len(want) > 20
+    assert torch.equal(got_rows, torch.sort(got_rows, stable=True).values), "hits come sorted by position"
 
 
 def test_accidental_hits_equal_the_brute_force_comparison():

@@ -248,3 +248,19 @@ def test_merged_candidate_columns_train_like_one_column_per_copy(tiny_data, towe
         losses[merge] = [float(job.model.pipeline.progress(iterator)["loss"]) for _ in batches]
     assert losses["true"][0] != losses["true"][-1], "training moved the parameters"
     torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), rtol=1e-5, atol=1e-6)
+
+
+def test_mask_seen_reaches_the_loss_and_lowers_the_first_step(tiny_data):
+    """loss.mask_seen is read: the transformer's loss masks what each position has read, so from the same
+    initial parameters and batch its first loss is lower (fewer columns in each denominator). The bags tower
+    refuses it by name."""
+    losses = {}
+    for mask in ("true", "false"):
+        job = build(tiny_config(tiny_data, **TRANSFORMER, **{"model.dropout": 0.0, "loss.mask_seen": mask}),
+                    distributed.init("cpu"))
+        assert job.model.dmp.module.loss_fn.mask_seen is (mask == "true"), "the config reaches the loss"
+        iterator = iter(list(job.data.train_loader.epoch(0))[:1])
+        losses[mask] = float(job.model.pipeline.progress(iterator)["loss"])
+    assert losses["true"] < losses["false"] - 1e-4, losses
+    with pytest.raises(ConfigError, match="loss.mask_seen=true is for the transformer tower"):
+        tiny_config(tiny_data, **{"loss.mask_seen": "true"})

@@ -141,9 +141,9 @@ def build_model(cfg: JobConfig, env: distributed.Env, meta: Metadata, freq: np.n
         log_q = CandidateLogQ(torch.from_numpy(freq).to(env.device), torch.from_numpy(proposal).to(env.device),
                               cfg.loader.num_negatives, cfg.loss.in_batch, cfg.loss.frequency,
                               cfg.loss.streaming_buckets, cfg.loss.streaming_alpha)
-    loss = (SequenceRetrievalLoss if sequence else RetrievalLoss)(
-        cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive, log_q, cfg.loss.max_logits,
-        env.world_size, cfg.loss.merge_duplicates)
+    common = (cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive, log_q, cfg.loss.max_logits,
+              env.world_size, cfg.loss.merge_duplicates)
+    loss = SequenceRetrievalLoss(*common, mask_seen=cfg.loss.mask_seen) if sequence else RetrievalLoss(*common)
     model = RetrievalModel(towers, loss)
     collections = [towers.ebc] if towers.ebc is not None else []
     collections += [towers.ec] if sequence else []

@@ -9,7 +9,8 @@ masked with a large finite negative.
 Both towers share one kernel, `softmax_cross_entropy`: logits are computed in row chunks of at most
 `max_logits` entries, and each chunk's gradient (softmax minus one-hot, two matrix products) is
 computed right away, so only one chunk's logits are ever alive and nothing is recomputed. The
-accidental hits are found by sorting (`accidental_hits`), never by a rows x columns comparison.
+accidental hits are found by sorting (`accidental_hits`), never by a rows x columns comparison. With
+`loss.mask_seen` the transformer's positions also mask the items they have already read (`seen_hits`).
 
 Candidates repeat (popular items among the positives and the negatives). With `merge_duplicates` (the
 default) every item is one column whose bias is raised by log(its copies): m equal columns add m exp(l) =
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from data.keys import SEQUENCE_KEY
 from serving.plain import first_copies
 from trainer.collectives import all_gather_ids, all_gather_with_grad
 
@@ -43,6 +45,40 @@ def accidental_hits(row_items: torch.Tensor, column_ids: torch.Tensor,
     rows = order[starts + torch.arange(len(columns), device=row_items.device)]
     keep = columns != own[rows]
     rows, columns = rows[keep], columns[keep]
+    by_row = torch.argsort(rows, stable=True)
+    return rows[by_row], columns[by_row]
+
+
+def seen_hits(history: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor, column_ids: torch.Tensor,
+              own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns), sorted by row, of every column holding an item that position i has already read (its
+    row's items up to and including its step), other than its own column. `history` holds the rows' items
+    back to back (`lengths`); `positions` are row * width + step, width = the longest row (data/batch.py).
+    Pairs are enumerated per read item and matched to columns by sorting: memory grows with positions x
+    mean steps read, never with positions x columns."""
+    device = history.device
+    lengths = lengths.long()
+    width = max(int(lengths.max()), 1) if len(lengths) else 1
+    row, reads = positions // width, positions % width + 1
+    pair_rows = torch.repeat_interleave(torch.arange(len(positions), device=device), reads)
+    step = torch.arange(len(pair_rows), device=device) - torch.repeat_interleave(torch.cumsum(reads, 0) - reads,
+                                                                                 reads)
+    items = history[(torch.cumsum(lengths, 0) - lengths)[row][pair_rows] + step]
+    order = torch.argsort(column_ids, stable=True)
+    ordered = column_ids[order]
+    lo = torch.searchsorted(ordered, items, side="left")
+    counts = torch.searchsorted(ordered, items, side="right") - lo
+    rows = torch.repeat_interleave(pair_rows, counts)
+    starts = torch.repeat_interleave(lo - (torch.cumsum(counts, 0) - counts), counts)
+    columns = order[starts + torch.arange(len(rows), device=device)]
+    keep = columns != own[rows]
+    return rows[keep], columns[keep]
+
+
+def union_hits(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
+                                                                                                        torch.Tensor]:
+    """Two hit lists as one, still sorted by row (a pair in both is masked twice, which is harmless)."""
+    rows, columns = torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])
     by_row = torch.argsort(rows, stable=True)
     return rows[by_row], columns[by_row]
 
@@ -306,14 +342,17 @@ class SequenceRetrievalLoss(torch.nn.Module):
     mixed negatives. Across ranks the distinct targets are one set: every rank's set is gathered (padded to
     the largest with id 0) and each item kept once, at its first copy, so a world of W ranks builds the same
     candidates as one process on the concatenated batch. A position's own column is its target's; any other
-    column holding that item (a mixed negative) is an accidental hit and is masked. The loss is the sum over
-    positions divided by the global number of positions over the world size, as in `RetrievalLoss`."""
+    column holding that item (a mixed negative) is an accidental hit and is masked; with `mask_seen`, so is
+    every column holding an item the position has already read. The loss is the sum over positions divided by
+    the global number of positions over the world size, as in `RetrievalLoss`."""
 
     def __init__(self, temperature: float, in_batch: bool, logq_on_positive: bool, log_q: CandidateLogQ | None,
-                 max_logits: int = DEFAULT_MAX_LOGITS, world_size: int = 1, merge: bool = True):
+                 max_logits: int = DEFAULT_MAX_LOGITS, world_size: int = 1, merge: bool = True,
+                 mask_seen: bool = False):
         super().__init__()
         self.temperature, self.in_batch, self.logq_on_positive = temperature, in_batch, logq_on_positive
         self.log_q, self.max_logits, self.world_size, self.merge = log_q, max_logits, world_size, merge
+        self.mask_seen = mask_seen
 
     def forward(self, query: torch.Tensor, candidates: torch.Tensor, batch) -> torch.Tensor:
         u = int(batch.num_positives[0])
@@ -336,9 +375,14 @@ class SequenceRetrievalLoss(torch.nn.Module):
         columns = torch.cat([positives, candidates[u:]])
         if self.merge:
             columns, bias, own = merge_duplicates(columns, ids, bias, own)
-            hits = no_hits(own)
+            hits, column_ids = no_hits(own), first_copies(ids)[0]
         else:
-            hits = accidental_hits(targets, ids, own)
+            hits, column_ids = accidental_hits(targets, ids, own), ids
+        if self.mask_seen:
+            history = batch.sequence[SEQUENCE_KEY]
+            seen = seen_hits(history.values(), history.lengths()[:batch.row_mask.shape[0]], batch.positions,
+                             column_ids, own)
+            hits = union_hits(hits, seen)
         total = softmax_cross_entropy(query, columns, bias, own, own_bias, hits, torch.ones_like(query[:, 0]),
                                       self.temperature, self.max_logits)
         return total / (positions.sum() / self.world_size).clamp(min=1e-6)
