@@ -150,7 +150,7 @@ SEQUENCE_OVERRIDES = ["model.query_tower=transformer", "loader.max_sequence_leng
                       f"loader.num_negatives={S}", "model.hidden_dims=[32]", "model.output_dim=16",
                       "model.item_dim=16", "model.feature_dim=8", "tracking.enabled=false", "loss.temperature=0.2",
                       "optim.sparse=sgd", "optim.sparse_lr=0.5", "optim.dense=sgd", "optim.dense_lr=0.5",
-                      "train.collective_timeout_s=60"]
+                      "train.collective_timeout_s=60", "loss.mask_seen=true"]
 
 
 def sequence_parity_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
@@ -186,7 +186,8 @@ def sequence_parity_worker(rank: int, world: int, port: int, data: str, out: str
 @pytest.mark.slow
 def test_two_processes_train_the_transformer_like_one_on_the_concatenated_batch(parity_data, tmp_path):
     """Losses and SGD updates of the item table, the feature tables and every dense weight, across a padded last
-    batch; the ranks' distinct targets overlap, and the loss keeps each once, as one process does."""
+    batch; the ranks' distinct targets overlap, and the loss keeps each once, as one process does; each rank masks
+    what its positions have read (`loss.mask_seen`) as one process does."""
     for world in (1, 2):
         mp.spawn(sequence_parity_worker, args=(world, free_port(), str(parity_data), str(tmp_path)), nprocs=world)
     single = torch.load(tmp_path / "seq-1-0.pt")
