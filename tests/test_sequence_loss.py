@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import trainer.loss as loss_module
-from tests.test_loss import brute_force, per_item
 from data.batch import make_kjt
 from data.keys import SEQUENCE_KEY
+from tests.test_loss import brute_force, per_item
 from trainer.loss import CandidateLogQ, SequenceRetrievalLoss, accidental_hits, seen_hits, softmax_cross_entropy
 
 TEMPERATURE = 0.3
