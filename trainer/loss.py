@@ -9,7 +9,7 @@ masked with a large finite negative.
 Both towers share one kernel, `softmax_cross_entropy`: logits are computed in row chunks of at most
 `max_logits` entries, and each chunk's gradient (softmax minus one-hot, two matrix products) is
 computed right away, so only one chunk's logits are ever alive and nothing is recomputed. The
-accidental hits are found by sorting (`accidental_hits`), never by a rows x columns comparison. With
+accidental hits are found by sorting (`matching_columns`), never by a rows x columns comparison. With
 `loss.mask_seen` the transformer's positions also mask the items they have already read (`seen_hits`).
 
 Candidates repeat (popular items among the positives and the negatives). With `merge_duplicates` (the
@@ -31,22 +31,25 @@ MASKED_LOGIT = -1e9
 DEFAULT_MAX_LOGITS = 1 << 20
 
 
+def matching_columns(items: torch.Tensor, column_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i, j) for every column j holding items[i], in order of i (then j): found by sorting the columns and
+    searching them, never by an items x columns comparison."""
+    order = torch.argsort(column_ids, stable=True)
+    ordered = column_ids[order]
+    lo = torch.searchsorted(ordered, items, side="left")
+    counts = torch.searchsorted(ordered, items, side="right") - lo
+    index = torch.repeat_interleave(torch.arange(len(items), device=items.device), counts)
+    starts = torch.repeat_interleave(lo - (torch.cumsum(counts, 0) - counts), counts)
+    return index, order[starts + torch.arange(len(index), device=items.device)]
+
+
 def accidental_hits(row_items: torch.Tensor, column_ids: torch.Tensor,
                     own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, columns), sorted by row, of every column that holds row i's own item but is not its own column.
     Padding columns (id 0) are left out: they are masked for every row."""
-    order = torch.argsort(row_items, stable=True)
-    ordered = row_items[order]
-    real = (column_ids > 0).nonzero().squeeze(1)
-    lo = torch.searchsorted(ordered, column_ids[real], side="left")
-    counts = torch.searchsorted(ordered, column_ids[real], side="right") - lo
-    columns = torch.repeat_interleave(real, counts)
-    starts = torch.repeat_interleave(lo - (torch.cumsum(counts, 0) - counts), counts)
-    rows = order[starts + torch.arange(len(columns), device=row_items.device)]
-    keep = columns != own[rows]
-    rows, columns = rows[keep], columns[keep]
-    by_row = torch.argsort(rows, stable=True)
-    return rows[by_row], columns[by_row]
+    rows, columns = matching_columns(row_items, column_ids)
+    keep = (columns != own[rows]) & (column_ids[columns] > 0)
+    return rows[keep], columns[keep]
 
 
 def seen_hits(history: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor, column_ids: torch.Tensor,
@@ -54,8 +57,7 @@ def seen_hits(history: torch.Tensor, lengths: torch.Tensor, positions: torch.Ten
     """(rows, columns), sorted by row, of every column holding an item that position i has already read (its
     row's items up to and including its step), other than its own column. `history` holds the rows' items
     back to back (`lengths`); `positions` are row * width + step, width = the longest row (data/batch.py).
-    Pairs are enumerated per read item and matched to columns by sorting: memory grows with positions x
-    mean steps read, never with positions x columns."""
+    Memory grows with positions x mean steps read, never with positions x columns."""
     device = history.device
     lengths = lengths.long()
     width = max(int(lengths.max()), 1) if len(lengths) else 1
@@ -64,13 +66,8 @@ def seen_hits(history: torch.Tensor, lengths: torch.Tensor, positions: torch.Ten
     step = torch.arange(len(pair_rows), device=device) - torch.repeat_interleave(torch.cumsum(reads, 0) - reads,
                                                                                  reads)
     items = history[(torch.cumsum(lengths, 0) - lengths)[row][pair_rows] + step]
-    order = torch.argsort(column_ids, stable=True)
-    ordered = column_ids[order]
-    lo = torch.searchsorted(ordered, items, side="left")
-    counts = torch.searchsorted(ordered, items, side="right") - lo
-    rows = torch.repeat_interleave(pair_rows, counts)
-    starts = torch.repeat_interleave(lo - (torch.cumsum(counts, 0) - counts), counts)
-    columns = order[starts + torch.arange(len(rows), device=device)]
+    pairs, columns = matching_columns(items, column_ids)
+    rows = pair_rows[pairs]
     keep = columns != own[rows]
     return rows[keep], columns[keep]
 
