@@ -67,6 +67,18 @@ def reference(query, candidates, batch, log_q, in_batch, on_positive, seen=None)
                        int(batch.num_positives[0]), TEMPERATURE, in_batch, on_positive, seen)
 
 
+def assert_matches(ours, ref, inputs, ids, merge):
+    """Value and gradients equal the reference's; merged (one column per item), the gradient reaching each
+    item is compared."""
+    grads, ref_grads = torch.autograd.grad(ours, inputs), torch.autograd.grad(ref, inputs)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-9, abs=1e-12)
+    torch.testing.assert_close(grads[0], ref_grads[0], rtol=1e-9, atol=1e-12)
+    got, want = grads[1], ref_grads[1]
+    if merge:
+        got, want = per_item(got, ids), per_item(want, ids)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
 def expected_log_q(freq, proposal, ids, targets, negatives, in_batch):
     """log(P(item in the distinct targets of P draws) + S q): 1 - (1 - p)^P, by the complement rule."""
     p = freq.double() / freq.sum()
@@ -83,7 +95,6 @@ def test_value_and_gradients_match_brute_force(in_batch, use_logq, on_positive, 
     log_q = log_q_of(freq, proposal, in_batch) if use_logq else None
     ours = SequenceRetrievalLoss(TEMPERATURE, in_batch, on_positive, log_q, max_logits=1 << 20, merge=merge)(
         query, candidates, batch)
-    grads = torch.autograd.grad(ours, (query, candidates))
     column_log_q = None
     if use_logq:
         column_log_q = log_q.distinct(batch.candidate_ids, batch.candidate_ids[:4][batch.own_column],
@@ -91,13 +102,7 @@ def test_value_and_gradients_match_brute_force(in_batch, use_logq, on_positive, 
         torch.testing.assert_close(column_log_q.double(), expected_log_q(
             freq, proposal, batch.candidate_ids, batch.own_column, 5, in_batch), rtol=1e-6, atol=1e-6)
     ref = reference(query, candidates, batch, column_log_q, in_batch, on_positive)
-    ref_grads = torch.autograd.grad(ref, (query, candidates))
-    assert ours.item() == pytest.approx(ref.item(), rel=1e-9, abs=1e-12)
-    torch.testing.assert_close(grads[0], ref_grads[0], rtol=1e-9, atol=1e-12)
-    got, want = grads[1], ref_grads[1]
-    if merge:
-        got, want = per_item(got, batch.candidate_ids), per_item(want, batch.candidate_ids)
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert_matches(ours, ref, (query, candidates), batch.candidate_ids, merge)
 
 
 @pytest.mark.parametrize("mutant,merge", [("flipped_logq_sign", True), ("flipped_logq_sign", False),
@@ -131,17 +136,10 @@ def test_masking_what_each_position_has_read_matches_brute_force(in_batch, use_l
     log_q = log_q_of(freq, proposal, in_batch) if use_logq else None
     ours = SequenceRetrievalLoss(TEMPERATURE, in_batch, True, log_q, max_logits=1 << 20, merge=merge,
                                  mask_seen=True)(query, candidates, batch)
-    grads = torch.autograd.grad(ours, (query, candidates))
     column_log_q = None if log_q is None else log_q.distinct(
         batch.candidate_ids, batch.candidate_ids[:4][batch.own_column], torch.tensor([7]))
     ref = reference(query, candidates, batch, column_log_q, in_batch, True, read_items())
-    ref_grads = torch.autograd.grad(ref, (query, candidates))
-    assert ours.item() == pytest.approx(ref.item(), rel=1e-9, abs=1e-12)
-    torch.testing.assert_close(grads[0], ref_grads[0], rtol=1e-9, atol=1e-12)
-    got, want = grads[1], ref_grads[1]
-    if merge:
-        got, want = per_item(got, batch.candidate_ids), per_item(want, batch.candidate_ids)
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert_matches(ours, ref, (query, candidates), batch.candidate_ids, merge)
 
 
 @pytest.mark.parametrize("mutant", ["no_seen_mask", "whole_row_masked", "mask_seen_ignored"])
