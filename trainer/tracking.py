@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import fcntl
 import itertools
 import json
 import logging
@@ -109,12 +111,31 @@ class NullLogger:
         return None
 
 
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Holds `<db>.lock` while a process first talks to a sqlite store. MLflow creates and migrates a new store
+    on first contact, and two jobs started at once on a fresh file fail half-way ("duplicate column name: step",
+    or an alembic "0 found"); both would also create the experiment. A server serialises this itself."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def client_for(uri: str) -> MlflowClient:
     """MLflow is imported here, when a rank first talks to it, not with this module: it is about a third of
     a trainer process's start-up, and the ranks that do not track (all but rank 0) never need it."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    with store_lock(uri):  # the client creates (and migrates) a new sqlite store as it starts
+        return MlflowClient(tracking_uri=uri)
 
 
 def metric_entities(record: dict) -> list[Metric]:
@@ -192,6 +213,23 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / experiment)
 
 
+def experiment_id_for(client: MlflowClient, name: str, uri: str) -> str:
+    """The experiment's id, created (tagged as model training) when missing. Two jobs creating it at once through
+    a server: the second's create fails, and it takes the first one's."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(uri, name),
+                                            tags={EXPERIMENT_KIND: TRAINING_KIND})
+        except Exception:  # noqa: BLE001 - re-read below; raised again if it is still missing
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.tags.get(EXPERIMENT_KIND) != TRAINING_KIND:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
+    return experiment.experiment_id
+
+
 class MlflowLogger:
     def __init__(self, cfg: TrackingConfig, run_id: str | None = None, run_name: str = "",
                  tags: dict[str, str] | None = None):
@@ -199,13 +237,10 @@ class MlflowLogger:
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(cfg.request_timeout_s)
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
         self.uri = tracking_uri(cfg)
-        self.client = client_for(self.uri)
         try:
-            experiment = self.client.get_experiment_by_name(cfg.experiment)
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
-                cfg.experiment, artifact_location=artifact_location(self.uri, cfg.experiment))
-            if (experiment.tags if experiment else {}).get(EXPERIMENT_KIND) != TRAINING_KIND:
-                self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
+            self.client = client_for(self.uri)
+            with store_lock(self.uri):
+                experiment_id = experiment_id_for(self.client, cfg.experiment, self.uri)
             if run_id is None:
                 run_id = self.client.create_run(experiment_id, run_name=cfg.run_name or run_name or None,
                                                 tags=tags or {}).info.run_id
