@@ -147,8 +147,8 @@ def softmax_cross_entropy(query: torch.Tensor, candidates: torch.Tensor, bias: t
 
 
 def merge_duplicates(candidates: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor,
-                     own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(candidates, bias, own) with each item's columns merged into its first: the bias of the merged column is
+                     own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(candidates, bias, own, ids) with each item's columns merged into its first: the bias of the merged column is
     the items' -log Q plus log(live copies), or masked when every copy was. A row's own column becomes its
     item's merged column, which the kernel gives the row's own logit: that drops the item's other copies from
     the row, as the accidental-hit mask does. -log Q is a function of the item, so live copies share it."""
@@ -160,7 +160,7 @@ def merge_duplicates(candidates: torch.Tensor, ids: torch.Tensor, bias: torch.Te
     value = torch.full(distinct.shape, MASKED_LOGIT, dtype=bias.dtype, device=ids.device)
     value.scatter_reduce_(0, inverse, bias, reduce="amax")
     merged = torch.where(copies > 0, value + log_copies(copies), MASKED_LOGIT)
-    return candidates.index_select(0, first), merged, inverse[own]
+    return candidates.index_select(0, first), merged, inverse[own], distinct
 
 
 def log_copies(copies: torch.Tensor) -> torch.Tensor:
@@ -200,7 +200,7 @@ def sampled_softmax_loss(query: torch.Tensor, candidates: torch.Tensor, candidat
     else:
         own_bias = torch.zeros(positive_index.shape, dtype=query.dtype, device=query.device)
     if merge:
-        candidates, bias, own = merge_duplicates(candidates, candidate_ids, bias, positive_index)
+        candidates, bias, own, _ = merge_duplicates(candidates, candidate_ids, bias, positive_index)
         hits = no_hits(own)
     else:
         own, hits = positive_index, accidental_hits(candidate_ids[positive_index], candidate_ids, positive_index)
@@ -371,8 +371,8 @@ class SequenceRetrievalLoss(torch.nn.Module):
         own_bias = -log_q[own] if log_q is not None and self.logq_on_positive else torch.zeros_like(query[:, 0])
         columns = torch.cat([positives, candidates[u:]])
         if self.merge:
-            columns, bias, own = merge_duplicates(columns, ids, bias, own)
-            hits, column_ids = no_hits(own), first_copies(ids)[0]
+            columns, bias, own, column_ids = merge_duplicates(columns, ids, bias, own)
+            hits = no_hits(own)
         else:
             hits, column_ids = accidental_hits(targets, ids, own), ids
         if self.mask_seen:
