@@ -1,8 +1,8 @@
 """Quality on ML-1M (leave-one-out, full-corpus ranking, seen items filtered): both query towers, each with
 the loss ablation.
 
-    python -m bench.quality [--towers bags transformer] [--runs NAME ...] [--seeds N] [--ml1m DIR] [--prepared DIR]
-                            [--note TEXT]
+    python -m bench.quality [--towers bags transformer] [--runs NAME ...] [--seeds N] [--jobs N] [--ml1m DIR]
+                            [--prepared DIR] [--note TEXT]
 
 For each tower, its committed config (`configs/ml1m.yaml` for the bags, `configs/ml1m_transformer.yaml` for
 the transformer) is trained as committed (in-batch + mixed negatives + logQ) and, on the same data with the
@@ -11,18 +11,23 @@ negatives without logQ. Each run is a real `python -m trainer` job in a fresh pr
 any other, with its wall time. `--seeds N` also trains the committed config with seeds 1 .. N-1 and
 records the spread of the test metrics over the N seeds: what a difference between two runs must exceed to
 mean anything. Results go to bench/results/quality_ml1m.json; a run already there is kept unless named with
---runs, so the runs (hours on 2 CPU cores) can be spread over several invocations.
+--runs, so the runs (hours on 2 CPU cores) can be spread over several invocations. `--jobs N` trains N runs at
+a time, each with cores / N threads: on 2 cores two one-thread runs take about 45 minutes where one after the
+other took 80; each such row says so in its `note`, since its wall time is then not a measurement alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.common import machine
@@ -49,12 +54,13 @@ COMMITTED = ABLATION[-1][0]
 REPORTED = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "mrr", "coverage@10")
 
 
-def run(config: str, data: Path, overrides: list[str]) -> dict:
+def run(config: str, data: Path, overrides: list[str], threads: int | None = None) -> dict:
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     with tempfile.TemporaryDirectory() as tmp:
         summary = Path(tmp) / "summary.json"
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "trainer", "--config", config, f"data.path={data}", *overrides,
-                        "--summary", str(summary)], cwd=ROOT, check=True)
+                        "--summary", str(summary)], cwd=ROOT, check=True, env=env)
         result = json.loads(summary.read_text())
     result["seconds"] = time.perf_counter() - start
     return result
@@ -74,6 +80,18 @@ def row(name: str, overrides: list[str], result: dict, note: str | None = None) 
             "popularity_test": pick(result["popularity_test"])} | ({"note": note} if note else {})
 
 
+def threads(jobs: int) -> int | None:
+    """Threads per run: the cores shared out, or the trainer's own choice when one run has the machine."""
+    return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+
+def seed_spread(tests: list[dict]) -> dict:
+    return {k: {"mean": round(statistics.mean(t[k] for t in tests), 4),
+                "stdev": round(statistics.stdev(t[k] for t in tests), 4),
+                "min": min(t[k] for t in tests), "max": max(t[k] for t in tests)}
+            for k in ("hr@10", "ndcg@10")} | {"seeds": len(tests)}
+
+
 def save(output: dict, out: Path) -> None:
     """After every run: hours of work are never lost to a later failure."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -88,9 +106,12 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", choices=[name for name, _ in ABLATION], default=None,
                         help="rerun these (default: every run not yet in the results file)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds of the committed config (default: 1, seed 0)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at a time (default 1)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality_ml1m.json"))
     parser.add_argument("--note", help="recorded with each run of this invocation, e.g. that it shared the cores")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     prepared, out = Path(args.prepared), Path(args.out)
     if not (prepared / "metadata.json").exists():
         subprocess.run([sys.executable, "-m", "data.prepare", "movielens", args.ml1m, "--out", str(prepared),
@@ -101,32 +122,42 @@ def main() -> None:
     output.update({"dataset": "ML-1M (../shared/datasets/ml-1m), leave-one-out, full corpus (3,706 items), "
                               "seen filtered", "machine": machine(), "published": PUBLISHED})
     towers = output.setdefault("towers", {})
+    tasks = []  # (tower, name, seed, overrides): the committed runs first, as the headline
     for tower in args.towers:
         entry = towers.setdefault(tower, {"config": CONFIGS[tower], "ablation": {}})
         entry["config"] = CONFIGS[tower]
-        # The committed run first: it is the headline, and the ablations take as long again.
         for name, overrides in sorted(ABLATION, key=lambda run: run[0] != COMMITTED):
-            if (name not in args.runs) if args.runs else (name in entry["ablation"]):
-                continue
-            entry["ablation"][name] = row(name, overrides, run(CONFIGS[tower], prepared, overrides), args.note)
-            if name == COMMITTED:  # its other seeds belong to the run they were measured beside
-                entry.pop("seeds", None), entry.pop("seed_spread", None)
-                entry["test"] = entry["ablation"][name]["test"]
-                output["popularity_test"] = entry["ablation"][name]["popularity_test"]
-            save(output, out)
+            if (name in args.runs) if args.runs else (name not in entry["ablation"]):
+                tasks.append((tower, name, 0, overrides))
+                if name == COMMITTED:  # its other seeds belong to the run they were measured beside
+                    entry.pop("seeds", None), entry.pop("seed_spread", None)
         seeds = entry.setdefault("seeds", {})
-        for seed in range(1, args.seeds):
-            if str(seed) not in seeds:
-                seeds[str(seed)] = row(COMMITTED, [f"seed={seed}"], run(CONFIGS[tower], prepared, [f"seed={seed}"]),
-                                       args.note)
-                save(output, out)
-        if seeds and COMMITTED in entry["ablation"]:
-            tests = [entry["ablation"][COMMITTED]["test"]] + [r["test"] for r in seeds.values()]
-            entry["seed_spread"] = {k: {"mean": round(statistics.mean(t[k] for t in tests), 4),
-                                        "stdev": round(statistics.stdev(t[k] for t in tests), 4),
-                                        "min": min(t[k] for t in tests), "max": max(t[k] for t in tests)}
-                                    for k in ("hr@10", "ndcg@10")} | {"seeds": len(tests)}
+        tasks += [(tower, COMMITTED, seed, [f"seed={seed}"]) for seed in range(1, args.seeds) if str(seed) not in seeds]
+    note = " ".join(filter(None, [args.note, f"{args.jobs} runs at a time, {threads(args.jobs)} thread(s) each"
+                                  if args.jobs > 1 else None])) or None
+    saving = threading.Lock()
+
+    def train(task: tuple) -> None:
+        tower, name, seed, overrides = task
+        result = row(name, overrides, run(CONFIGS[tower], prepared, overrides, threads(args.jobs)), note)
+        with saving:
+            entry = towers[tower]
+            if seed:
+                entry["seeds"][str(seed)] = result
+            else:
+                entry["ablation"][name] = result
+                if name == COMMITTED:
+                    entry["test"] = result["test"]
+                    output["popularity_test"] = result["popularity_test"]
             save(output, out)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(train, tasks))  # a failed run raises here, once the others have ended and been saved
+    for entry in towers.values():
+        if entry.get("seeds") and COMMITTED in entry["ablation"]:
+            entry["seed_spread"] = seed_spread([entry["ablation"][COMMITTED]["test"]]
+                                               + [r["test"] for r in entry["seeds"].values()])
+    save(output, out)
     print(json.dumps({tower: entry.get("test") for tower, entry in towers.items()}, indent=2))
 
 
