@@ -76,7 +76,8 @@ def row(name: str, overrides: list[str], result: dict, note: str | None = None) 
             "epochs_run": len(result["history"]), "steps": result["steps"], "seconds": round(result["seconds"], 1),
             "train_examples_per_s": round(result["train_examples_per_s"], 1), "run_id": result.get("run_id"),
             "test": pick(result["test"]), "valid": pick(result["valid"]),
-            "valid_history": [{k: round(h[k], 4) for k in ("epoch", "hr@10", "ndcg@10")} for h in result["history"]],
+            "valid_history": [{k: round(h[k], 4) for k in ("epoch", "lr_scale", "hr@10", "ndcg@10")}
+                              for h in result["history"]],
             "popularity_test": pick(result["popularity_test"])} | ({"note": note} if note else {})
 
 

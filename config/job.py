@@ -151,11 +151,14 @@ class OptimConfig:
     sparse_lr: float = 0.05
     dense: str = "adam"  # adam, adagrad or sgd, over the MLPs only
     dense_lr: float = 0.001
+    # After each epoch without a validation gain, both rates are multiplied by this (1: constant rates).
+    plateau_decay: float = 1.0
 
     def __post_init__(self) -> None:
         check(self.sparse in SPARSE_OPTIMIZERS, f"optim.sparse must be one of {SPARSE_OPTIMIZERS}, got '{self.sparse}'")
         check(self.dense in DENSE_OPTIMIZERS, f"optim.dense must be one of {DENSE_OPTIMIZERS}, got '{self.dense}'")
         check(self.sparse_lr > 0 and self.dense_lr > 0, "optim.sparse_lr and optim.dense_lr must be > 0")
+        check(0 < self.plateau_decay <= 1, f"optim.plateau_decay must be in (0, 1], got {self.plateau_decay}")
 
 
 @dataclass

@@ -89,6 +89,10 @@ def test_config_is_strict():
         load_config(None, ["train.early_stopping_metric=hr@7"])
     with pytest.raises(ConfigError, match="unknown key loader.seed"):
         load_config(None, ["loader.seed=3"])
+    with pytest.raises(ConfigError, match="optim.plateau_decay must be in \\(0, 1\\], got 1.5"):
+        load_config(None, ["optim.plateau_decay=1.5"])
+    with pytest.raises(ConfigError, match="optim.plateau_decay must be in \\(0, 1\\], got 0.0"):
+        load_config(None, ["optim.plateau_decay=0"])
     with pytest.raises(ConfigError, match="1/temperature a finite float32, got 1e-40"):
         load_config(None, ["loss.temperature=1e-40"])
     cfg = load_config("configs/synthetic.yaml", ["seed=7", "loss.temperature=1"])
@@ -139,3 +143,77 @@ def test_training_stops_one_epoch_after_the_best_with_patience_one(tiny_data):
                                               "eval.popularity_baseline": "false"}))
     assert len(summary["history"]) < 12, "stopped early"
     assert len(summary["history"]) == summary["best_epoch"] + 2
+
+
+TOWER_OVERRIDES = {"bags": {}, "transformer": {"model.query_tower": "transformer", "loader.max_sequence_length": 20}}
+
+
+def learning_rates(job) -> tuple[set[float], set[float], set[float]]:
+    """The fused optimizer's and the dense optimizer's configured rates, and the rates the embedding kernels
+    themselves hold (what the update in the backward uses)."""
+    def leaves(optimizer):
+        for _, inner in getattr(optimizer, "optimizers", []):
+            yield from leaves(inner)
+        yield optimizer
+
+    kernels = [o._emb_module for o in leaves(job.model.dmp.fused_optimizer) if hasattr(o, "_emb_module")]
+    assert kernels, "the tables train through fused fbgemm kernels"
+    def rates(values):  # the kernels hold float32
+        return {float(f"{v:.6g}") for v in values}
+
+    return (rates(g["lr"] for g in job.model.dmp.fused_optimizer.param_groups),
+            rates(g["lr"] for g in job.model.dense_optimizer.param_groups),
+            rates(k.get_learning_rate() for k in kernels))
+
+
+@pytest.mark.parametrize("tower", ["bags", "transformer"])
+def test_plateau_decay_halves_both_rates_after_each_epoch_without_a_validation_gain(tiny_data, tower):
+    cfg = tiny_config(tiny_data, **{"train.epochs": 6, "train.early_stopping_patience": 3, "optim.plateau_decay": 0.5,
+                                    "optim.sparse_lr": 0.08, "optim.dense_lr": 0.004,
+                                    "eval.popularity_baseline": "false", **TOWER_OVERRIDES[tower]})
+    job = build(cfg, distributed.init("cpu"))
+    values, seen = iter([0.10, 0.20, 0.15, 0.18, 0.30, 0.25]), []
+    job.train_epoch = lambda state: seen.append(learning_rates(job))
+    job.evaluate = lambda split, scorer=None: {"ndcg@10": next(values) if split == "valid" else 0.0,
+                                               "users": 666, "skipped": 0}
+    summary = job.fit()
+    # Epochs 2, 3 and 5 bring no gain: epochs 3, 4 and 5 train at 1/2, 1/4 and 1/4 of the rates.
+    scales = [1, 1, 1, 0.5, 0.25, 0.25]
+    assert seen == [({0.08 * s}, {0.004 * s}, {0.08 * s}) for s in scales], seen
+    assert [h["lr_scale"] for h in summary["history"]] == scales and summary["best_epoch"] == 4
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """A table's weights on this rank (a ShardedTensor holds them in its shards)."""
+    return tensor.local_shards()[0].tensor.detach() if hasattr(tensor, "local_shards") else tensor.detach()
+
+
+def test_the_decayed_rate_is_the_one_the_embedding_update_uses(tiny_data):
+    """A step at a 1e-6 scale barely moves the tables a step at the full rate moves."""
+    moved = []
+    for scale in (1.0, 1e-6):
+        job = build(tiny_config(tiny_data, **{"optim.sparse": "sgd", "optim.sparse_lr": 0.5}), distributed.init("cpu"))
+        job.model.scale_learning_rates(job.cfg.optim, scale)
+        before = {k: local(v).clone() for k, v in job.model.dmp.state_dict().items() if "embedding" in k}
+        job.model.pipeline.progress(iter(list(job.data.train_loader.epoch(0))[:2]))
+        after = job.model.dmp.state_dict()
+        moved.append(sum(float((local(after[k]) - v).abs().sum()) for k, v in before.items()))
+    assert moved[0] > 0 and moved[1] < 1e-4 * moved[0], moved
+
+
+def test_a_resume_restores_the_decayed_rates(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, **{"optim.plateau_decay": 0.5, "checkpoint.dir": str(tmp_path / "ckpt")})
+    first = build(cfg, distributed.init("cpu"))
+    first.model.dense_optimizer.init_state()  # as after training: Adam has its state
+    first.checkpoints.save(first.model.stateful(), LoopState(epoch=3, lr_scale=0.25))
+    resumed = build(cfg, distributed.init("cpu"))
+    state = resumed.start(tmp_path / "ckpt" / "step-000000000")
+    assert state.lr_scale == 0.25
+    assert learning_rates(resumed) == ({0.05 * 0.25}, {0.001 * 0.25}, {0.05 * 0.25})
+
+
+def test_a_checkpoint_from_before_the_decay_resumes_at_full_rates():
+    old = {k: v for k, v in LoopState(epoch=2, step=40).to_dict().items() if k != "lr_scale"}
+    assert LoopState.from_dict(old).lr_scale == 1.0
+    with pytest.raises(ValueError, match="lacks \\['step'\\]"):
+        LoopState.from_dict({k: v for k, v in old.items() if k != "step"})

@@ -23,7 +23,7 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from config import ConfigError, JobConfig
-from config.job import CPU_FUSED_OPTIMIZERS, OPTIMIZERS
+from config.job import CPU_FUSED_OPTIMIZERS, OPTIMIZERS, OptimConfig
 from data.errors import DataError
 from data.loader import EvalLoader, TrainLoader, open_loader
 from data.schema import Metadata
@@ -66,6 +66,15 @@ class ShardedModel:
         items = {"model": self.dmp, "fused_optimizer": self.dmp.fused_optimizer,
                  "dense_optimizer": self.dense_optimizer}
         return items | ({"frequency": self.frequency} if self.frequency is not None else {})
+
+    def scale_learning_rates(self, optim: OptimConfig, scale: float) -> None:
+        """Both optimizers at their configured rates times `scale`. The fused embedding kernels read their rate
+        only in the fused optimizer's zero_grad or step, which training never calls (the update runs in the
+        backward), so zero_grad pushes it there."""
+        for optimizer, lr in ((self.dmp.fused_optimizer, optim.sparse_lr), (self.dense_optimizer, optim.dense_lr)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * scale
+        self.dmp.fused_optimizer.zero_grad()
 
     def scorer(self, data: JobData, device: torch.device):
         """Scores evaluation queries against every catalogue item with the current weights."""

@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+# Fields that checkpoints of older versions lack, whose defaults are what those versions did.
+ADDED_LATER = {"lr_scale"}
+
 
 @dataclass
 class LoopState:
@@ -19,6 +22,7 @@ class LoopState:
     stopped: bool = False  # early stopping or train.max_steps ended training
     history: list[dict] = field(default_factory=list)  # validation metrics of every epoch
     run_id: str | None = None  # the MLflow run every restart continues
+    lr_scale: float = 1.0  # both learning rates are the configured ones times this (optim.plateau_decay)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -26,7 +30,7 @@ class LoopState:
     @classmethod
     def from_dict(cls, data: dict) -> "LoopState":
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(known - set(data))
+        missing = sorted(known - set(data) - ADDED_LATER)
         if missing:
             raise ValueError(f"the loop state lacks {missing}: written by an older version of the trainer")
         return cls(**{k: v for k, v in data.items() if k in known})

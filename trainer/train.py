@@ -158,6 +158,8 @@ class Trainer:
             self.record(state, valid)
             if state.select(epoch, valid[self.cfg.train.early_stopping_metric], self.cfg.train.early_stopping_patience):
                 self.best.keep(self.model.dmp, {"epoch": epoch, "step": state.step, "valid": valid})
+            elif self.cfg.optim.plateau_decay < 1 and not state.stopped:
+                self.decay_learning_rates(state)
             state.epoch, state.batch = epoch + 1, 0
             self.checkpoints.save(self.model.stateful(), state)
         return self.finalize(state)
@@ -181,6 +183,8 @@ class Trainer:
         changes = self.checkpoints.check(resume, self.cfg)
         self.model.dense_optimizer.init_state()  # Adam creates its state lazily; DCP loads into tensors
         state = self.checkpoints.load(self.model.stateful(), resume)
+        # The configured rates (a resume may change them) times the decay so far, whatever the optimizers saved.
+        self.model.scale_learning_rates(self.cfg.optim, state.lr_scale)
         if self.env.is_main:
             print(f"resumed from {resume} at epoch {state.epoch}, batch {state.batch}, step {state.step}"
                   + (f", with changes: {'; '.join(changes)}" if changes else ""))
@@ -230,9 +234,21 @@ class Trainer:
         self.model.dmp.train()
         return metrics
 
+    def decay_learning_rates(self, state: LoopState) -> None:
+        """optim.plateau_decay: after an epoch without a validation gain, both rates shrink by that factor."""
+        state.lr_scale *= self.cfg.optim.plateau_decay
+        self.model.scale_learning_rates(self.cfg.optim, state.lr_scale)
+        if self.env.is_main:
+            optim, scale = self.cfg.optim, state.lr_scale
+            print(f"epoch {state.epoch}: no validation gain, learning rates now x{scale:g} "
+                  f"(sparse {optim.sparse_lr * scale:g}, dense {optim.dense_lr * scale:g})")
+
     def record(self, state: LoopState, valid: dict[str, float]) -> None:
-        state.history.append({"epoch": state.epoch, "step": state.step, **valid})
-        self.logger.log_metrics({f"valid/{k}": v for k, v in valid.items() if k not in COUNTS}, state.step)
+        """The epoch's validation metrics, with the learning-rate scale it trained at."""
+        state.history.append({"epoch": state.epoch, "step": state.step, "lr_scale": state.lr_scale, **valid})
+        decaying = {"train/lr_scale": state.lr_scale} if self.cfg.optim.plateau_decay < 1 else {}  # else a constant
+        self.logger.log_metrics({**{f"valid/{k}": v for k, v in valid.items() if k not in COUNTS}, **decaying},
+                                state.step)
         if self.env.is_main:
             print(f"epoch {state.epoch} step {state.step}: " + ", ".join(
                 f"{k}={valid[k]:.4f}" for k in sorted(valid) if k.startswith(("hr@", "ndcg@", "mrr"))))
