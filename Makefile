@@ -1,7 +1,7 @@
 # Every target is idempotent: `setup` (re)builds .venv only when a requirements file or pyproject.toml changed.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
-REQS    := requirements.txt requirements-base.txt requirements-gpu.txt requirements-torchrec.txt pyproject.toml
+REQS    := requirements.txt requirements-base.txt requirements-gpu.txt requirements-torchrec.txt requirements-spark.txt pyproject.toml
 DEMO    ?= prepared/synthetic
 ARGS    ?=
 TESTS   ?= tests
@@ -19,6 +19,7 @@ $(STAMP): $(REQS)
 		$(PY) -m pip install -q -r requirements.txt; \
 	fi
 	$(PY) -m pip install -q --no-deps -r requirements-torchrec.txt
+	$(PY) -m pip install -q -r requirements-spark.txt  # the project's [spark] extra, for the Spark tests
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -c "import torchrec, fbgemm_gpu, pyarrow, mlflow, torchx, faiss, trainer, serving"
 	touch $(STAMP)

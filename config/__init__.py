@@ -20,8 +20,8 @@ from config.job import (
                         TrackingConfig,
                         TrainConfig,
 )
-from config.loading import dump, flatten, load_config, to_dict
+from config.loading import dump, flatten, load_config, load_config_text, to_dict
 
 __all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "ExportConfig", "JobConfig", "LoaderConfig",
            "LossConfig", "ModelConfig", "OptimConfig", "ShardingConfig", "TrackingConfig", "TrainConfig", "dump",
-           "flatten", "load_config", "to_dict"]
+           "flatten", "load_config", "load_config_text", "to_dict"]

@@ -91,7 +91,8 @@ def apply_override(data: dict, override: str) -> None:
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> JobConfig:
-    data: dict = {}
+    """A config file on this machine (configs/*.yaml) plus overrides."""
+    text = ""
     if path:
         path = Path(path)
         if not path.is_file():
@@ -100,9 +101,14 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: cannot be read: {err}") from None
-        data = parse_yaml(text, str(path)) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    return load_config_text(text, str(path), overrides)
+
+
+def load_config_text(text: str, where: str, overrides: typing.Sequence[str] = ()) -> JobConfig:
+    """A config's YAML text (a file's, or one saved in a checkpoint on any storage) plus overrides."""
+    data = parse_yaml(text, where) or {} if text else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
     for override in overrides:
         apply_override(data, override)
     return from_dict(JobConfig, data)

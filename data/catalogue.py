@@ -3,7 +3,6 @@ data) and each item's training frequency. The candidate tower's input for any se
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -12,11 +11,12 @@ from data import schema
 from data.keys import Jagged
 from data.parquet import RowGroupReader, check_ids, require_column
 from data.ragged import gather_csr, list_offsets_values
+from storage import Location, location
 
 
 class Catalogue:
-    def __init__(self, directory: Path, meta: schema.Metadata):
-        path = Path(directory) / schema.ITEMS_FILE
+    def __init__(self, directory: "str | Location", meta: schema.Metadata):
+        path = location(directory) / schema.ITEMS_FILE
         table = RowGroupReader.open(path).read()
         self.num_items = meta.num_items
         self.freq = np.r_[0, table.column(schema.FREQ).to_numpy()].astype(np.int64)

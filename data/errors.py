@@ -18,3 +18,12 @@ class DataError(ValueError):
         if found:
             message += f"; found {found}"
         super().__init__(message)
+
+    @classmethod
+    def verbatim(cls, message: str) -> "DataError":
+        """The error another process raised and passed back as text (a Spark executor's), unchanged."""
+        error = cls.__new__(cls)
+        path, _, rest = message.partition(": ")
+        error.path, error.column, error.expected, error.found = path, None, rest, ""
+        ValueError.__init__(error, message)
+        return error

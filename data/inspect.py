@@ -1,6 +1,7 @@
 """Summarises a prepared dataset and streams one training epoch through the loader.
 
     python -m data.inspect prepared/synthetic [--batch-size 1024 --negatives 1024]
+    python -m data.inspect s3://bucket/prepared/synthetic
 
 This is the end-to-end check of the data layer: metadata, schema validation on every row group,
 batches exactly as the trainer receives them, and the loader's throughput.
@@ -18,6 +19,7 @@ from config import ConfigError, LoaderConfig
 from data.errors import DataError
 from data.loader import open_loader
 from data.schema import Metadata
+from storage import StorageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in tqdm(loader.epoch(0), total=len(loader), desc="epoch 0", unit="batch"):
             rows += int(batch.row_mask.sum())
         seconds = time.perf_counter() - start
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"streamed {rows} examples in {len(loader)} batches of {args.batch_size} (+{args.negatives} negatives) "

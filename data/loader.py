@@ -13,7 +13,6 @@ batching of `SplitLoader`. Guarantees (tested in tests/test_loader.py):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -33,8 +32,9 @@ from data.ranks import batches_per_rank, rank_slices
 from data.rows import Rows, concat_rows
 from data.sampler import NegativeSampler
 from data.sequences import chunk_counts, chunk_table
+from storage import Location, location
 
-EVAL_FILES = {"valid": schema.VALID_FILE, "test": schema.TEST_FILE}
+EVAL_SPLITS = ("valid", "test")
 
 
 def query_columns(meta: schema.Metadata) -> list[Column]:
@@ -48,9 +48,11 @@ class SplitLoader(ABC):
 
     sequence = False  # batches for the transformer tower
 
-    def __init__(self, directory: str | Path, cfg: LoaderConfig, batch_size: int, rank: int = 0,
+    split = "train"  # the metadata's name of the split's files (schema.SPLIT_DIRS)
+
+    def __init__(self, directory: "str | Location", cfg: LoaderConfig, batch_size: int, rank: int = 0,
                  world_size: int = 1, meta: schema.Metadata | None = None):
-        self.directory = Path(directory)
+        self.directory = location(directory)
         self.meta = meta or schema.Metadata.load(self.directory)
         self.cfg, self.batch_size = cfg, batch_size
         self.rank, self.world = rank, world_size
@@ -80,9 +82,9 @@ class SplitLoader(ABC):
     def extra_columns(self) -> list[Column]:
         """The split's own columns (the target, or targets and seen items)."""
 
-    @abstractmethod
-    def paths(self) -> list[Path]:
-        """The split's Parquet files."""
+    def paths(self) -> list[Location]:
+        """The split's Parquet files, in order."""
+        return [self.directory / name for name in self.meta.files.get(self.split, [])]
 
     def unit_order(self, epoch: int) -> np.ndarray:
         """The order row groups are read in."""
@@ -151,18 +153,13 @@ class TrainLoader(SplitLoader):
     """Training examples, shuffled (row groups per epoch, rows within a buffer), plus S negatives per
     batch drawn from the proposal `sampler.probs` (which the loss's logQ reads)."""
 
-    split = "train"
-
-    def __init__(self, directory: str | Path, cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
+    def __init__(self, directory: "str | Location", cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
                  meta: schema.Metadata | None = None):
         super().__init__(directory, cfg, cfg.batch_size, rank, world_size, meta)
         self.sampler = NegativeSampler(self.catalogue.freq, cfg.sampler, cfg.unigram_alpha)
 
     def extra_columns(self) -> list[Column]:
         return [Column(schema.TARGET, self.meta.item_vocab, False)]
-
-    def paths(self) -> list[Path]:
-        return [self.directory / name for name in self.meta.train_files]
 
     def unit_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.source.units))
@@ -204,9 +201,6 @@ class SequenceLoader(TrainLoader):
         columns += [Column(f.name, f.vocab_size, f.multi) for f in self.meta.user_features]
         return columns + [Column(f.name, f.vocab_size, True) for f in self.meta.context_features]
 
-    def paths(self) -> list[Path]:
-        return [self.directory / schema.SEQUENCES_FILE]
-
     def unit_sizes(self) -> np.ndarray:
         sizes = []
         for file_index, rg in self.source.units:
@@ -222,7 +216,7 @@ class SequenceLoader(TrainLoader):
             return chunk_table(table, schema.SEQUENCE_ITEMS, aligned, self.cfg.max_sequence_length)
         except ValueError as err:
             expected = f"list columns aligned with {schema.SEQUENCE_ITEMS} (one value per event)"
-            raise DataError(self.paths()[0], None, expected, str(err)) from err
+            raise DataError(self.source.readers[self.source.units[unit][0]].path, None, expected, str(err)) from err
 
     def make_batch(self, block: Rows, idx: np.ndarray, epoch: int, index: int) -> SequenceBatch:
         rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, index])
@@ -283,18 +277,15 @@ class EvalLoader(SplitLoader):
     """Validation or test queries in file order, with their targets and seen items; candidate keys are
     present but empty, so the same EBC call applies."""
 
-    def __init__(self, directory: str | Path, cfg: LoaderConfig, split: str, batch_size: int, rank: int = 0,
+    def __init__(self, directory: "str | Location", cfg: LoaderConfig, split: str, batch_size: int, rank: int = 0,
                  world_size: int = 1, meta: schema.Metadata | None = None):
-        if split not in EVAL_FILES:
-            raise ValueError(f"an evaluation split is one of {list(EVAL_FILES)}, got '{split}'")
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"an evaluation split is one of {list(EVAL_SPLITS)}, got '{split}'")
         self.split = split
         super().__init__(directory, cfg, batch_size, rank, world_size, meta)
 
     def extra_columns(self) -> list[Column]:
         return [Column(schema.TARGETS, self.meta.item_vocab, True), Column(schema.SEEN, self.meta.item_vocab, True)]
-
-    def paths(self) -> list[Path]:
-        return [self.directory / EVAL_FILES[self.split]]
 
     def make_batch(self, block: Rows, idx: np.ndarray, epoch: int, index: int) -> EvalBatch:
         t_lengths, t_values = block.ragged(schema.TARGETS, idx)
@@ -327,7 +318,8 @@ class SequenceEvalLoader(EvalLoader):
                                  positions=torch.from_numpy(positions))
 
 
-def open_loader(directory: str | Path, cfg: LoaderConfig, split: str = "train", rank: int = 0, world_size: int = 1,
+def open_loader(directory: "str | Location", cfg: LoaderConfig, split: str = "train", rank: int = 0,
+                world_size: int = 1,
                 meta: schema.Metadata | None = None, batch_size: int | None = None,
                 query_tower: str = "bags") -> SplitLoader:
     """The loader of a split for a query tower: training batches of `cfg.batch_size`, or evaluation batches of

@@ -5,7 +5,6 @@ never inside an FBGEMM kernel."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +13,7 @@ import pyarrow.parquet as pq
 
 from data.errors import DataError
 from data.ragged import list_offsets_values
+from storage import Location, StorageError
 
 
 @dataclass(frozen=True)
@@ -23,13 +23,13 @@ class Column:
     multi: bool
 
 
-def require_column(table: pa.Table, name: str, path: Path) -> pa.ChunkedArray:
+def require_column(table: pa.Table, name: str, path: Location) -> pa.ChunkedArray:
     if name not in table.column_names:
         raise DataError(path, name, "a column with this name (see metadata.json)", f"columns {table.column_names}")
     return table.column(name)
 
 
-def check_ids(values: np.ndarray, vocab: int, path: Path, column: str, out_of_vocab: str) -> np.ndarray:
+def check_ids(values: np.ndarray, vocab: int, path: Location, column: str, out_of_vocab: str) -> np.ndarray:
     """Ids must lie in [0, vocab); 'hash' folds larger ones into range instead of failing."""
     if len(values) == 0:
         return values
@@ -46,34 +46,42 @@ def check_ids(values: np.ndarray, vocab: int, path: Path, column: str, out_of_vo
 class RowGroupReader:
     """One Parquet file: opened lazily, with every failure turned into a DataError naming the file."""
 
-    def __init__(self, path: Path, file: pq.ParquetFile):
+    def __init__(self, path: Location, file: pq.ParquetFile):
         self.path = path
         self.file = file
 
     @classmethod
-    def open(cls, path: Path) -> "RowGroupReader":
-        if not path.is_file():
-            raise DataError(path, None, "an existing Parquet file", "no such file")
-        if path.stat().st_size == 0:
-            raise DataError(path, None, "a Parquet file with at least one row", "an empty file")
+    def open(cls, path: Location) -> "RowGroupReader":
         try:
-            return cls(path, pq.ParquetFile(path))
+            info = path.info()
+            if info.type.name != "File":
+                raise DataError(path, None, "an existing Parquet file", "no such file")
+            if info.size == 0:
+                raise DataError(path, None, "a Parquet file with at least one row", "an empty file")
+            return cls(path, pq.ParquetFile(path.open_input()))
+        except StorageError as err:
+            raise DataError(path, None, "a readable Parquet file", err.problem) from None
         except (pa.ArrowInvalid, OSError) as err:
-            raise DataError(path, None, "a valid Parquet file", str(err).splitlines()[0]) from err
+            raise DataError(path, None, "a valid Parquet file", str(err).splitlines()[0]) from None
 
     def read(self, row_group: int | None = None, columns: list[str] | None = None) -> pa.Table:
         try:
             if row_group is None:
                 return self.file.read(columns=columns)
             return self.file.read_row_group(row_group, columns=columns)
+        except StorageError as err:
+            raise DataError(self.path, None, "a readable Parquet file", err.problem) from None
         except (pa.ArrowInvalid, OSError) as err:
-            raise DataError(self.path, None, "a valid Parquet file", str(err).splitlines()[0]) from err
+            raise DataError(self.path, None, "a valid Parquet file", str(err).splitlines()[0]) from None
 
 
 class ExampleSource:
     """The row groups of a split, validated: schema on open, nulls and id ranges on every read."""
 
-    def __init__(self, paths: list[Path], columns: list[Column], out_of_vocab: str):
+    def __init__(self, paths: list[Location], columns: list[Column], out_of_vocab: str):
+        if not paths:
+            raise DataError("metadata.json", "files", "the Parquet parts of every split (prepare the data again)",
+                            "none for this split")
         self.columns = columns
         self.out_of_vocab = out_of_vocab
         self.readers = [RowGroupReader.open(p) for p in paths]

@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 
-from data.sources.raw import RawData, concat_features, long_form
+from data.sources.raw import RawSource, concat_features, event_schema, long_form, titles_table
 
 
 @dataclass
@@ -52,7 +52,7 @@ def sample_within(cumulative: np.ndarray, lo: np.ndarray, hi: np.ndarray, rng: n
     return np.minimum(np.searchsorted(cumulative, point, side="right"), len(cumulative) - 1)
 
 
-def generate(cfg: SyntheticConfig) -> RawData:
+def generate(cfg: SyntheticConfig) -> RawSource:
     rng = np.random.default_rng(cfg.seed)
     n_items, n_users, k = cfg.num_items, cfg.num_users, cfg.num_topics
     # Items sorted by topic, so each topic owns a contiguous span of the cumulative weight.
@@ -87,29 +87,39 @@ def generate(cfg: SyntheticConfig) -> RawData:
     gaps = rng.exponential(6 * 3600.0, items.shape).cumsum(axis=1)
     start = 1_600_000_000 + rng.integers(0, 180 * 86400, n_users)
     ts = (start[:, None] + gaps).astype(np.int64)[valid]
-    events = pd.DataFrame({"user": user_of_event.astype(str), "item": items[valid].astype(str), "ts": ts,
-                           "rating": np.nan})
-    if not cfg.allow_repeats:
-        events = events[~events.duplicated(["user", "item"])].reset_index(drop=True)
+    event_items = items[valid]
+    if not cfg.allow_repeats:  # a user's first draw of an item stays
+        _, first = np.unique(user_of_event.astype(np.int64) * n_items + event_items, return_index=True)
+        keep = np.sort(first)
+        user_of_event, event_items, ts = user_of_event[keep], event_items[keep], ts[keep]
+    events = pa.table([pa.array(user_of_event, pa.int64()), pa.array(event_items, pa.int64()), pa.array(ts),
+                       pa.nulls(len(ts), pa.float64()), pa.array(np.arange(len(ts), dtype=np.int64))],
+                      schema=event_schema(pa.int64(), pa.int64()))
 
-    item_ids = pd.Series(np.arange(n_items).astype(str))
+    item_ids = pa.array(np.arange(n_items).astype(str))
     main_genre = topic_of_item % cfg.num_genres
     extra = rng.integers(0, cfg.num_genres, n_items)
     has_extra = rng.random(n_items) < 0.5
-    genres = "g" + pd.Series(main_genre).astype(str) + pd.Series(np.where(has_extra, "|g" + extra.astype(str), ""))
+    genres = np.char.add(np.char.add("g", main_genre.astype(str)), np.where(has_extra, np.char.add("|g", extra.astype(
+        str)), ""))
     decade = 1950 + 10 * ((topic_of_item * 7 + rng.integers(0, 2, n_items)) % 7)
-    item_features = concat_features("item", [
-        long_form("item", item_ids, "i_genre", genres, sep="|"),
-        long_form("item", item_ids, "i_decade", pd.Series(decade).astype(str) + "s"),
+    item_features = concat_features([
+        long_form(item_ids, "i_genre", pa.array(genres), sep="|"),
+        long_form(item_ids, "i_decade", pa.array(np.char.add(decade.astype(str), "s"))),
     ])
-    user_ids = pd.Series(np.arange(n_users).astype(str))
+    user_ids = pa.array(np.arange(n_users).astype(str))
     age = (interests[:, 0] * 3 + rng.integers(0, 2, n_users)) % 7
-    user_features = concat_features("user", [
-        long_form("user", user_ids, "u_gender", pd.Series(np.where(interests[:, 0] % 2 == 0, "F", "M"))),
-        long_form("user", user_ids, "u_age", pd.Series(age)),
-        long_form("user", user_ids, "u_occupation", pd.Series(rng.integers(0, 21, n_users))),
+    user_features = concat_features([
+        long_form(user_ids, "u_gender", pa.array(np.where(interests[:, 0] % 2 == 0, "F", "M"))),
+        long_form(user_ids, "u_age", pa.array(age.astype(str))),
+        long_form(user_ids, "u_occupation", pa.array(rng.integers(0, 21, n_users).astype(str))),
     ])
-    titles = pd.DataFrame({"item": item_ids, "title": "Item " + item_ids + " (topic " +
-                           pd.Series(topic_of_item).astype(str) + ")"})
-    return RawData(events, item_features, user_features, titles, {"i_genre"}, [], True,
-                   {"user": "synthetic:user", "item": "synthetic:item", "ts": "synthetic:ts"}, asdict(cfg))
+    titles = np.char.add(np.char.add(np.char.add("Item ", np.arange(n_items).astype(str)), " (topic "),
+                         np.char.add(topic_of_item.astype(str), ")"))
+    params = asdict(cfg)
+    return RawSource("synthetic", [], pa.int64(), pa.int64(), has_time=True, has_rating=False,
+                     origin={"user": "synthetic:user", "item": "synthetic:item", "ts": "synthetic:ts"}, files=[],
+                     item_features=item_features, user_features=user_features,
+                     titles=titles_table(item_ids, pa.array(titles)), multi_valued={"i_genre"}, params=params,
+                     events=events)
+

@@ -6,15 +6,19 @@
     <export>/items.parquet    item, raw_id, title, freq, embedding (L2-normalised, fixed_size_list<float32>)
     <export>/items.faiss      ANN index over the embeddings, inner product (ids = item)
     <export>/id_maps/         raw value -> id of each query feature (and of users, with a user table)
+    <export>/_manifest.json   every file's size and SHA-256, written last (storage/commit.py): an export without
+                              it is incomplete, and one whose files do not match it is damaged; neither is served
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from serving.plain import TableSpec
+from storage import Location, StorageError, location, require_committed
+from storage import Manifest as CommitManifest
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "export.json"
@@ -28,8 +32,11 @@ EMBEDDING_COLUMN = "embedding"
 RECALL_K = 10  # the index's measured recall@K against exact search
 
 
+KIND = "export"
+
+
 class ExportError(ValueError):
-    """An export directory that is incomplete or of another format version."""
+    """An export directory that is incomplete, damaged or of another format version."""
 
 
 @dataclass
@@ -64,15 +71,17 @@ class Manifest:
     metric: str = "inner product on L2-normalised vectors (the training score times the temperature)"
     format_version: int = FORMAT_VERSION
 
-    def save(self, directory: Path) -> None:
+    def to_json(self) -> str:
         data = asdict(self)
         data["query_tower"]["tables"] = [t.as_dict() for t in self.query_tower.tables]
-        (Path(directory) / MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n")
+        return json.dumps(data, indent=2) + "\n"
 
     @classmethod
-    def load(cls, directory: Path) -> "Manifest":
-        path = Path(directory) / MANIFEST_FILE
-        data = json.loads(path.read_text())
+    def from_json(cls, text: str, path: str) -> "Manifest":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ExportError(f"{path}: not JSON ({err.msg} at line {err.lineno}); export again") from None
         if data.get("format_version") != FORMAT_VERSION:
             raise ExportError(f"{path}: export format {data.get('format_version')}, but this version reads "
                               f"{FORMAT_VERSION}; export the checkpoint again with `python -m trainer.export`")
@@ -82,8 +91,25 @@ class Manifest:
         return cls(query_tower=QueryTower(**tower), **data)
 
 
-def check_complete(directory: Path) -> None:
+def check_complete(directory: "str | Location") -> CommitManifest:
+    """The commit manifest of a complete export (every required file listed, with its recorded size)."""
+    directory = location(directory)
+    try:
+        commit = require_committed(directory, KIND, "write one with `python -m trainer.export`")
+    except StorageError as err:  # a CommitError says what is missing, with the hint
+        raise ExportError(str(err)) from None
     for name in REQUIRED_FILES:
-        if not (directory / name).is_file():
+        if name not in commit.files:
             raise ExportError(f"{directory / name}: missing, so {directory} is not a complete export; write one with "
                               f"`python -m trainer.export`")
+    return commit
+
+
+def read_verified(directory: Location, name: str, commit: CommitManifest) -> bytes:
+    """A file of the export, checked against the SHA-256 its manifest recorded (a damaged file is named, never
+    parsed)."""
+    data = (directory / name).read_bytes()
+    if hashlib.sha256(data).hexdigest() != commit.files[name]["sha256"]:
+        raise ExportError(f"{directory / name}: does not match the SHA-256 recorded when it was exported (corrupted "
+                          f"or overwritten); export again")
+    return data

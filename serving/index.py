@@ -6,8 +6,6 @@ training scores do (the temperature only rescales). Ids stored in the index are 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import faiss
 import numpy as np
 
@@ -64,11 +62,16 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean(hits)) / exact.shape[1]
 
 
-def save(index: faiss.Index, path: Path) -> None:
-    faiss.write_index(index, str(path))
+def to_bytes(index: faiss.Index) -> bytes:
+    return faiss.serialize_index(index).tobytes()
 
 
-def load(path: Path, ef_search: int) -> faiss.Index:
-    index = faiss.read_index(str(path))
+def from_bytes(data: bytes, ef_search: int, where: str) -> faiss.Index:
+    """An index written by `to_bytes`; anything else is a ValueError naming `where`, not a faiss traceback."""
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as err:
+        reason = next((line for line in str(err).splitlines() if line.strip()), "unreadable")[:200]
+        raise ValueError(f"{where}: not a faiss index ({reason}); export again") from None
     set_ef_search(index, ef_search)
     return index

@@ -8,9 +8,10 @@ uses; the transformer's sequence is the history's last `max_length` ids, oldest 
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
@@ -23,20 +24,30 @@ from serving.format import (
     ID_MAPS_DIR,
     INDEX_FILE,
     ITEM_EMBEDDINGS_FILE,
+    MANIFEST_FILE,
     QUERY_TOWER_FILE,
     ExportError,
     Manifest,
     check_complete,
+    read_verified,
 )
 from serving.plain import PlainTowers
 from serving.sequence import PlainSequenceTower, SequenceShape
+from storage import Location, location
+
+
+def parquet(data: bytes) -> pa.Table:
+    return pq.read_table(pa.BufferReader(data))
 
 
 class ExportedModel:
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        check_complete(self.directory)
-        self.manifest = Manifest.load(self.directory)
+    """An export (a local path or a URI), every file checked against its manifest's SHA-256 as it is read."""
+
+    def __init__(self, directory: "str | Location"):
+        self.directory = location(directory)
+        commit = check_complete(self.directory)
+        read = lambda name: read_verified(self.directory, name, commit)
+        self.manifest = Manifest.from_json(read(MANIFEST_FILE).decode(), str(self.directory / MANIFEST_FILE))
         tower = self.manifest.query_tower
         self.sequence = tower.kind == "transformer"
         self.layout = QueryLayout.of(() if self.sequence else tower.history_bags, tower.use_user_id,
@@ -51,9 +62,9 @@ class ExportedModel:
                                             tuple(tower.history_bags))
         else:
             self.tower = PlainTowers(tower.tables, tower.query_keys, [], tower.hidden_dims, tower.output_dim)
-        self.tower.load_state_dict(torch.load(self.directory / QUERY_TOWER_FILE, weights_only=True))
+        self.tower.load_state_dict(torch.load(io.BytesIO(read(QUERY_TOWER_FILE)), weights_only=True))
         self.tower.eval()
-        items = pq.read_table(self.directory / ITEM_EMBEDDINGS_FILE)
+        items = parquet(read(ITEM_EMBEDDINGS_FILE))
         self.item_ids = items.column("item").to_numpy()
         self.raw_ids = [str(r) for r in items.column("raw_id").to_pylist()]
         self.titles = items.column("title").to_pylist() if "title" in items.column_names else [None] * len(self.raw_ids)
@@ -61,13 +72,13 @@ class ExportedModel:
         self.embeddings = flat.astype(np.float32).reshape(len(self.raw_ids), self.manifest.dim)
         self.row_of_raw = {raw: row for row, raw in enumerate(self.raw_ids)}
         self.row_of_id = {int(i): row for row, i in enumerate(self.item_ids)}
-        self.index = ann.load(self.directory / INDEX_FILE, self.manifest.index["ef_search"])
+        self.index = ann.from_bytes(read(INDEX_FILE), self.manifest.index["ef_search"],
+                                    str(self.directory / INDEX_FILE))
         self.id_maps = {}
-        maps = self.directory / ID_MAPS_DIR
-        for file in sorted(maps.glob("*.parquet")) if maps.is_dir() else []:
-            table = pq.read_table(file)
+        for name in sorted(n for n in commit.files if n.startswith(f"{ID_MAPS_DIR}/") and n.endswith(".parquet")):
+            table = parquet(read(name))
             raw = map(str, table.column("raw").to_pylist())
-            self.id_maps[file.stem] = dict(zip(raw, table.column("id").to_pylist()))
+            self.id_maps[name[len(ID_MAPS_DIR) + 1:-len(".parquet")]] = dict(zip(raw, table.column("id").to_pylist()))
 
     @property
     def features(self) -> dict[str, bool]:

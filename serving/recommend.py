@@ -1,7 +1,7 @@
 """Top-K items for a history, or the neighbours of an item, from an export (no TorchRec needed).
 
-    python -m serving.recommend --run <MLflow run id | export dir> --history "1193,661,914" -k 20 [--mmr 0.3]
-    python -m serving.recommend --run <MLflow run id | export dir> --similar 1193 -k 10
+    python -m serving.recommend --run <MLflow run id | export dir or URI> --history "1193,661,914" -k 20 [--mmr 0.3]
+    python -m serving.recommend --run <MLflow run id | export dir or URI> --similar 1193 -k 10
 
 (`python -m trainer.recommend` is the same command.) History ids are raw ids as in the source data,
 oldest first. Items already in the history are not recommended, unless the model was trained with
@@ -128,7 +128,8 @@ class Recommender:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving.recommend", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="an MLflow run id, or an export directory")
+    parser.add_argument("--run", required=True, help="an MLflow run id, or an export directory (a local path or a "
+                                                     "URI such as s3://bucket/exports/<run id>)")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--history", help="comma-separated raw item ids, oldest first")
     what.add_argument("--similar", help="a raw item id: its nearest items by embedding")
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             history = [h.strip() for h in args.history.split(",") if h.strip()]
             ranked = recommender.recommend(history, parse_features(args.user_features), args.user, args.k,
                                            args.mmr, args.candidates)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for note in recommender.notes:

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
@@ -36,6 +35,7 @@ from data.errors import DataError
 from data.keys import SEQUENCE_KEY, candidate_feature, history_window
 from data.schema import METADATA_FILE, SCHEMA_VERSION, Metadata
 from sharding.tables import sequence_table_configs, table_configs
+from storage import location
 
 CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
 GPU_SHARDING_TYPES = CPU_SHARDING_TYPES + ("row_wise", "table_row_wise")
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in (("--items", args.items), ("--users", args.users), ("--mean-history", args.mean_history)):
             if value is not None and not value >= 1:
                 raise ShardingError(f"{name} must be at least 1, got {value:g}")
-        prepared = (Path(cfg.data.path) / METADATA_FILE).is_file()
+        prepared = (location(cfg.data.path) / METADATA_FILE).is_file()
         meta = Metadata.load(cfg.data.path) if prepared or not paper else None
         if paper:
             meta = paper_metadata(meta, None if args.items is None else int(args.items),

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import time
+import urllib.request
+import uuid
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from data import schema
 from data.ragged import list_array
+from storage import location
+from storage.commit import Staging, commit, writing
 
 ROOT = Path(__file__).resolve().parents[1]
 # A model small enough for multi-process tests on 2 cores. Export is off unless a test turns it on
@@ -62,9 +67,14 @@ def dataset_dir(name: str) -> Path:
 def write_fake_prepared(directory: Path, rng: np.random.Generator, file_sizes: list[int], row_group: int,
                         num_items: int = 50, num_users: int = 30, max_history: int = 8) -> dict:
     """A prepared dataset written by hand with awkward shapes: uneven files and row groups, empty
-    histories, multi-valued features; targets are unique per example so tests can identify rows."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / schema.TRAIN_DIR).mkdir()
+    histories, multi-valued features; targets are unique per example so tests can identify rows.
+    Committed like prepare's output (a manifest written last), so the loader accepts it."""
+    with writing(directory, schema.KIND) as staging:
+        return fake_prepared_files(staging, rng, file_sizes, row_group, num_items, num_users, max_history)
+
+
+def fake_prepared_files(staging, rng: np.random.Generator, file_sizes: list[int], row_group: int, num_items: int,
+                        num_users: int, max_history: int) -> dict:
     total = sum(file_sizes)
     item_vocab = max(num_items, total) + 1
     targets = rng.permutation(np.arange(1, total + 1))
@@ -85,7 +95,7 @@ def write_fake_prepared(directory: Path, rng: np.random.Generator, file_sizes: l
             schema.TIMESTAMP: pa.array(np.arange(start, start + size)),
         })
         name = f"{schema.TRAIN_DIR}/part-{part:05d}.parquet"
-        pq.write_table(table, directory / name, row_group_size=row_group)
+        staging.write_parquet(name, table, row_group_size=row_group)
         names.append(name)
         rows.extend(table.to_pylist())
         start += size
@@ -97,16 +107,25 @@ def write_fake_prepared(directory: Path, rng: np.random.Generator, file_sizes: l
         "i_genre": list_array(genre_lengths, rng.integers(1, 7, int(genre_lengths.sum()))),
         "i_decade": pa.array(rng.integers(0, 5, item_vocab - 1)),
     })
-    pq.write_table(items, directory / schema.ITEMS_FILE)
+    staging.write_parquet(schema.ITEMS_FILE, items)
     meta = schema.Metadata(
         schema_version=schema.SCHEMA_VERSION, source={"kind": "test"}, split={"protocol": "leave_one_out"},
         filters={}, max_history=max_history, num_users=num_users, num_items=item_vocab - 1,
         counts={"train_examples": total},
         item_features=[schema.FeatureSpec("i_decade", 5, False), schema.FeatureSpec("i_genre", 7, True)],
         user_features=[schema.FeatureSpec("u_age", 8, False), schema.FeatureSpec("u_tags", 6, True)],
-        train_files=names)
-    meta.save(directory)
+        files={"train": names})
+    staging.write_text(schema.METADATA_FILE, meta.to_json())
     return {"rows": rows, "items": items.to_pylist(), "meta": meta}
+
+
+def recommit(directory, kind: str = "prepared dataset") -> None:
+    """Rewrites a directory's manifest from its files as they are now: what a writer that produced these files, and
+    committed them, leaves (for tests of the readers' own checks)."""
+    where = location(directory)
+    staging = Staging(where, kind, where)
+    staging.record_written()
+    commit(staging)
 
 
 @pytest.fixture
@@ -151,3 +170,68 @@ def recommend_from_raw_ids(model, row: dict, k: int = 10) -> tuple[list[int], li
     ranked = recommender.recommend([raw_item[i] for i in row["history"]], features, k=k)
     assert not [n for n in recommender.notes if "unknown" in n], recommender.notes
     return [int(model.item_ids[model.row_of_raw[r.raw_id]]) for r in ranked], [r.score for r in ranked]
+
+
+class S3Server:
+    """moto's standalone S3-compatible server in its own process, over HTTP on loopback: the real pyarrow and
+    s3fs clients talk to it as to any S3 endpoint. `env` adds settings (INITIAL_NO_AUTH_ACTION_COUNT turns IAM
+    authentication on)."""
+
+    def __init__(self, workdir: Path, env: dict | None = None):
+        from trainer.distributed import free_port
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                        cwd=workdir, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None:
+                    break
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"moto's S3 server did not start on {self.endpoint}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+    def client(self, key: str = "testing", secret: str = "testing"):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
+                            region_name="us-east-1")
+
+
+def s3_environment(monkeypatch, endpoint: str, key: str = "testing", secret: str = "testing") -> None:
+    """The standard AWS environment every S3 tool reads, pointed at a test server (inherited by subprocesses)."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("moto"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch) -> str:
+    """A fresh bucket on the session's S3 server, with the environment pointing at it: its URI, s3://<bucket>."""
+    s3_environment(monkeypatch, s3_server.endpoint)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    return f"s3://{bucket}"

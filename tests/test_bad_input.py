@@ -18,8 +18,8 @@ import torch
 from config import LoaderConfig
 from data.errors import DataError
 from data.loader import open_loader
-from data.prepare import main as prepare_main
-from tests.conftest import ROOT
+from data.prepare.cli import main as prepare_main
+from tests.conftest import ROOT, recommit
 
 # Two users with four events: the least leave-one-out needs for a non-empty training split.
 GOOD = {"uid": [1, 1, 1, 1, 2, 2, 2, 2], "iid": [10, 11, 12, 13, 10, 12, 13, 14], "when": [1, 2, 3, 4, 1, 2, 3, 4]}
@@ -75,7 +75,7 @@ def test_float_ids_are_the_wrong_type(tmp_path, capsys):
 def test_nulls(tmp_path, capsys):
     path = parquet(tmp_path, {**GOOD, "uid": pa.array(changed("uid", 1, None)["uid"], pa.int64())})
     message = run_prepare(tmp_path, capsys, path)
-    assert str(path) in message and "'uid'" in message and "1 nulls, the first on row 2" in message
+    assert str(path) in message and "'uid'" in message and "a null on row 2" in message
 
 
 def test_negative_ids(tmp_path, capsys):
@@ -131,8 +131,10 @@ def test_failed_overwrite_keeps_the_old_output(tmp_path, capsys):
 # The loader validates prepared files as it reads them: the same errors, never a kernel crash.
 
 def corrupt_part(path, info, transform):
-    part = path / info["meta"].train_files[1]
+    """A bad part, committed as if prepare had written it: the loader's own checks must name it."""
+    part = path / info["meta"].files["train"][1]
     pq.write_table(transform(pq.read_table(part)), part, row_group_size=16)
+    recommit(path)
     return part
 
 
@@ -180,15 +182,41 @@ def test_loader_hashes_out_of_vocabulary_ids_when_configured(fake_prepared):
 
 def test_loader_rejects_corrupt_empty_and_missing_parquet(fake_prepared):
     path, info = fake_prepared()
-    part = path / info["meta"].train_files[2]
+    part = path / info["meta"].files["train"][2]
     part.write_bytes(b"garbage")
+    recommit(path)
     assert str(part) in loader_error(path) and "a valid Parquet file" in loader_error(path)
     part.write_bytes(b"")
+    recommit(path)
     assert "an empty file" in loader_error(path)
-    pq.write_table(pq.read_table(path / info["meta"].train_files[0]).slice(0, 0), part)
+    pq.write_table(pq.read_table(path / info["meta"].files["train"][0]).slice(0, 0), part)
+    recommit(path)
     assert str(part) in loader_error(path) and "no rows" in loader_error(path)
     part.unlink()
+    recommit(path)
     assert str(part) in loader_error(path) and "no such file" in loader_error(path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "manifest"])
+def test_a_dataset_damaged_after_prepare_is_named_before_any_batch(fake_prepared, damage):
+    """The manifest prepare wrote last records every file's size: a part cut short or lost afterwards, or a lost
+    manifest, is named when the dataset is opened, never read as if complete."""
+    path, info = fake_prepared()
+    part = path / info["meta"].files["train"][1]
+    if damage == "truncate":
+        part.write_bytes(part.read_bytes()[:100])
+    elif damage == "delete":
+        part.unlink()
+    else:
+        (path / "_manifest.json").unlink()
+    with pytest.raises(DataError) as err:
+        open_loader(path, LoaderConfig(batch_size=8, num_negatives=2))
+    message = str(err.value)
+    assert str(path) in message and "\n" not in message
+    name = part.relative_to(path)
+    expected = {"truncate": f"{name} has 100 bytes, but", "delete": f"{name} is missing",
+                "manifest": "no _manifest.json"}[damage]
+    assert expected in message, message
 
 
 def test_missing_metadata_says_how_to_prepare(tmp_path):

@@ -280,7 +280,7 @@ def check_export_scores_like_the_sharded_model(out: Path, data: Path, tower: str
                                    result["scores"][:, torch.from_numpy(model.item_ids)], rtol=1e-5, atol=1e-5)
         # The same queries from raw ids, as `recommend --history` builds them: this rank's validation rows are
         # its contiguous half of the file, in order.
-        rows = pq.read_table(data / "valid.parquet")
+        rows = pq.read_table(data / "valid")
         rows = rows.slice(rank * rows.num_rows // 2, 10).to_pylist()
         for position, row in enumerate(rows):
             items, scores = recommend_from_raw_ids(model, row)

@@ -19,6 +19,7 @@ from config import ExportConfig, dump, load_config
 from data.keys import SEQUENCE_KEY
 from data.schema import Metadata
 from serving import index as ann
+from serving.format import ExportError
 from serving.model import ExportedModel
 from serving.recommend import main as recommend_main
 from serving.recommend import mmr
@@ -100,7 +101,8 @@ def test_export_cli_reads_the_checkpoints_config_and_names_a_bad_path(exported, 
     assert info["source"]["state"] == {"epoch": 0, "step": 8}
     bad = subprocess.run([sys.executable, "-m", "trainer.export", "--checkpoint", str(tmp_path / "nope"), "--out",
                           str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and str(tmp_path / "nope" / "state.json") in bad.stderr
+    assert bad.returncode == 2 and f"{tmp_path / 'nope'}: expected a complete checkpoint directory" in bad.stderr
+    assert "found nothing there" in bad.stderr
     assert not (tmp_path / "x").exists()
 
 
@@ -109,7 +111,7 @@ def test_a_query_built_from_raw_inputs_matches_the_loaders(exported):
     """What the recommend CLI builds from a history and feature values is what training fed the tower: raw ids
     in, the training model's scores out."""
     model = ExportedModel(exported.dir)
-    rows = pq.read_table(exported.data / "valid.parquet").slice(0, 40).to_pylist()
+    rows = pq.read_table(exported.data / "valid").slice(0, 40).to_pylist()
     expected = tower_queries(model, exported.batch)[:40]
     for row, want in zip(rows, expected):
         features = {name: row[name] if multi else [row[name]] for name, multi in model.features.items()}
@@ -198,7 +200,28 @@ def test_recommend_skips_unknown_and_seen_ids(exported, tmp_path, capsys):
     shutil.copytree(exported.dir, broken)
     (broken / "items.faiss").unlink()
     incomplete = in_process(capsys, "--run", str(broken), "--history", history[0])
-    assert incomplete.returncode == 2 and f"{broken / 'items.faiss'}: missing" in incomplete.stderr
+    assert incomplete.returncode == 2
+    assert f"{broken}: not a complete export: items.faiss is missing" in incomplete.stderr
+
+
+@pytest.mark.parametrize("damage", ["junk in the index", "a truncated tower"])
+def test_a_damaged_export_is_named_and_never_parsed(exported, tmp_path, damage):
+    """Export verification: every file is checked against the size and SHA-256 its manifest recorded before it is
+    parsed, so damage is one line naming the file, not a faiss or torch traceback."""
+    broken = tmp_path / "broken"
+    shutil.copytree(exported.dir, broken)
+    if damage == "junk in the index":
+        data = bytearray((broken / "items.faiss").read_bytes())
+        data[:4096] = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+        (broken / "items.faiss").write_bytes(bytes(data))
+        expected = f"{broken / 'items.faiss'}: does not match the SHA-256 recorded when it was exported"
+    else:
+        tower = broken / "query_tower.pt"
+        tower.write_bytes(tower.read_bytes()[:1000])
+        expected = f"{broken}: not a complete export: query_tower.pt has 1000 bytes, but"
+    with pytest.raises(ExportError) as err:
+        ExportedModel(broken)
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
 
 
 def test_mmr_moves_a_near_duplicate_below_a_diverse_item():

@@ -20,7 +20,9 @@ from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from config import ConfigError, LoaderConfig
 from data.loader import open_loader
-from tests.conftest import ROOT, TINY_MODEL, tiny_config
+from storage import location
+from storage.location import HashingOutput
+from tests.conftest import ROOT, TINY_MODEL, recommit, tiny_config
 from trainer import checkpoint
 from trainer.checkpoint import CheckpointError
 from trainer.distributed import WholeErrorFile
@@ -103,19 +105,19 @@ def test_a_rank_killed_while_writing_its_error_file_leaves_none_torchrun_cannot_
     killed mid-write once left an empty file that crashed the agent, so the job was not restarted."""
     error_file = tmp_path / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
-    write_text = Path.write_text
+    write = HashingOutput.write
 
-    def killed_halfway(path: Path, text: str, *args, **kwargs):
-        write_text(path, text[: len(text) // 2], *args, **kwargs)
+    def killed_halfway(self, data):
+        write(self, bytes(data)[: len(data) // 2])
         raise KeyboardInterrupt("SIGTERM while writing")
 
     try:
         raise RuntimeError("gloo: connection reset by peer")
     except RuntimeError as err:
-        monkeypatch.setattr(Path, "write_text", killed_halfway)
+        monkeypatch.setattr(HashingOutput, "write", killed_halfway)
         with pytest.raises(KeyboardInterrupt):
             WholeErrorFile().record_exception(err)
-        monkeypatch.setattr(Path, "write_text", write_text)
+        monkeypatch.setattr(HashingOutput, "write", write)
         assert not error_file.exists(), "torchrun's agent reads an absent file as 'no error file'"
         WholeErrorFile().record_exception(err)
     failure = ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file=str(error_file))
@@ -146,8 +148,8 @@ def resume(trained, ckpt: Path, **overrides) -> dict:
     return train(tiny_config(trained.data, **settings(ckpt, **overrides)))
 
 
-def shard(path: Path) -> Path:
-    return next(path.glob("*.distcp"))
+def shard(path) -> Path:
+    return next(location(path).local_path.glob("*.distcp"))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "overwrite"])
@@ -169,7 +171,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(trained, tm
 
 def test_no_checkpoint_that_verifies_is_an_error_not_a_fresh_start(trained, tmp_path):
     ckpt = copy(trained, tmp_path)
-    for path in checkpoint.complete_checkpoints(ckpt):
+    for path in checkpoint.complete_checkpoints(location(ckpt)):
         shard(path).write_bytes(b"")
     with pytest.raises(CheckpointError, match="no checkpoint under .* verifies.*move them away"):
         resume(trained, ckpt)
@@ -203,12 +205,13 @@ def test_allowed_and_safe_changes_resume_and_are_printed(trained, tmp_path, caps
 
 def test_batch_size_and_world_size_change_only_at_an_epoch_boundary(trained, tmp_path):
     ckpt = copy(trained, tmp_path)
-    shutil.rmtree(checkpoint.latest(ckpt))  # the newest is now mid-epoch (step 60)
+    shutil.rmtree(checkpoint.latest(ckpt).local_path)  # the newest is now mid-epoch (step 60)
     with pytest.raises(ConfigError, match="loader.batch_size: 64 -> 32 .changes what the saved batch position"):
         resume(trained, ckpt, **{"train.epochs": 2, "loader.batch_size": 32,
                                  "checkpoint.allow_changes": "[loader.batch_size]"})
-    state = checkpoint.latest(ckpt) / "state.json"
+    state = checkpoint.latest(ckpt).local_path / "state.json"
     state.write_text(json.dumps({**json.loads(state.read_text()), "world_size": 2}))  # as if 2 ranks wrote it
+    recommit(state.parent, checkpoint.KIND)
     with pytest.raises(ConfigError, match="world size: 2 -> 1 .the checkpoint stopped mid-epoch.*resume with 2"):
         resume(trained, ckpt, **{"train.epochs": 2})
 
@@ -225,5 +228,6 @@ def test_other_data_is_refused(trained, tmp_path):
     meta = json.loads((other / "metadata.json").read_text())
     meta["source"]["checksum"] = "0" * 64
     (other / "metadata.json").write_text(json.dumps(meta))
+    recommit(other)  # data prepared anew, committed as prepare commits it
     with pytest.raises(ConfigError, match="is not the data it was trained on"):
         train(tiny_config(other, **settings(copy(trained, tmp_path), **{"train.epochs": 2})))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from data.inspect import main as inspect_main
-from data.prepare import main as prepare_main
+from data.prepare.cli import main as prepare_main
 
 
 def test_inspect_streams_a_prepared_dataset(tmp_path, capsys):

@@ -13,6 +13,7 @@ from config import LoaderConfig
 from data.errors import DataError
 from data.keys import history_key
 from data.loader import open_loader
+from tests.conftest import recommit
 
 
 def jagged_rows(kjt, key):
@@ -135,7 +136,7 @@ def test_eval_split_yields_each_user_once_with_targets_and_seen(tmp_path):
 
     prepare(generate(SyntheticConfig(num_users=300, num_items=120, mean_events=12)), SplitConfig(max_history=5),
             tmp_path / "syn")
-    valid = pq.read_table(tmp_path / "syn" / "valid.parquet").to_pylist()
+    valid = pq.read_table(tmp_path / "syn" / "valid").to_pylist()
     by_user = {row["user"]: row for row in valid}
     for rank in range(2):
         loader = open_loader(tmp_path / "syn", LoaderConfig(batch_size=64), split="valid", rank=rank, world_size=2)
@@ -152,12 +153,13 @@ def test_eval_split_yields_each_user_once_with_targets_and_seen(tmp_path):
 
 def test_loader_errors_surface_from_the_background_thread(fake_prepared):
     path, info = fake_prepared()
-    part = path / info["meta"].train_files[1]
+    part = path / info["meta"].files["train"][1]
     table = pq.read_table(part)
     history = table.column("history").combine_chunks()
     import pyarrow as pa
     bad = pa.ListArray.from_arrays(history.offsets, pa.array(np.full(len(history.values), 10_000)))
     pq.write_table(table.set_column(1, "history", bad), part, row_group_size=16)
+    recommit(path)
     loader = open_loader(path, LoaderConfig(batch_size=8, num_negatives=2))
     with pytest.raises(DataError) as err:
         for _ in loader.epoch(0):

@@ -12,8 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data import schema
-from data.prepare import CONTEXT_VOCABS, context_columns
-from data.prepare import main as prepare_main
+from data.prepare.cli import main as prepare_main
 from data.schema import Metadata
 from tests.conftest import dataset_dir
 
@@ -35,8 +34,8 @@ def test_ml1m_counts_match_the_published_protocol(ml1m):
     meta = Metadata.load(ml1m)
     assert meta.num_items == 3706 and meta.num_users == 6040
     assert meta.counts["valid_rows"] == 6040 and meta.counts["test_rows"] == 6040
-    assert len(pq.read_table(ml1m / schema.VALID_FILE)) == 6040
-    assert len(pq.read_table(ml1m / schema.TEST_FILE)) == 6040
+    assert len(pq.read_table(ml1m / schema.VALID_DIR)) == 6040
+    assert len(pq.read_table(ml1m / schema.TEST_DIR)) == 6040
     assert {f.name for f in meta.item_features} == {"i_genre", "i_decade"}
     assert {f.name for f in meta.user_features} == {"u_gender", "u_age", "u_occupation", "u_zip"}
 
@@ -55,8 +54,8 @@ def test_ml1m_training_never_targets_a_last_or_second_last_event(ml1m):
         assert position <= len(sequence) - 3, "target is never the last or second-last event"
         assert items[target] == sequence[position]
         assert [items[h] for h in history] == sequence[max(0, position - 20):position], "history = prefix, newest last"
-    test = pq.read_table(ml1m / schema.TEST_FILE).to_pandas()
-    valid = pq.read_table(ml1m / schema.VALID_FILE).to_pandas()
+    test = pq.read_table(ml1m / schema.TEST_DIR).to_pandas()
+    valid = pq.read_table(ml1m / schema.VALID_DIR).to_pandas()
     for frame, offset in ((test, 1), (valid, 2)):
         for user, targets, seen in frame[["user", "targets", "seen"]].head(500).itertuples(index=False):
             sequence = sequences[users[user]]
@@ -84,11 +83,23 @@ def test_ml100k_has_users_items_genres_and_user_features(tmp_path):
     assert catalogue["freq"].sum() == len(train), "catalogue frequency counts training positives"
 
 
-def test_context_ids_map_back_to_the_hour_and_weekday_serving_sends():
+def test_context_ids_map_back_to_the_hour_and_weekday_serving_sends(tmp_path):
+    """Each training row's c_hour and c_dow, read back through the id maps serving uses, are the UTC hour and
+    weekday of its target's time (1970-01-01 00:00 UTC was a Thursday; times before it count too)."""
     saturday_2pm = int(pd.Timestamp("2026-11-28 14:05", tz="UTC").timestamp())
-    columns = context_columns(np.array([0, saturday_2pm]))
-    hours, days = (CONTEXT_VOCABS[name][np.asarray(columns[name]) - 1].tolist() for name in ("c_hour", "c_dow"))
-    assert hours == ["0", "14"] and days == ["Thu", "Sat"], "1970-01-01 00:00 UTC was a Thursday"
+    times = [0, saturday_2pm, -3600, 86400 * 3 + 7200]
+    times = [-10 ** 6, -10 ** 6 + 1] + sorted(times) + [10 ** 10, 10 ** 10 + 1]  # the last two are not trained on
+    rows = [("u", item, t, 5.0) for item, t in enumerate(times)]
+    rows += [("v", item, item, 5.0) for item in range(5)]
+    write_interactions(tmp_path / "e.csv", rows, "csv")
+    out = tmp_path / "out"
+    assert prepare_main(["interactions", str(tmp_path / "e.csv"), "--user-col", "uid", "--item-col", "iid",
+                         "--time-col", "when", "--out", str(out)]) == 0
+    train = pq.read_table(out / schema.TRAIN_DIR).to_pandas()
+    hours, days = raw_id_of(out, "c_hour"), raw_id_of(out, "c_dow")
+    seen = {t: (hours[h], days[d]) for t, h, d in train[["ts", "c_hour", "c_dow"]].itertuples(index=False)}
+    assert seen[0] == ("0", "Thu") and seen[saturday_2pm] == ("14", "Sat")
+    assert seen[-3600] == ("23", "Wed") and seen[86400 * 3 + 7200] == ("2", "Sun")
 
 
 def write_interactions(path, rows, fmt):
@@ -147,7 +158,7 @@ def test_rating_thresholds_filter_positives_and_relevant_targets(tmp_path):
         targets[users[user]].append(items[target])
     assert sorted(targets["u1"]) == ["3"], "the rating-1 event is history only, never a positive"
     assert sorted(targets["u2"]) == ["2", "3"]
-    test = pq.read_table(out / schema.TEST_FILE).to_pandas()
+    test = pq.read_table(out / schema.TEST_DIR).to_pandas()
     assert [users[u] for u in test["user"]] == ["u2"], "u1's last event (rating 2) is not relevant"
     assert Metadata.load(out).counts["test_dropped_users"] == 1
 
@@ -164,7 +175,7 @@ def test_time_split_never_leaks_and_keeps_several_targets(tmp_path):
     valid_start = np.quantile(ts, 0.6, method="lower")
     train = pq.read_table(out / schema.TRAIN_DIR).to_pandas()
     assert train["ts"].max() < valid_start
-    test = pq.read_table(out / schema.TEST_FILE).to_pandas()
+    test = pq.read_table(out / schema.TEST_DIR).to_pandas()
     assert (test["targets"].map(len) > 1).any(), "a time split can give a user several relevant items"
     items_in_train = set(train["target"]) | {h for hist in train["history"] for h in hist}
     assert all(t in items_in_train for targets in test["targets"] for t in targets), "cold items dropped"

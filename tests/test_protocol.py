@@ -16,7 +16,7 @@ import torch
 
 from config import ConfigError, LoaderConfig
 from data.loader import open_loader
-from data.prepare import main as prepare_main
+from data.prepare.cli import main as prepare_main
 from data.schema import Metadata
 from tests.conftest import ROOT, TINY_MODEL, tiny_config
 from trainer import distributed

@@ -14,7 +14,7 @@ import torch
 from config import LoaderConfig
 from data.keys import ITEM_KEY, SEQUENCE_KEY, history_key
 from data.loader import drop_features, open_loader
-from data.prepare import main as prepare_main
+from data.prepare.cli import main as prepare_main
 from data.schema import PAD_ID
 from data.sequences import chunk_bounds, chunk_counts
 from tests.test_loader import jagged_rows

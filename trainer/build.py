@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,9 +25,10 @@ from config import ConfigError, JobConfig
 from config.job import CPU_FUSED_OPTIMIZERS, OPTIMIZERS, OptimConfig
 from data.errors import DataError
 from data.loader import EvalLoader, TrainLoader, open_loader
-from data.schema import Metadata
+from data.schema import METADATA_FILE, Metadata
 from sharding.plan import build_plan, check_types, plan_as_json
 from sharding.tables import sequence_table_configs, table_configs
+from storage import location
 from trainer import distributed
 from trainer.loss import CandidateLogQ, RetrievalLoss, SequenceRetrievalLoss, StreamingFrequency
 from trainer.model import RetrievalModel, SequenceTwoTower, TwoTower
@@ -110,7 +110,7 @@ def check_runtime(cfg: JobConfig, device: torch.device, meta: Metadata) -> None:
 
 def check_splits(cfg: JobConfig, meta: Metadata) -> None:
     """Before the first step: every split has queries, and the evaluation protocol leaves some to rank."""
-    where = Path(cfg.data.path) / "metadata.json"
+    where = location(cfg.data.path) / METADATA_FILE
     if meta.counts["train_examples"] == 0:
         raise DataError(where, "counts.train_examples", "training examples", "none (prepare the data again)")
     for split, name in (("valid", "validation"), ("test", "test")):

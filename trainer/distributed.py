@@ -10,13 +10,12 @@ import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-from data.atomic import write_file
+from storage import location
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ def write_error_file(path: str, message: str, timestamp: float, callstack: str |
     torchrun's agent SIGTERMs the others and parses their files; one killed while torch's own handler was
     writing left an empty file, and the agent crashed on it instead of restarting the job (seen in CI)."""
     extra = {"timestamp": str(int(timestamp)), **({"py_callstack": callstack} if callstack else {})}
-    write_file(Path(path), json.dumps({"message": {"message": message, "extraInfo": extra}}))
+    location(path).write_text(json.dumps({"message": {"message": message, "extraInfo": extra}}))
     os.utime(path, (timestamp, timestamp))
 
 

@@ -11,19 +11,16 @@ reads a dev-mode checkpoint and one written by many ranks. Usage:
 from __future__ import annotations
 
 import argparse
-import shutil
+import io
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from config import ConfigError, JobConfig, load_config
+from config import ConfigError, JobConfig, load_config_text
 from data import schema
-from data.atomic import atomic_directory
 from data.catalogue import Catalogue
 from data.errors import DataError
 from data.keys import ITEM_KEY, SEQUENCE_KEY, QueryLayout, candidate_keys
@@ -34,6 +31,8 @@ from serving.format import (
     ID_MAPS_DIR,
     INDEX_FILE,
     ITEM_EMBEDDINGS_FILE,
+    KIND,
+    MANIFEST_FILE,
     QUERY_TOWER_FILE,
     RECALL_K,
     USER_MAP,
@@ -43,6 +42,8 @@ from serving.format import (
 from serving.plain import Features, PlainTowers, TableSpec
 from serving.sequence import PlainSequenceTower, SequenceShape
 from sharding.tables import table_configs
+from storage import Location, StorageError, location, require_committed
+from storage.commit import Staging, writing
 from trainer import checkpoint
 from trainer.evaluate import catalogue_embeddings
 from trainer.model import table_specs
@@ -156,8 +157,8 @@ def split_queries(tower: PlainTowers | PlainSequenceTower, cfg: JobConfig, split
     return np.concatenate(queries)[:limit], seen[:limit]
 
 
-def items_table(directory: Path, embeddings: np.ndarray) -> pa.Table:
-    catalogue = pq.read_table(directory / schema.ITEMS_FILE)
+def items_table(directory: Location, embeddings: np.ndarray) -> pa.Table:
+    catalogue = (directory / schema.ITEMS_FILE).read_parquet()
     keep = [c for c in (schema.ITEM, schema.RAW_ID, schema.TITLE, schema.FREQ) if c in catalogue.column_names]
     table = catalogue.select(keep)
     ids = table.column(schema.ITEM).to_numpy()
@@ -166,28 +167,30 @@ def items_table(directory: Path, embeddings: np.ndarray) -> pa.Table:
     return table.append_column(EMBEDDING_COLUMN, column)
 
 
-def copy_id_maps(cfg: JobConfig, meta: schema.Metadata, out: Path) -> None:
+def copy_id_maps(cfg: JobConfig, meta: schema.Metadata, out: Staging) -> None:
     names = [f.name for f in meta.user_features + meta.context_features]
     names += [USER_MAP] if cfg.loader.use_user_id else []
-    source = Path(cfg.data.path) / schema.ID_MAPS_DIR
-    (out / ID_MAPS_DIR).mkdir()
+    source = location(cfg.data.path) / schema.ID_MAPS_DIR
     for name in names:
         if (source / f"{name}.parquet").is_file():
-            shutil.copy(source / f"{name}.parquet", out / ID_MAPS_DIR / f"{name}.parquet")
+            out.write_bytes(f"{ID_MAPS_DIR}/{name}.parquet", (source / f"{name}.parquet").read_bytes())
 
 
-def export(path: str | Path, out: str | Path, cfg: JobConfig | None = None, overrides: list[str] = (),
+def export(path: "str | Location", out: "str | Location", cfg: JobConfig | None = None, overrides: list[str] = (),
            run_id: str | None = None) -> Manifest:
-    """Writes the export atomically (temp dir, then rename) and returns its manifest. Without `cfg`,
-    the model is rebuilt from the config saved in the checkpoint, plus `overrides`."""
-    path, out = Path(path), Path(out)
-    for name in (checkpoint.STATE_FILE, checkpoint.CONFIG_FILE):
-        if not (path / name).is_file():
-            raise DataError(path / name, None, "a complete checkpoint directory (step-N or best)", "no such file")
-    cfg = cfg or load_config(path / checkpoint.CONFIG_FILE, overrides)
+    """Writes the export, committed with a manifest at the end (storage/commit.py), and returns its description.
+    Without `cfg`, the model is rebuilt from the config saved in the checkpoint, plus `overrides`."""
+    path, out = location(path), location(out)
+    try:
+        require_committed(path, checkpoint.KIND, "")
+    except StorageError as err:
+        raise DataError(err.uri, None, "a complete checkpoint directory (step-N or best-N under checkpoint.dir)",
+                        err.problem) from None
+    config_file = path / checkpoint.CONFIG_FILE
+    cfg = cfg or load_config_text(config_file.read_text(), str(config_file), overrides)
     state = checkpoint.read_state(path)
     meta = schema.Metadata.load(cfg.data.path)
-    catalogue = Catalogue(Path(cfg.data.path), meta)
+    catalogue = Catalogue(cfg.data.path, meta)
     item_features = candidate_keys([f.name for f in meta.item_features])
     if cfg.model.query_tower == "transformer":
         model = plain_sequence_tower(cfg, meta)
@@ -205,7 +208,7 @@ def export(path: str | Path, out: str | Path, cfg: JobConfig | None = None, over
         items = catalogue_embeddings(lambda kjt: model.candidate(kjt_features(kjt)), catalogue, [],
                                      model.candidate_keys).numpy()
         tower = query_side(model)
-    table = items_table(Path(cfg.data.path), items)
+    table = items_table(location(cfg.data.path), items)
     ids = table.column(schema.ITEM).to_numpy()
     vectors = items[ids]
     start = time.perf_counter()
@@ -233,28 +236,36 @@ def export(path: str | Path, out: str | Path, cfg: JobConfig | None = None, over
         index={"kind": x.index, "m": x.hnsw_m, "ef_construction": x.hnsw_ef_construction,
                "ef_search": x.hnsw_ef_search, "build_s": build_s, f"recall@{RECALL_K}": ann.recall_at_k(approx, exact),
                "recall_queries": len(queries), "recall_reference": "exact inner-product search, validation queries"},
-        source={"checkpoint": str(path.resolve()), "data": str(Path(cfg.data.path).resolve()), "run_id": run_id,
+        source={"checkpoint": absolute(path), "data": absolute(location(cfg.data.path)), "run_id": run_id,
                 "state": {k: v for k, v in state.items() if k in ("epoch", "step", "valid")}})
-    with atomic_directory(out) as tmp:
-        torch.save(tower.state_dict(), tmp / QUERY_TOWER_FILE)
-        pq.write_table(table, tmp / ITEM_EMBEDDINGS_FILE)
-        ann.save(index, tmp / INDEX_FILE)
-        copy_id_maps(cfg, meta, tmp)
-        manifest.save(tmp)
+    weights = io.BytesIO()
+    torch.save(tower.state_dict(), weights)
+    with writing(out, KIND) as staging:
+        staging.write_bytes(QUERY_TOWER_FILE, weights.getvalue())
+        staging.write_parquet(ITEM_EMBEDDINGS_FILE, table)
+        staging.write_bytes(INDEX_FILE, ann.to_bytes(index))
+        copy_id_maps(cfg, meta, staging)
+        staging.write_text(MANIFEST_FILE, manifest.to_json())
     return manifest
+
+
+def absolute(where: Location) -> str:
+    return str(where.local_path.resolve()) if where.is_local else where.uri
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory (step-N, or best)")
-    parser.add_argument("--out", required=True, help="the export directory to write (replaced if it exists)")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory (step-N, or best-N), local or a "
+                                                            "URI")
+    parser.add_argument("--out", required=True, help="the export directory to write, local or a URI (replaced if it "
+                                                     "exists)")
     parser.add_argument("overrides", nargs="*", help="section.key=value over the checkpoint's config, "
                                                      "e.g. data.path=... or export.hnsw_m=48")
     args = parser.parse_intermixed_args(argv)
     try:
         manifest = export(args.checkpoint, args.out, overrides=args.overrides)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     index = manifest.index

@@ -8,15 +8,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from data import schema  # noqa: E402
@@ -24,6 +21,7 @@ from data.ragged import list_offsets_values  # noqa: E402
 from serving import index as ann  # noqa: E402
 from serving.format import ITEM_EMBEDDINGS_FILE  # noqa: E402
 from serving.model import ExportedModel  # noqa: E402
+from storage import Location, location  # noqa: E402
 from trainer.export import split_queries  # noqa: E402
 
 MAX_LABELS = 8  # colours in the embedding map; rarer values are grouped as "other"
@@ -104,10 +102,11 @@ def recommendation_counts(model, queries: np.ndarray, seen: list[np.ndarray], k:
     return counts
 
 
-def item_labels(data: Path, item_ids: np.ndarray, meta: schema.Metadata) -> tuple[str, list[str]]:
+def item_labels(data: "str | Location", item_ids: np.ndarray, meta: schema.Metadata) -> tuple[str, list[str]]:
     """The first value of the genre feature (else of the first item feature) of every item, as raw
     text; without item features, the item's popularity decile."""
-    items = pq.read_table(data / schema.ITEMS_FILE)
+    data = location(data)
+    items = (data / schema.ITEMS_FILE).read_parquet()
     row_of = {int(i): r for r, i in enumerate(items.column(schema.ITEM).to_numpy())}
     rows = np.array([row_of[int(i)] for i in item_ids])
     names = [f.name for f in meta.item_features]
@@ -120,7 +119,7 @@ def item_labels(data: Path, item_ids: np.ndarray, meta: schema.Metadata) -> tupl
     multi = pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
     first = first_values(column) if multi else column.to_numpy()
     id_map = data / schema.ID_MAPS_DIR / f"{feature}.parquet"
-    raw = dict(zip(*(pq.read_table(id_map).column(c).to_pylist() for c in ("id", "raw")))) if id_map.is_file() else {}
+    raw = dict(zip(*(id_map.read_parquet().column(c).to_pylist() for c in ("id", "raw")))) if id_map.is_file() else {}
     return feature, [str(raw.get(int(first[r]), first[r])) for r in rows]
 
 
@@ -143,12 +142,12 @@ def plots(cfg, meta: schema.Metadata, summary: dict) -> dict[str, np.ndarray]:
     if "export" not in summary:
         return images
     model = ExportedModel(summary["export"]["dir"])
-    feature, labels = item_labels(Path(cfg.data.path), model.item_ids, meta)
+    feature, labels = item_labels(location(cfg.data.path), model.item_ids, meta)
     images["plots/item_embeddings.png"] = figure_rgba(embedding_map(model.embeddings, labels, feature, seed=cfg.seed))
     k = min(cfg.eval.ks)
     queries, seen = split_queries(model.tower, cfg, "test", MAX_QUERIES)
     counts = recommendation_counts(model, queries, seen, k)
-    freq = pq.read_table(model.directory / ITEM_EMBEDDINGS_FILE, columns=[schema.FREQ]).column(schema.FREQ).to_numpy()
+    freq = (model.directory / ITEM_EMBEDDINGS_FILE).read_parquet([schema.FREQ]).column(schema.FREQ).to_numpy()
     images["plots/popularity_bias.png"] = figure_rgba(popularity_vs_recommended(freq, counts, k))
     return images
 

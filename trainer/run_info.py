@@ -11,11 +11,10 @@ import os
 import subprocess
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from config import JobConfig, dump
 from data import schema
 from data.schema import Metadata
+from storage import location
 
 ROOT = Path(__file__).resolve().parents[1]
 ARROW_TYPES = {"int64": "long", "int32": "integer", "double": "double", "string": "string"}  # MLflow DataType names
@@ -79,16 +78,17 @@ def dataset(cfg: JobConfig, meta: Metadata) -> dict:
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
 
-    directory = Path(cfg.data.path).resolve()
-    arrow = pq.read_schema(directory / meta.train_files[0])
+    directory = location(cfg.data.path)
+    arrow = (directory / meta.files[schema.TRAIN_DIR][0]).parquet_file().schema_arrow
     columns = []
     for name, kind in zip(arrow.names, arrow.types):
         value = getattr(kind, "value_type", None)
         columns.append(ColSpec(Array(DataType[ARROW_TYPES.get(str(value), "string")]), name) if value is not None
                        else ColSpec(DataType[ARROW_TYPES.get(str(kind), "string")], name))
     digest = hashlib.sha256((directory / schema.METADATA_FILE).read_bytes()).hexdigest()[:16]
+    source = directory.uri if not directory.is_local else str(directory.local_path)
     profile = {"users": meta.num_users, "items": meta.num_items, "train_examples": meta.counts["train_examples"],
                "valid_queries": meta.counts["valid_rows"], "test_queries": meta.counts["test_rows"],
                "protocol": meta.split["protocol"], "source_checksum": meta.source.get("checksum")}
-    return {"name": directory.name, "digest": digest, "source": str(directory), "schema": json.dumps(
+    return {"name": directory.name, "digest": digest, "source": source, "schema": json.dumps(
         {"mlflow_colspec": Schema(columns).to_dict()}), "profile": profile, "context": "training"}

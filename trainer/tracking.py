@@ -36,6 +36,7 @@ import torch
 
 from config import TrackingConfig
 from serving.runs import default_tracking_uri
+from storage import Location
 
 if TYPE_CHECKING:
     from mlflow.entities import Metric
@@ -67,11 +68,11 @@ class MetricsLogger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_images(self, make: Callable[[], dict]) -> None: ...
-    def log_artifacts(self, directory: Path, artifact_path: str) -> None: ...
+    def log_artifacts(self, directory: Location, artifact_path: str) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_table(self, rows: list[dict], artifact_file: str) -> None: ...
     def log_dataset(self, dataset: dict) -> None: ...
-    def log_model(self, export_dir: Path, register_as: str) -> None: ...
+    def log_model(self, export_dir: Location, register_as: str) -> None: ...
     def finish(self, status: str = "FINISHED") -> str | None: ...
 
 
@@ -92,7 +93,7 @@ class NullLogger:
     def log_images(self, make: Callable[[], dict]) -> None:
         """`make()` returns {artifact file: RGBA array}; not called here, so nothing is drawn for nobody."""
 
-    def log_artifacts(self, directory: Path, artifact_path: str) -> None:
+    def log_artifacts(self, directory: Location, artifact_path: str) -> None:
         pass
 
     def set_tags(self, tags: dict[str, str]) -> None:
@@ -104,7 +105,7 @@ class NullLogger:
     def log_dataset(self, dataset: dict) -> None:
         pass
 
-    def log_model(self, export_dir: Path, register_as: str) -> None:
+    def log_model(self, export_dir: Location, register_as: str) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> str | None:
@@ -347,8 +348,18 @@ class MlflowLogger:
             matplotlib.image.imsave(path, image)
             self._submit({"kind": "file", "path": str(path), "artifact_path": str(Path(artifact_file).parent)})
 
-    def log_artifacts(self, directory: Path, artifact_path: str) -> None:
-        self._submit({"kind": "artifacts", "dir": str(Path(directory).resolve()), "artifact_path": artifact_path})
+    def staged(self, directory: Location) -> Path:
+        """A local directory MLflow can upload: the export itself, or a copy of a remote one kept with the run's
+        other staged files until it has been sent."""
+        if directory.is_local:
+            return directory.local_path.resolve()
+        copy = self.files / "exports" / directory.name
+        if not copy.is_dir():
+            directory.download(copy)
+        return copy.resolve()
+
+    def log_artifacts(self, directory: Location, artifact_path: str) -> None:
+        self._submit({"kind": "artifacts", "dir": str(self.staged(directory)), "artifact_path": artifact_path})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._submit({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
@@ -360,9 +371,9 @@ class MlflowLogger:
         """`dataset`: name, digest, source, schema (MLflow schema JSON), profile (JSON-able), context."""
         self._submit({"kind": "dataset", **dataset})
 
-    def log_model(self, export_dir: Path, register_as: str) -> None:
+    def log_model(self, export_dir: Location, register_as: str) -> None:
         """The export as the run's pyfunc model (serving/pyfunc.py), registered as `register_as` if given."""
-        self._submit({"kind": "model", "export": str(Path(export_dir).resolve()), "register_as": register_as})
+        self._submit({"kind": "model", "export": str(self.staged(export_dir)), "register_as": register_as})
 
     def finish(self, status: str = "FINISHED") -> str | None:
         """Flushes what is queued (waiting at most tracking.flush_timeout_s) and closes the run. Returns

@@ -17,7 +17,6 @@ import platform
 import random
 import sys
 import time
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -29,9 +28,10 @@ from config import JobConfig, dump, flatten, to_dict
 from data.schema import Metadata
 from serving.format import RECALL_K
 from serving.runs import EXPORT_ARTIFACT
+from storage import Location, location
 from trainer import distributed, run_info
 from trainer.build import JobData, ShardedModel, build_data, build_model, check_runtime
-from trainer.checkpoint import BEST_MODEL, BestWeights, CheckpointManager, read_state, resume_point
+from trainer.checkpoint import BestWeights, CheckpointManager, read_state, resume_point
 from trainer.evaluate import evaluate, popularity_scorer
 from trainer.export import export
 from trainer.state import LoopState
@@ -147,7 +147,7 @@ class Trainer:
         self.checkpoints, self.best = checkpoints, best
         self.throughput: list[float] = []
 
-    def fit(self, resume: Path | None = None) -> dict:
+    def fit(self, resume: Location | None = None) -> dict:
         state = self.start(resume)
         for epoch in range(state.epoch, self.cfg.train.epochs):
             if state.stopped:
@@ -164,7 +164,7 @@ class Trainer:
             self.checkpoints.save(self.model.stateful(), state)
         return self.finalize(state)
 
-    def start(self, resume: Path | None) -> LoopState:
+    def start(self, resume: Location | None) -> LoopState:
         """A fresh loop state, or the one of the checkpoint to resume (model and optimizers restored)."""
         if self.env.is_main:
             print(self.model.plan_text)
@@ -268,7 +268,7 @@ class Trainer:
             summary["popularity_valid"] = self.evaluate("valid", popularity)
             summary["popularity_test"] = self.evaluate("test", popularity)
         if self.env.is_main and cfg.export.enabled:
-            if self.best.directory is not None:
+            if self.best.current() is not None:
                 summary["export"] = self.export(state.run_id)
             else:
                 log.warning("export skipped: a multi-node job keeps the best model under checkpoint.dir, on storage "
@@ -293,8 +293,8 @@ class Trainer:
 
     def export(self, run_id: str | None) -> dict:
         """Rank 0: the selected epoch's model -> <export.dir>/<run id>, logged to MLflow under `export/`."""
-        out = Path(self.cfg.export.dir) / (run_id or time.strftime("untracked-%Y%m%d-%H%M%S"))
-        manifest = export(self.best.directory, out, self.cfg, run_id=run_id)
+        out = location(self.cfg.export.dir) / (run_id or time.strftime("untracked-%Y%m%d-%H%M%S"))
+        manifest = export(self.best.current(), out, self.cfg, run_id=run_id)
         recall = manifest.index[f"recall@{RECALL_K}"]
         print(f"exported the epoch-{manifest.source['state']['epoch']} model to {out} "
               f"({self.cfg.export.index} index recall@{RECALL_K} against exact search: {recall:.4f})")
@@ -321,7 +321,7 @@ def build(cfg: JobConfig, env: distributed.Env, logger: MetricsLogger | None = N
     config_text = dump(cfg)
     data_checksum = {"checksum": meta.source.get("checksum"), "train_examples": meta.counts["train_examples"]}
     checkpoints = CheckpointManager(cfg.checkpoint, config_text, env.world_size, data_checksum)
-    best = BestWeights(Path(cfg.checkpoint.dir) / BEST_MODEL if cfg.checkpoint.dir else None, config_text,
+    best = BestWeights(location(cfg.checkpoint.dir) if cfg.checkpoint.dir else None, config_text,
                        on_one_machine=env.world_size <= int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
     return Trainer(cfg, env, data, model, logger or NullLogger(), checkpoints, best)
 
@@ -329,7 +329,7 @@ def build(cfg: JobConfig, env: distributed.Env, logger: MetricsLogger | None = N
 def train(cfg: JobConfig, config_path: str | None = None) -> dict:
     """The whole job; `config_path` names the run (and its source tag) after the config file."""
     env = distributed.init(cfg.train.device, cfg.train.collective_timeout_s)
-    resume = resume_point(Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None)
+    resume = resume_point(location(cfg.checkpoint.dir) if cfg.checkpoint.dir else None)
     run_id = read_state(resume)["loop"]["run_id"] if resume else None
     logger = NullLogger()
     if cfg.tracking.enabled and env.is_main:

@@ -1,210 +1,166 @@
-"""Validation every reader shares: files, encodings, and id, time and rating columns.
+"""Validation every reader shares, on Arrow arrays as they stream: ids, times, ratings and text tokens.
 
-Every failure is a `DataError` naming the file, the column, the line (text files) or row (Parquet)
-and the offending value. Nothing is coerced silently: a token that is not what the column promises
-stops prepare rather than becoming a wrong id, a NaN rating or a garbage timestamp.
+Every failure is a `DataError` naming the file, the column, the line (text files) or row (Parquet) and the
+offending value. Nothing is coerced silently: a token that is not what the column promises stops prepare
+rather than becoming a wrong id, a NaN rating or a garbage timestamp.
 """
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
 from data.errors import DataError
 
-PARQUET_SUFFIXES = (".parquet", ".pq")
 INT64_DIGITS = 18  # every 18-digit integer fits int64; longer ones may not
 
 
-def require_file(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(path, None, "an existing file", "no such file")
-    if not path.is_file():
-        raise DataError(path, None, "a file", "a directory" if path.is_dir() else "not a regular file")
-    if path.stat().st_size == 0:
-        raise DataError(path, None, "at least one row", "an empty file")
-    return path
+@dataclass(frozen=True)
+class Where:
+    """Where a batch sits in its file: row `offset` is its first row; `first_line` is the line of data row 0 in
+    a text file (2 under a CSV header), None for Parquet (rows are counted)."""
+
+    path: str
+    first_line: int | None
+    offset: int = 0
+
+    def at(self, row: int) -> str:
+        row += self.offset
+        return f"row {row + 1}" if self.first_line is None else f"line {row + self.first_line}"
+
+    def shifted(self, rows: int) -> "Where":
+        return Where(self.path, self.first_line, self.offset + rows)
 
 
-def position(row: int, first_line: int | None) -> str:
-    """How a user finds data row `row` (0-based): a line of a text file, or a row of a Parquet file."""
-    return f"row {row + 1}" if first_line is None else f"line {row + first_line}"
+def first(mask: pa.Array) -> int:
+    return int(np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool))[0])
 
 
-def read_delimited(path: Path, sep: str, names: list[str], encoding: str = "latin-1") -> pd.DataFrame:
-    """A headerless MovieLens-style file as strings. '::' is rewritten to a tab so pandas' fast C
-    parser applies; errors still name the file's own separator and the line."""
-    raw = require_file(path).read_bytes()
-    parse_sep = sep
-    if len(sep) > 1:
-        raw, parse_sep = raw.replace(sep.encode(), b"\t"), "\t"
-    expected = f"{len(names)} '{sep}'-separated fields per line ({', '.join(names)})"
-    try:
-        frame = pd.read_csv(io.BytesIO(raw), sep=parse_sep, header=None, names=names, encoding=encoding,
-                            dtype=str, keep_default_na=False, quoting=3)
-    except pd.errors.ParserError as err:
-        found = str(err).strip().replace("C error: ", "")
-        raise DataError(path, None, expected, found) from err
-    except UnicodeDecodeError as err:
-        raise DataError(path, None, f"text in {encoding}", str(err)) from err
-    if frame.empty:
-        raise DataError(path, None, "at least one row", "no rows")
-    short = frame[names[-1]].isna().to_numpy()
-    if short.any():
-        line = int(np.flatnonzero(short)[0]) + 1
-        count = len(names) - int(frame.iloc[line - 1].isna().sum())
-        raise DataError(path, None, expected, f"{count} on line {line}")
-    return frame
+def combined(array: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
 
 
-def first_bad_integer(text: pd.Series, signed: bool = False) -> int | None:
-    """Index of the first token that is not a decimal integer within int64 (non-negative unless `signed`)."""
-    pattern = (r"-?\d{1,%d}" if signed else r"\d{1,%d}") % INT64_DIGITS
-    ok = text.str.fullmatch(pattern).to_numpy(dtype=bool)
-    return None if ok.all() else int(np.flatnonzero(~ok)[0])
+def check_no_nulls(array: pa.Array, where: Where, column: str) -> None:
+    if array.null_count:
+        raise DataError(where.path, column, "no nulls", f"a null on {where.at(first(array.is_null()))}")
 
 
 def describe_token(token: str) -> str:
-    token = str(token)
-    return f"{token!r} (beyond int64)" if token.lstrip("-").isdigit() else repr(token)
+    digits = token.strip().lstrip("-")
+    if digits.isdigit() and len(digits) > INT64_DIGITS:
+        return f"{token!r} (beyond int64)"
+    return repr(token)
 
 
-def integer_tokens(tokens: pd.Series, path: Path, column: str, first_line: int | None,
-                   what: str = "non-negative integer ids") -> np.ndarray:
-    """Strict decimal integers -> int64 (signed unless `what` is about ids); names the first bad token."""
-    text = tokens.astype(str).str.strip()
-    bad = first_bad_integer(text, signed="ids" not in what)
-    if bad is not None:
-        raise DataError(path, column, what, f"{describe_token(text.iloc[bad])} on {position(bad, first_line)}")
-    return text.to_numpy().astype(np.int64)
+def integer_tokens(tokens: pa.Array, where: Where, column: str, what: str = "non-negative integer ids") -> pa.Array:
+    """Strict decimal integers -> int64 (negative ones only when `what` is not about ids); names the first bad
+    token."""
+    tokens = combined(tokens)
+    check_no_nulls(tokens, where, column)
+    signed = "ids" not in what
+    pattern = r"^\s*%s\d{1,%d}\s*$" % ("-?" if signed else "", INT64_DIGITS)
+    ok = pc.match_substring_regex(tokens, pattern)
+    if not pc.all(ok).as_py():
+        row = first(pc.invert(ok))
+        token = tokens[row].as_py()
+        found = f"{describe_token(token)} on {where.at(row)}"
+        if not signed and token.strip().startswith("-") and token.strip()[1:].isdigit():
+            found = f"{token!r} (negative) on {where.at(row)}"
+        raise DataError(where.path, column, what, found)
+    return pc.cast(pc.utf8_trim_whitespace(tokens), pa.int64())
 
 
-def star_ratings(tokens: pd.Series, path: Path, column: str, first_line: int | None) -> np.ndarray:
-    """MovieLens ratings: numbers on the 0.5-5 star scale in half stars."""
-    values = pd.to_numeric(tokens, errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(values) | (values < 0.5) | (values > 5.0) | (values * 2 != np.round(values * 2))
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise DataError(path, column, "ratings from 0.5 to 5 stars in half stars",
-                        f"{tokens.iloc[row]!r} on {position(row, first_line)}")
-    return values
-
-
-def is_parquet(path: Path) -> bool:
-    return path.suffix.lower() in PARQUET_SUFFIXES
-
-
-def read_table(path: str | Path, columns: list[str] | None = None, encoding: str = "utf-8",
-               string_columns: list[str] = ()) -> pa.Table:
-    """CSV or Parquet as Arrow. CSV id columns are read as text (`string_columns`), so an id longer
-    than int64 stays exact; undecodable text names the encoding flag to use."""
-    path = require_file(path)
-    parquet = is_parquet(path)
-    try:
-        if parquet:
-            table = pq.read_table(path)
-        else:
-            table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(encoding=encoding),
-                                   convert_options=pacsv.ConvertOptions(
-                                       column_types={c: pa.string() for c in string_columns}))
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError, LookupError) as err:
-        message = str(err).splitlines()[0]
-        if "UTF8" in message or "utf-8" in message.lower() or "codec" in message:
-            raise DataError(path, None, f"text in the {encoding} encoding (pass --encoding latin-1, or the "
-                                        f"file's own encoding)", message) from err
-        kind = "Parquet" if parquet else "CSV"
-        raise DataError(path, None, f"a valid {kind} file", message) from err
-    if table.num_rows == 0:
-        raise DataError(path, None, "at least one row", "no rows")
-    for name in table.column_names:
-        if pa.types.is_binary(table.column(name).type) and not parquet:
-            raise DataError(path, name, f"text in the {encoding} encoding (pass --encoding latin-1, or the "
-                                        f"file's own encoding)", "bytes that do not decode")
-    for column in columns or []:
-        if column not in table.column_names:
-            raise DataError(path, column, "a column with this name (set it with the matching --*-col flag)",
-                            f"columns {table.column_names}")
-    return table
-
-
-def first_line_of(path: Path) -> int | None:
-    """The line of data row 0: 2 under a CSV header; None for Parquet (rows are counted)."""
-    return None if is_parquet(path) else 2
-
-
-def check_no_nulls(array: pa.ChunkedArray, path: Path, column: str) -> None:
-    if array.null_count:
-        row = int(np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))[0])
-        raise DataError(path, column, "no nulls",
-                        f"{array.null_count} nulls, the first on {position(row, first_line_of(path))}")
-
-
-def id_column(table: pa.Table, column: str, path: Path, integer: bool = False) -> pd.Series:
-    """Ids as strings. Integers, or text unless `integer` (MovieLens); floats are never ids, since
-    one beyond 2**53 or with decimals cannot be exact."""
-    array = table.column(column)
-    check_no_nulls(array, path, column)
-    first_line = first_line_of(path)
-    if pa.types.is_integer(array.type):
+def id_column(array: pa.Array, where: Where, column: str, target: pa.DataType, integer: bool = False) -> pa.Array:
+    """Raw ids of one batch in the source's id type (`target`: int64 or string). Integer columns must be
+    non-negative; text ids must be non-empty (and decimal integers when `integer`, as MovieLens defines them);
+    floats are never ids, since one beyond 2**53 or with decimals cannot be exact."""
+    array = combined(array)
+    check_no_nulls(array, where, column)
+    kind = array.type
+    if pa.types.is_integer(kind):
         values = array.to_numpy()
         if np.any(values < 0):
             row = int(np.flatnonzero(values < 0)[0])
-            raise DataError(path, column, "non-negative ids", f"{int(values[row])} on {position(row, first_line)}")
-        return pd.Series(values).astype(str)
-    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
-        tokens = pd.Series(array.to_pandas())
+            raise DataError(where.path, column, "non-negative ids", f"{int(values[row])} on {where.at(row)}")
+        if pa.types.is_uint64(kind) and np.any(values > np.iinfo(np.int64).max):
+            row = int(np.flatnonzero(values > np.iinfo(np.int64).max)[0])
+            raise DataError(where.path, column, "ids below 2**63", f"{int(values[row])} on {where.at(row)}")
+        ids = pc.cast(array, pa.int64())
+    elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        array = pc.cast(array, pa.string())
         if integer:
-            return pd.Series(integer_tokens(tokens, path, column, first_line)).astype(str)
-        return tokens.astype(str)
-    if pa.types.is_floating(array.type):
-        values = array.to_numpy()
+            ids = integer_tokens(array, where, column)
+        else:
+            empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(array)), 0)
+            if pc.any(empty).as_py():
+                raise DataError(where.path, column, "non-empty ids", f"an empty id on {where.at(first(empty))}")
+            ids = array
+    elif pa.types.is_floating(kind):
+        values = array.to_numpy(zero_copy_only=False)
         bad = ~np.isfinite(values) | (values != np.floor(values)) | (np.abs(values) >= 2.0**53)
         row = int(np.flatnonzero(bad)[0]) if bad.any() else 0
-        raise DataError(path, column, "integer or string ids",
-                        f"{values[row].item()!r} on {position(row, first_line)} (a float column: store ids as integers "
-                        f"or strings)")
-    raise DataError(path, column, "integer or string ids", f"type {array.type}")
+        raise DataError(where.path, column, "integer or string ids",
+                        f"{values[row].item()!r} on {where.at(row)} (a float column: store ids as integers or strings)")
+    else:
+        raise DataError(where.path, column, "integer or string ids", f"type {kind}")
+    if ids.type != target:
+        if pa.types.is_string(target):
+            return pc.cast(ids, pa.string())
+        raise DataError(where.path, column, "integer ids, like the source's first part", f"type {kind}")
+    return ids
 
 
-def time_column(table: pa.Table, column: str, path: Path) -> np.ndarray:
-    """Event times as int64 (seconds for timestamps and dates). Fractional numbers are truncated;
-    events tied after truncation keep their order in the file."""
-    array = table.column(column)
-    check_no_nulls(array, path, column)
-    if pa.types.is_timestamp(array.type) or pa.types.is_date(array.type):
-        return array.cast(pa.timestamp("s")).cast(pa.int64()).to_numpy()
-    if pa.types.is_integer(array.type):
-        return array.to_numpy().astype(np.int64)
-    if pa.types.is_floating(array.type):
-        values = array.to_numpy()
+def time_column(array: pa.Array, where: Where, column: str) -> pa.Array:
+    """Event times as int64 (seconds for timestamps and dates). Fractional numbers are truncated; events tied
+    after truncation keep their order in the file."""
+    array = combined(array)
+    check_no_nulls(array, where, column)
+    kind = array.type
+    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
+        return pc.cast(pc.cast(array, pa.timestamp("s")), pa.int64())
+    if pa.types.is_integer(kind):
+        return pc.cast(array, pa.int64())
+    if pa.types.is_floating(kind):
+        values = array.to_numpy(zero_copy_only=False)
         bad = ~np.isfinite(values) | (np.abs(values) >= 2.0**62)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            where = position(row, first_line_of(path))
-            raise DataError(path, column, "finite times", f"{values[row].item()!r} on {where}")
-        return values.astype(np.int64)
-    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
-        return integer_tokens(pd.Series(array.to_pandas()), path, column, first_line_of(path),
-                              "a numeric or timestamp column (integers)")
-    raise DataError(path, column, "a numeric or timestamp column", f"type {array.type}")
+            raise DataError(where.path, column, "finite times", f"{values[row].item()!r} on {where.at(row)}")
+        return pa.array(values.astype(np.int64), pa.int64())
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return integer_tokens(pc.cast(array, pa.string()), where, column, "a numeric or timestamp column (integers)")
+    raise DataError(where.path, column, "a numeric or timestamp column", f"type {kind}")
 
 
-def numeric_column(table: pa.Table, column: str, path: Path) -> np.ndarray:
+def numeric_column(array: pa.Array, where: Where, column: str) -> pa.Array:
     """Ratings of a generic table: any finite numbers (the --min-*-rating thresholds give them meaning)."""
-    array = table.column(column)
+    array = combined(array)
     if not (pa.types.is_integer(array.type) or pa.types.is_floating(array.type)):
-        raise DataError(path, column, "numbers", f"type {array.type}")
-    check_no_nulls(array, path, column)
-    values = array.to_numpy().astype(np.float64)
+        raise DataError(where.path, column, "numbers", f"type {array.type}")
+    check_no_nulls(array, where, column)
+    values = array.to_numpy(zero_copy_only=False).astype(np.float64)
     if not np.isfinite(values).all():
         row = int(np.flatnonzero(~np.isfinite(values))[0])
-        where = position(row, first_line_of(path))
-        raise DataError(path, column, "finite numbers", f"{values[row].item()!r} on {where}")
-    return values
+        raise DataError(where.path, column, "finite numbers", f"{values[row].item()!r} on {where.at(row)}")
+    return pa.array(values, pa.float64())
+
+
+def star_ratings(tokens: pa.Array, where: Where, column: str) -> pa.Array:
+    """MovieLens ratings: numbers on the 0.5-5 star scale in half stars."""
+    tokens = combined(tokens)
+    if pa.types.is_string(tokens.type) or pa.types.is_large_string(tokens.type):
+        text = pc.utf8_trim_whitespace(pc.fill_null(tokens, ""))
+        numeric = pc.match_substring_regex(text, r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+        values = pc.cast(pc.if_else(numeric, text, "nan"), pa.float64()).to_numpy(zero_copy_only=False)
+    else:
+        values = pc.cast(pc.fill_null(pc.cast(tokens, pa.float64()), float("nan")), pa.float64()).to_numpy(
+            zero_copy_only=False)
+    bad = ~np.isfinite(values) | (values < 0.5) | (values > 5.0) | (values * 2 != np.round(values * 2))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(where.path, column, "ratings from 0.5 to 5 stars in half stars",
+                        f"{str(tokens[row].as_py())!r} on {where.at(row)}")
+    return pa.array(values, pa.float64())

@@ -1,0 +1,141 @@
+"""What plan.py asks of an engine, and the Parquet writer both engines share.
+
+An engine runs the plan's SQL: it loads the raw events (streamed through the part readers), materialises
+intermediate tables (spilling to disk, or cached on executors), returns small results to the plan, and
+writes result rows into the prepared layout. Both engines write with `PartWriter`, so their files have the
+same schema, row groups and bytes for the same rows.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data.prepare.dialect import Dialect
+from data.sources.raw import RawSource
+from storage import Location
+from storage.commit import Staging
+
+ROW_GROUP_ROWS = 16_384
+ROWS_PER_FILE = 262_144
+INTERNAL = "_"  # columns whose name starts with this order and bucket rows; they are not written
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where a query's rows go: one file, or `files` parts `name/part-NNNNN.parquet` chosen by the query's
+    `_bucket` column. `order` (total) orders the rows of each file."""
+
+    name: str
+    order: tuple[str, ...]
+    files: int = 1
+
+    @property
+    def parts(self) -> bool:
+        return self.files > 1 or not self.name.endswith(".parquet")
+
+    def file(self, bucket: int) -> str:
+        return f"{self.name}/part-{bucket:05d}.parquet" if self.parts else self.name
+
+
+def canonical_type(kind: pa.DataType) -> pa.DataType:
+    """One Arrow type per column whichever engine produced it: int64, float64, string, list<int64>."""
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return pa.list_(canonical_type(kind.value_type))
+    if pa.types.is_integer(kind):
+        return pa.int64()
+    if pa.types.is_floating(kind):
+        return pa.float64()
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return pa.string()
+    return kind
+
+
+def output_schema(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([pa.field(f.name, canonical_type(f.type)) for f in schema if not f.name.startswith(INTERNAL)])
+
+
+class PartWriter:
+    """One Parquet file of the prepared layout, written through storage with exactly ROW_GROUP_ROWS rows per row
+    group whatever batch sizes arrive; size and SHA-256 are known when it is closed."""
+
+    def __init__(self, target: Location, name: str):
+        self.target, self.name = target, name
+        self.out, self.writer, self.schema = None, None, None
+        self.pending: list[pa.RecordBatch] = []
+        self.buffered = self.rows = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if self.schema is None:
+            self.schema = output_schema(batch.schema)
+            self.out = self.target.open_output()
+            self.writer = pq.ParquetWriter(self.out, self.schema, compression="zstd")
+        batch = pa.RecordBatch.from_arrays([batch.column(n).cast(f.type) for n, f in
+                                            zip(self.schema.names, self.schema)], schema=self.schema)
+        self.pending.append(batch)
+        self.buffered += batch.num_rows
+        while self.buffered >= ROW_GROUP_ROWS:
+            self.flush(ROW_GROUP_ROWS)
+
+    def flush(self, rows: int) -> None:
+        table = pa.Table.from_batches(self.pending, schema=self.schema)
+        with self.target.errors("write it as Parquet"):
+            self.writer.write_table(table.slice(0, rows), row_group_size=rows)
+        rest = table.slice(rows)
+        self.pending, self.buffered = rest.to_batches(), rest.num_rows
+        self.rows += rows
+
+    def close(self, schema: pa.Schema | None = None) -> tuple[str, int, str, int]:
+        """(name, size, SHA-256, rows). A writer that saw no rows writes an empty file of `schema`."""
+        if self.schema is None:
+            self.schema = output_schema(schema)
+            self.out = self.target.open_output()
+            self.writer = pq.ParquetWriter(self.out, self.schema, compression="zstd")
+        if self.buffered:
+            self.flush(self.buffered)
+        with self.target.errors("write it as Parquet"):
+            self.writer.close()
+        self.out.close()
+        return self.name, self.out.size, self.out.sha256, self.rows
+
+
+class Engine(ABC):
+    """Runs the plan's SQL (see the module docstring)."""
+
+    dialect: Dialect
+
+    @abstractmethod
+    def load_events(self, source: RawSource) -> None:
+        """The source's events as table `raw_events` (the canonical event schema)."""
+
+    @abstractmethod
+    def load_arrow(self, name: str, table: pa.Table) -> None:
+        """A small table from this process (side tables, id lists) under `name`."""
+
+    @abstractmethod
+    def create(self, name: str, sql: str) -> None:
+        """Materialises the query as table `name` (replacing one of that name)."""
+
+    @abstractmethod
+    def drop(self, *names: str) -> None:
+        """Frees tables the plan no longer needs."""
+
+    @abstractmethod
+    def rows(self, sql: str) -> list[tuple]:
+        """A small result."""
+
+    @abstractmethod
+    def write(self, sql: str, output: Output, staging: Staging) -> list[str]:
+        """Writes the query's rows (see `Output`) into the staging location, records each file in `staging`,
+        and returns the names written."""
+
+    @abstractmethod
+    def checksums(self, uris: list[str]) -> list[dict]:
+        """{"path", "sha256"} of each source file, computed where the engine reads."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Releases what the engine holds (temporary files, sessions it started)."""

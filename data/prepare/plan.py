@@ -1,0 +1,421 @@
+"""The preparation logic, expressed once as SQL that both engines run (dialect.py spells the differences):
+
+    raw events -> duplicates dropped -> user/item minimums (iterated) -> dense ids -> positions per user
+    -> split (leave-one-out or time) -> training rows with their history, training sequences, evaluation
+    queries, catalogue with training counts, users, id maps -> metadata.json
+
+Dense ids are 1..n in the order of the raw ids as text (0 is padding); a user's events are ordered by time,
+then by their place in the source. Every order is total and the training rows' shuffle is a hash of (user,
+position, seed) that both engines compute alike, so the two engines write the same files for the same input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from data import schema
+from data.errors import DataError
+from data.prepare.engine import ROWS_PER_FILE, Engine, Output
+from data.sources.raw import PART_BITS, RawSource, coverage_warning
+from data.splits import LEAVE_ONE_OUT, MIN_EVENTS_LEAVE_ONE_OUT, SplitConfig, filters_in_force
+from storage.commit import Staging
+
+CONTEXT_SPECS = [schema.FeatureSpec("c_hour", 25, False), schema.FeatureSpec("c_dow", 8, False)]
+# What serving is sent for them (`recommend --user-features c_hour=14,c_dow=Sat`): raw value i has id i + 1.
+CONTEXT_VOCABS = {"c_hour": [str(h) for h in range(24)], "c_dow": ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]}
+STEPS = ("load", "filter", "split", "catalogue", "train", "sequences", "eval", "metadata")
+
+
+def parts_needed(rows: int) -> int:
+    return max(1, math.ceil(rows / ROWS_PER_FILE))
+
+
+class Plan:
+    """One preparation: `run()` writes the prepared layout into `staging` and returns its metadata."""
+
+    def __init__(self, engine: Engine, source: RawSource, cfg: SplitConfig, seed: int, staging: Staging,
+                 source_info: dict):
+        self.engine, self.d, self.source, self.cfg, self.seed = engine, engine.dialect, source, cfg, seed
+        self.staging, self.info = staging, source_info
+        self.origin = source.origin.get("user", "input").rsplit(":", 1)[0]
+        self.counts: dict[str, int] = {}
+        self.warnings: list[str] = []
+        self.files: dict[str, list[str]] = {}
+
+    # SQL fragments
+
+    def rating_ok(self, minimum: float | None) -> str:
+        return "TRUE" if minimum is None else f"(rating IS NULL OR rating >= {float(minimum)!r})"
+
+    def day_seconds(self, ts: str) -> str:
+        return f"((({ts}) % 86400 + 86400) % 86400)"
+
+    def context(self, ts: str) -> dict[str, str]:
+        """Hour of day and day of week of a time (1-based; 0 is the pad id), as CONTEXT_VOCABS name them."""
+        seconds = self.day_seconds(ts)
+        day = self.d.idiv(f"(({ts}) - {seconds})", "86400")
+        return {"c_hour": f"{self.d.idiv(seconds, '3600')} + 1", "c_dow": f"(({day} + 3) % 7 + 7) % 7 + 1"}
+
+    def train_condition(self) -> str:
+        positive = self.rating_ok(self.cfg.min_positive_rating)
+        if self.cfg.protocol == LEAVE_ONE_OUT:
+            return f"(pos >= 1 AND pos <= n - 3 AND {positive})"
+        return f"(ts < {self.valid_start} AND pos >= 1 AND {positive})"
+
+    def scalar(self, sql: str):
+        return self.engine.rows(sql)[0][0]
+
+    # steps
+
+    def run(self) -> schema.Metadata:
+        with tqdm(total=len(STEPS), desc="prepare", unit="step") as bar:
+            for step in STEPS:
+                bar.set_postfix_str(step, refresh=False)
+                getattr(self, f"step_{step}")()
+                bar.update()
+        return self.metadata
+
+    def step_load(self) -> None:
+        e = self.engine
+        e.load_events(self.source)
+        self.counts["raw_events"] = self.scalar("SELECT count(*) FROM raw_events")
+        if self.counts["raw_events"] == 0:
+            raise DataError(self.origin, None, "at least one row", "no rows")
+        if any(p.reader == "sequences" for p in self.source.parts):
+            self.check_one_line_per_user()
+        for coverage in self.source.coverage:
+            self.warnings.append(self.coverage(coverage))
+        self.warnings = [w for w in self.warnings if w]
+
+    def check_one_line_per_user(self) -> None:
+        """A user on two lines of different parts (the reader catches two lines of one part itself)."""
+        twice = self.engine.rows(f"SELECT {self.d.text('user')}, min(src), max(src) FROM raw_events WHERE ts = 0 "
+                                 f"GROUP BY user HAVING count(*) > 1 ORDER BY 1 LIMIT 1")
+        if twice:
+            user, lo, hi = twice[0]
+            parts = {p.index: p.uri for p in self.source.parts}
+            raise DataError(parts[lo >> PART_BITS], "user", "one line per user (the order of a user's events would "
+                                                            "be undefined)",
+                            f"user '{user}' also in {parts[hi >> PART_BITS]}")
+
+    def coverage(self, coverage) -> str | None:
+        if coverage.keys is None:
+            return coverage_warning(coverage, [], 0)
+        column = coverage.kind
+        self.engine.load_arrow("coverage_keys", pa.table({"key": coverage.keys.cast(pa.string())}))
+        missing = (f"SELECT DISTINCT {self.d.text(column)} AS k FROM raw_events e WHERE NOT EXISTS "
+                   f"(SELECT 1 FROM coverage_keys c WHERE c.key = {self.d.text('e.' + column)})")
+        count = self.scalar(f"SELECT count(*) FROM ({missing}) m")
+        examples = [r[0] for r in self.engine.rows(f"SELECT k FROM ({missing}) m ORDER BY length(k), k LIMIT 5")]
+        self.engine.drop("coverage_keys")
+        return coverage_warning(coverage, examples, count)
+
+    def step_filter(self) -> None:
+        e, cfg = self.engine, self.cfg
+        e.create("dedup", "SELECT user, item, ts, min_by(rating, src) AS rating, min(src) AS src FROM raw_events "
+                          "GROUP BY user, item, ts")
+        e.drop("raw_events")
+        self.counts["dedup"] = self.scalar("SELECT count(*) FROM dedup")
+        current, size = "dedup", self.counts["dedup"]
+        for round_ in itertools.count():
+            conditions = []
+            if cfg.min_user_events > 1:
+                conditions.append(f"user IN (SELECT user FROM {current} GROUP BY user "
+                                  f"HAVING count(*) >= {cfg.min_user_events})")
+            if cfg.min_item_events > 1:
+                conditions.append(f"item IN (SELECT item FROM {current} GROUP BY item "
+                                  f"HAVING count(*) >= {cfg.min_item_events})")
+            if not conditions:
+                break
+            name = f"kept_{round_}"
+            e.create(name, f"SELECT * FROM {current} WHERE {' AND '.join(conditions)}")
+            if current != "dedup":
+                e.drop(current)
+            current, previous = name, size
+            size = self.scalar(f"SELECT count(*) FROM {current}")
+            # With one minimum only, removing events never lowers a survivor's count: one round is the fixpoint.
+            if size == previous or len(conditions) == 1:
+                break
+        self.kept = current
+        if size == 0:
+            most_user = self.scalar("SELECT max(c) FROM (SELECT count(*) AS c FROM dedup GROUP BY user) t")
+            most_item = self.scalar("SELECT max(c) FROM (SELECT count(*) AS c FROM dedup GROUP BY item) t")
+            raise DataError(self.origin, None, f"events left after the filters ({filters_in_force(cfg)}; user and "
+                                               f"item minimums are applied together until both hold)",
+                            f"none: the most active user has {most_user} events and the most consumed item "
+                            f"{most_item}")
+        stats = e.rows(f"SELECT (SELECT count(DISTINCT user) FROM dedup), (SELECT count(DISTINCT item) FROM dedup), "
+                       f"(SELECT count(DISTINCT user) FROM {current}), (SELECT count(DISTINCT item) FROM {current})")[0]
+        self.counts.update(events=size, users_before=stats[0], items_before=stats[1], users=stats[2], items=stats[3])
+        d = self.d
+        for kind in ("user", "item"):
+            e.create(f"{kind}_vocab", f"SELECT {kind} AS key, {d.text(kind)} AS raw, row_number() OVER "
+                                      f"(ORDER BY {d.text(kind)}) AS id FROM (SELECT DISTINCT {kind} FROM {current}) v")
+        e.create("events", f"SELECT u.id AS user, i.id AS item, k.ts, k.rating, k.src, "
+                           f"row_number() OVER (PARTITION BY u.id ORDER BY k.ts, k.src) - 1 AS pos, "
+                           f"count(*) OVER (PARTITION BY u.id) AS n "
+                           f"FROM {current} k JOIN user_vocab u ON k.user = u.key JOIN item_vocab i ON k.item = i.key")
+        e.drop(*(["dedup"] if current == "dedup" else ["dedup", current]))
+
+    def step_split(self) -> None:
+        e, cfg = self.engine, self.cfg
+        if cfg.protocol == LEAVE_ONE_OUT:
+            short = e.rows(f"SELECT count(DISTINCT user), min(user) FROM events WHERE n < {MIN_EVENTS_LEAVE_ONE_OUT}")
+            if short[0][0]:
+                user = short[0][1]
+                raw, count = e.rows(f"SELECT v.raw, (SELECT min(n) FROM events WHERE user = {user}) FROM user_vocab v "
+                                    f"WHERE v.id = {user}")[0]
+                path, column = self.source.origin["user"].rsplit(":", 1)
+                raise DataError(path, column, f"at least {MIN_EVENTS_LEAVE_ONE_OUT} events per user for leave-one-out "
+                                              f"(history, validation, test); raise --min-user-events to drop such "
+                                              f"users",
+                                f"{short[0][0]} users with fewer, e.g. user '{raw}' with {count}")
+            relevant = self.rating_ok(cfg.min_relevant_rating)
+            for split, offset in (("valid", 2), ("test", 1)):
+                e.create(f"q_{split}", f"SELECT user, pos AS cutoff, ts AS context_ts, item AS target FROM events "
+                                       f"WHERE pos = n - {offset} AND {relevant}")
+                self.counts[f"{split}_dropped_users"] = self.scalar(
+                    f"SELECT count(*) FROM events WHERE pos = n - {offset} AND NOT {relevant}")
+        else:
+            if not self.source.has_time:
+                raise DataError(self.origin, None, "event times for --protocol time",
+                                "positions only (a sequence file has no clock): use --protocol leave_one_out")
+            n = self.counts["events"]
+            self.valid_start = self.quantile(n, 1 - cfg.valid_fraction - cfg.test_fraction)
+            self.test_start = self.quantile(n, 1 - cfg.test_fraction)
+            self.time_queries("valid", self.valid_start, self.test_start)
+            self.time_queries("test", self.test_start, None)
+        e.create("train_targets", f"SELECT user, pos, item FROM events WHERE {self.train_condition()}")
+        self.counts["train_examples"] = self.scalar("SELECT count(*) FROM train_targets")
+        for split in ("valid", "test"):
+            self.counts[f"{split}_rows"] = self.scalar(f"SELECT count(DISTINCT user) FROM q_{split}")
+        self.check_splits()
+        self.repeats = {split: self.repeat_summary(split) for split in ("valid", "test")}
+
+    def quantile(self, n: int, q: float) -> int:
+        """numpy's quantile(ts, q, method="lower"): the k-th smallest time, k = floor((n - 1) q), from a histogram
+        of times (no global sort of the events)."""
+        k = int(np.floor((n - 1) * q))
+        return int(self.scalar(f"SELECT min(ts) FROM (SELECT ts, sum(c) OVER (ORDER BY ts ROWS BETWEEN UNBOUNDED "
+                                f"PRECEDING AND CURRENT ROW) AS cum FROM (SELECT ts, count(*) AS c FROM events "
+                                f"GROUP BY ts) h) t WHERE cum > {k}"))
+
+    def time_queries(self, split: str, lo: int, hi: int | None) -> None:
+        """A query per user with a relevant event in [lo, hi): their history before their first event at or after
+        `lo`, their relevant items in the window as targets (items never seen before the validation window are
+        cold and left out, unless kept)."""
+        cfg, e = self.cfg, self.engine
+        window = f"ts >= {lo}" + (f" AND ts < {hi}" if hi is not None else "")
+        cold = "" if cfg.keep_cold_items else \
+            f" AND item IN (SELECT DISTINCT item FROM events WHERE ts < {self.valid_start})"
+        history = "" if cfg.keep_cold_users else " WHERE f.cutoff > 0"
+        e.create(f"q_{split}",
+                 f"SELECT DISTINCT c.user, f.cutoff, x.ts AS context_ts, c.item AS target "
+                 f"FROM (SELECT user, item FROM events WHERE {window} AND {self.rating_ok(cfg.min_relevant_rating)}"
+                 f"{cold}) c "
+                 f"JOIN (SELECT user, min(pos) AS cutoff FROM events WHERE ts >= {lo} GROUP BY user) f "
+                 f"ON c.user = f.user JOIN events x ON x.user = f.user AND x.pos = f.cutoff{history}")
+        active = self.scalar(f"SELECT count(DISTINCT user) FROM events WHERE {window}")
+        self.counts[f"{split}_dropped_users"] = active - self.scalar(f"SELECT count(DISTINCT user) FROM q_{split}")
+
+    def check_splits(self) -> None:
+        """Every split must hold something; otherwise name the split and the filters that emptied it."""
+        cfg = self.cfg
+        most = self.scalar("SELECT max(n) FROM events")
+        hints = {
+            "training": (f"leave-one-out trains on each user's events after the first and before the last two, so "
+                         f"users need at least 4 events (the most active has {most})"
+                         if cfg.protocol == LEAVE_ONE_OUT else
+                         "the time split trains on events before the validation cutoff that follow the user's first"),
+            "validation": ("no user's second-last event passed --min-relevant-rating" if cfg.protocol == LEAVE_ONE_OUT
+                           else "no user with history had a relevant event in the validation window"),
+            "test": ("no user's last event passed --min-relevant-rating" if cfg.protocol == LEAVE_ONE_OUT
+                     else "no user with history had a relevant event in the test window"),
+        }
+        sizes = {"training": self.counts["train_examples"], "validation": self.counts["valid_rows"],
+                 "test": self.counts["test_rows"]}
+        for name, size in sizes.items():
+            if size == 0:
+                raise DataError(self.origin, None, f"a non-empty {name} split",
+                                f"none: {hints[name]}; filters in force: {filters_in_force(cfg)}")
+
+    def repeat_summary(self, split: str) -> dict:
+        """How many targets the user had consumed before the query, and how many queries have nothing else."""
+        reps = (f"SELECT q.user, CASE WHEN f.first_pos < q.cutoff THEN 1 ELSE 0 END AS rep FROM q_{split} q "
+                f"LEFT JOIN (SELECT e.user, e.item, min(e.pos) AS first_pos FROM events e JOIN q_{split} t "
+                f"ON e.user = t.user AND e.item = t.target GROUP BY e.user, e.item) f "
+                f"ON q.user = f.user AND q.target = f.item")
+        targets, repeat = self.engine.rows(f"SELECT count(*), coalesce(sum(rep), 0) FROM ({reps}) r")[0]
+        all_repeat = self.scalar(f"SELECT count(*) FROM (SELECT user, min(rep) AS r FROM ({reps}) x GROUP BY user) y "
+                                 f"WHERE r = 1")
+        return {"queries": self.counts[f"{split}_rows"], "targets": int(targets), "repeat_targets": int(repeat),
+                "repeat_share": float(repeat / targets) if targets else 0.0, "queries_all_repeat": int(all_repeat)}
+
+    def step_catalogue(self) -> None:
+        """Items (raw id, title, training count, features), users (raw id, features), and the id maps."""
+        e = self.engine
+        e.load_arrow("item_feature_rows", self.source.item_features)
+        e.load_arrow("user_feature_rows", self.source.user_features)
+        e.load_arrow("titles", self.source.titles)
+        self.item_specs, item_columns = self.encode("item")
+        self.user_specs, user_columns = self.encode("user")
+        e.create("freq", "SELECT item, count(*) AS freq FROM train_targets GROUP BY item")
+        joins = " ".join(f"LEFT JOIN fv_item_{n} ON fv_item_{n}.id = v.id" for n, _ in item_columns)
+        e.create("item_table",
+                 f"SELECT v.id AS item, v.raw AS raw_id, coalesce(t.title, '') AS title, coalesce(f.freq, 0) AS freq"
+                 f"{''.join(f', {sql}' for _, sql in item_columns)} FROM item_vocab v "
+                 f"LEFT JOIN (SELECT item, min(title) AS title FROM titles GROUP BY item) t ON t.item = v.raw "
+                 f"LEFT JOIN freq f ON f.item = v.id {joins}")
+        joins = " ".join(f"LEFT JOIN fv_user_{n} ON fv_user_{n}.id = v.id" for n, _ in user_columns)
+        e.create("user_table", f"SELECT v.id AS user, v.raw AS raw_id{''.join(f', {sql}' for _, sql in user_columns)} "
+                               f"FROM user_vocab v {joins}")
+        self.write("SELECT * FROM item_table", Output(schema.ITEMS_FILE, ("item",)))
+        self.write("SELECT * FROM user_table", Output(schema.USERS_FILE, ("user",)))
+        maps = schema.ID_MAPS_DIR
+        for kind in ("item", "user"):
+            self.write(f"SELECT raw, id FROM {kind}_vocab", Output(f"{maps}/{kind}.parquet", ("id",)))
+        for spec in self.item_specs + self.user_specs:
+            kind = "item" if spec in self.item_specs else "user"
+            self.write(f"SELECT value AS raw, vid AS id FROM values_{kind} WHERE feature = '{spec.name}'",
+                       Output(f"{maps}/{spec.name}.parquet", ("id",)))
+        for name, vocab in CONTEXT_VOCABS.items():
+            self.staging.write_parquet(f"{maps}/{name}.parquet", pa.table({
+                "raw": pa.array(vocab, pa.string()), "id": pa.array(np.arange(1, len(vocab) + 1), pa.int64())}))
+
+    def encode(self, kind: str) -> tuple[list[schema.FeatureSpec], list[tuple[str, str]]]:
+        """Per feature of `kind`: dense value ids (1..m in the order of the values' text, over the entities that
+        survived the filters), each entity's value ids (a sorted list for multi-valued features; the smallest
+        for a scalar one, 0 when it has none), and the spec (vocabulary size, mean values per entity)."""
+        e, d = self.engine, self.d
+        e.create(f"known_{kind}", f"SELECT v.id, f.feature, f.value FROM {kind}_feature_rows f JOIN {kind}_vocab v "
+                                  f"ON f.key = v.raw")
+        e.create(f"values_{kind}", f"SELECT feature, value, row_number() OVER (PARTITION BY feature ORDER BY value) "
+                                   f"AS vid FROM (SELECT DISTINCT feature, value FROM known_{kind}) v")
+        e.create(f"pairs_{kind}", f"SELECT DISTINCT k.id, k.feature, x.vid FROM known_{kind} k JOIN values_{kind} x "
+                                  f"ON k.feature = x.feature AND k.value = x.value")
+        entities = self.counts["items" if kind == "item" else "users"]
+        specs, columns = [], []
+        stats = e.rows(f"SELECT feature, max(vid) FROM values_{kind} GROUP BY feature ORDER BY feature")
+        for name, size in stats:
+            multi = name in self.source.multi_valued
+            if multi:
+                e.create(f"fv_{kind}_{name}", f"SELECT id, {d.ordered_list('vid', 'vid')} AS {name} FROM pairs_{kind} "
+                                              f"WHERE feature = '{name}' GROUP BY id")
+                column = f"coalesce(fv_{kind}_{name}.{name}, {d.empty_list()}) AS {name}"
+                total = self.scalar(f"SELECT count(*) FROM pairs_{kind} WHERE feature = '{name}'")
+            else:
+                e.create(f"fv_{kind}_{name}", f"SELECT id, min(vid) AS {name} FROM pairs_{kind} "
+                                              f"WHERE feature = '{name}' GROUP BY id")
+                column = f"coalesce(fv_{kind}_{name}.{name}, 0) AS {name}"
+                total = self.scalar(f"SELECT count(*) FROM fv_{kind}_{name}")
+            specs.append(schema.FeatureSpec(name, int(size) + 1, multi, float(total / entities) if entities else 0.0))
+            columns.append((name, column))
+        return specs, columns
+
+    def user_columns(self, alias: str = "u") -> str:
+        return "".join(f", {alias}.{spec.name}" for spec in self.user_specs)
+
+    def context_columns(self, ts: str) -> str:
+        if not self.source.has_time:
+            return ""
+        return "".join(f", {sql} AS {name}" for name, sql in self.context(ts).items())
+
+    def step_train(self) -> None:
+        """One row per training target: its history (the user's previous max_history items, newest last), user
+        and context features; shuffled over files and within each by a hash of (user, position, seed)."""
+        d, h = self.d, self.cfg.max_history
+        history = (f"coalesce({d.window_list('item')} OVER (PARTITION BY user ORDER BY pos ROWS BETWEEN {h} "
+                   f"PRECEDING AND 1 PRECEDING), {d.empty_list()})")
+        files = parts_needed(self.counts["train_examples"])
+        sql = (f"SELECT e.user, e.history{self.user_columns()}{self.context_columns('e.ts')}, e.item AS target, e.ts, "
+               f"{d.mix('e.user', 'e.pos', self.seed)} % {files} AS _bucket, {d.mix('e.user', 'e.pos', self.seed + 1)} "
+               f"AS _order, e.pos AS _pos "
+               f"FROM (SELECT user, item, ts, pos, {self.train_condition()} AS is_train, {history} AS history "
+               f"FROM events) e JOIN user_table u ON u.user = e.user WHERE e.is_train")
+        self.files[schema.TRAIN_DIR] = self.write(sql, Output(schema.TRAIN_DIR, ("_order", "user", "_pos"), files))
+
+    def step_sequences(self) -> None:
+        """One row per user with a training target: their events up to the last one, and which are targets."""
+        d, condition = self.d, self.train_condition()
+        lists = [f"{d.ordered_list('item', 'pos')} AS {schema.SEQUENCE_ITEMS}",
+                 f"{d.ordered_list(f'CASE WHEN {condition} THEN item ELSE 0 END', 'pos')} AS {schema.SEQUENCE_TARGETS}"]
+        if self.source.has_time:
+            lists += [f"{d.ordered_list(sql, 'pos')} AS {name}" for name, sql in self.context("ts").items()]
+        rows = (f"SELECT e.user, {', '.join(lists)} FROM (SELECT x.* FROM events x JOIN (SELECT user, max(pos) AS "
+                f"last_pos FROM train_targets GROUP BY user) l ON x.user = l.user AND x.pos <= l.last_pos) e "
+                f"GROUP BY e.user")
+        users = self.scalar("SELECT count(DISTINCT user) FROM train_targets")
+        files = parts_needed(users)
+        context = "".join(f", s.{name}" for name in CONTEXT_VOCABS) if self.source.has_time else ""
+        sql = (f"SELECT s.user, s.{schema.SEQUENCE_ITEMS}, s.{schema.SEQUENCE_TARGETS}{self.user_columns()}{context}, "
+               f"{self.range_bucket('s.user', files)} AS _bucket FROM ({rows}) s JOIN user_table u ON u.user = s.user")
+        self.files[schema.SEQUENCES_DIR] = self.write(sql, Output(schema.SEQUENCES_DIR, ("user",), files))
+        self.mean_sequence_length = float(self.scalar(
+            "SELECT avg(last_pos + 1) FROM (SELECT user, max(pos) AS last_pos FROM train_targets GROUP BY user) t")
+            or 0.0)
+        self.mean_history_length = float(self.scalar(
+            f"SELECT avg(least(pos, {self.cfg.max_history})) FROM train_targets") or 0.0)
+
+    def range_bucket(self, user: str, files: int) -> str:
+        """Parts hold contiguous user ranges, so reading them in order reads users in order."""
+        return self.d.idiv(f"({user} - 1) * {files}", str(max(self.counts["users"], 1)))
+
+    def step_eval(self) -> None:
+        """One row per validation or test query: the history (last max_history items before the cutoff), user
+        and context features, every item seen before the cutoff (for filtering) and the relevant targets."""
+        d, h = self.d, self.cfg.max_history
+        for split, directory in (("valid", schema.VALID_DIR), ("test", schema.TEST_DIR)):
+            targets = (f"SELECT user, cutoff, context_ts, {d.ordered_list('target', 'target')} AS targets "
+                       f"FROM q_{split} GROUP BY user, cutoff, context_ts")
+            seen = (f"SELECT q.user, {d.ordered_list('e.item', 'e.pos')} AS seen FROM (SELECT DISTINCT user, cutoff "
+                    f"FROM q_{split}) q JOIN events e ON e.user = q.user AND e.pos < q.cutoff GROUP BY q.user")
+            files = parts_needed(self.counts[f"{split}_rows"])
+            all_seen = f"coalesce(s.seen, {d.empty_list()})"
+            sql = (f"SELECT t.user, {d.tail(all_seen, h)} AS {schema.HISTORY}{self.user_columns()}"
+                   f"{self.context_columns('t.context_ts')}, {all_seen} AS {schema.SEEN}, "
+                   f"t.targets AS {schema.TARGETS}, "
+                   f"{self.range_bucket('t.user', files)} AS _bucket "
+                   f"FROM ({targets}) t LEFT JOIN ({seen}) s ON s.user = t.user JOIN user_table u ON u.user = t.user")
+            self.files[directory] = self.write(sql, Output(directory, ("user",), files))
+
+    def write(self, sql: str, output: Output) -> list[str]:
+        return self.engine.write(sql, output, self.staging)
+
+    def step_metadata(self) -> None:
+        c, cfg = self.counts, self.cfg
+        if self.source.events is not None:
+            params = json.dumps({self.source.kind: self.source.params}, sort_keys=True)
+            checksum, files = hashlib.sha256(params.encode()).hexdigest(), []
+        else:
+            files = self.engine.checksums(self.source.files)
+            combined = hashlib.sha256()
+            for entry in files:
+                combined.update(bytes.fromhex(entry["sha256"]))
+            checksum = combined.hexdigest()
+        split = asdict(cfg)
+        self.metadata = schema.Metadata(
+            schema_version=schema.SCHEMA_VERSION,
+            source={**self.info, **self.source.params, "checksum": checksum, "files": files},
+            split={"protocol": cfg.protocol, "valid_fraction": cfg.valid_fraction, "test_fraction": cfg.test_fraction,
+                   "keep_cold_users": cfg.keep_cold_users, "keep_cold_items": cfg.keep_cold_items, "seed": self.seed},
+            filters={k: split[k] for k in ("min_user_events", "min_item_events", "min_positive_rating",
+                                           "min_relevant_rating")},
+            max_history=cfg.max_history, num_users=c["users"], num_items=c["items"],
+            counts={"events": c["events"], "duplicate_rows": c["raw_events"] - c["dedup"],
+                    "dropped_events": c["dedup"] - c["events"], "dropped_users": c["users_before"] - c["users"],
+                    "dropped_items": c["items_before"] - c["items"], "train_examples": c["train_examples"],
+                    "valid_rows": c["valid_rows"], "test_rows": c["test_rows"],
+                    "valid_dropped_users": c["valid_dropped_users"], "test_dropped_users": c["test_dropped_users"]},
+            repeats=self.repeats, item_features=self.item_specs, user_features=self.user_specs,
+            context_features=list(CONTEXT_SPECS) if self.source.has_time else [],
+            mean_history_length=self.mean_history_length, mean_sequence_length=self.mean_sequence_length,
+            files=self.files)
+        self.staging.write_text(schema.METADATA_FILE, self.metadata.to_json())

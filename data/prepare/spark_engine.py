@@ -1,0 +1,222 @@
+"""Apache Spark, for logs that outgrow one machine: the same plan, run by Spark SQL on a cluster (`--master
+spark://...`, `yarn`, `k8s://...`) or `local[*]`, or by `spark-submit` of `python -m data.prepare`.
+
+Spark reads and writes through the project's own storage layer, inside its Python tasks: raw parts are read
+by the part readers (one task per part) and every output file is written by `PartWriter` from the task that
+holds its rows. So a store needs no Hadoop connector (no `s3a://` jars): executors reach it with `pyarrow.fs`
+and the standard environment (`AWS_*`, `GOOGLE_*`), which must be set on them too. Executors need this
+project and its Python requirements; a non-local master is sent the project's packages with `addPyFile`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+
+from data.errors import DataError
+from data.prepare.dialect import SPARK
+from data.prepare.engine import INTERNAL, Engine, Output, PartWriter
+from data.sources.raw import RawSource
+from storage import StorageError, location
+from storage.commit import Staging
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ("config", "data", "storage")  # the packages executors import
+ERROR_MARK = "two-tower-error:"  # an executor's one-line error, found again in Spark's exception text
+WRITTEN = "name string, size long, sha256 string, rows long"
+
+
+def spark_type(kind: pa.DataType) -> str:
+    return "bigint" if pa.types.is_integer(kind) else "string"
+
+
+def one_line(err: Exception) -> RuntimeError:
+    """An executor-side error that Spark passes back as text: marked, so the driver can name it in one line."""
+    return RuntimeError(f"{ERROR_MARK}{type(err).__name__}:{err}")
+
+
+def read_parts(parts: list) -> Callable:
+    """The mapInArrow function that reads the parts whose indices arrive in its input."""
+    from data.sources.parts import read_part
+
+    by_index = {p.index: p for p in parts}
+
+    def read(batches):
+        for batch in batches:
+            for index in batch.column(0).to_pylist():
+                try:
+                    yield from read_part(by_index[index])
+                except (DataError, StorageError) as err:
+                    raise one_line(err) from None
+
+    return read
+
+
+def write_parts(staging_uri: str, output: Output) -> Callable:
+    """The mapInArrow function that writes its partition's rows, which arrive sorted by (bucket, order), into one
+    file per bucket, and returns (name, size, sha256, rows) of each."""
+
+    def write(batches):
+        staging = location(staging_uri)
+        writer, current = None, None
+        try:
+            for batch in batches:
+                buckets = batch.column("_bucket").to_numpy() if output.parts and output.files > 1 else None
+                start = 0
+                while start < batch.num_rows:
+                    bucket = int(buckets[start]) if buckets is not None else 0
+                    stop = start + 1
+                    if buckets is not None:
+                        while stop < batch.num_rows and buckets[stop] == bucket:
+                            stop += 1
+                    else:
+                        stop = batch.num_rows
+                    if bucket != current:
+                        if writer is not None:
+                            yield result(writer.close())
+                        name = output.file(bucket)
+                        writer, current = PartWriter(staging / name, name), bucket
+                    writer.write(batch.slice(start, stop - start))
+                    start = stop
+            if writer is not None:
+                yield result(writer.close())
+        except (DataError, StorageError) as err:
+            raise one_line(err) from None
+
+    return write
+
+
+def result(entry: tuple) -> pa.RecordBatch:
+    name, size, sha256, rows = entry
+    return pa.RecordBatch.from_pydict({"name": [name], "size": [size], "sha256": [sha256], "rows": [rows]})
+
+
+def hash_file(uri: str) -> tuple[str, str]:
+    return uri, location(uri).sha256()[1]
+
+
+def project_zip(directory: str) -> str:
+    path = os.path.join(directory, "two_tower_packages.zip")
+    with zipfile.ZipFile(path, "w") as archive:
+        for package in SHIPPED:
+            for file in (ROOT / package).rglob("*.py"):
+                archive.write(file, file.relative_to(ROOT))
+    return path
+
+
+class SparkEngine(Engine):
+    dialect = SPARK
+
+    def __init__(self, master: str = "local[*]", conf: dict[str, str] | None = None):
+        from pyspark.sql import SparkSession
+
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+        active = SparkSession.getActiveSession()
+        builder = SparkSession.builder.appName("two-tower prepare")
+        if active is None and master:
+            builder = builder.master(master)
+        settings = {"spark.ui.showConsoleProgress": "false", "spark.sql.execution.arrow.pyspark.enabled": "true",
+                    "spark.sql.session.timeZone": "UTC", **(conf or {})}
+        for key, value in settings.items():
+            builder = builder.config(key, value)
+        self.started = active is None
+        self.spark = builder.getOrCreate()
+        self.spark.sparkContext.setLogLevel("ERROR")
+        self.tmp = tempfile.mkdtemp(prefix="two-tower-spark-")
+        if not self.spark.sparkContext.master.startswith("local"):
+            self.spark.sparkContext.addPyFile(project_zip(self.tmp))
+        self.cached: dict[str, object] = {}
+
+    def run(self, action):
+        """Runs a Spark action; an executor's DataError or StorageError comes back as the same one-line error."""
+        try:
+            return action()
+        except Exception as err:  # noqa: BLE001 - Py4J and PySpark wrap executor failures in several types
+            found = re.search(re.escape(ERROR_MARK) + r"(\w+):(.*)", str(err))
+            if not found:
+                raise
+            kind, message = found.group(1), found.group(2).strip()
+            if kind in ("StorageError", "MissingError", "CommitError"):
+                uri, _, problem = message.partition(": ")
+                raise StorageError(uri, problem) from None
+            raise DataError.verbatim(message) from None
+
+    def load_events(self, source: RawSource) -> None:
+        ddl = f"user {spark_type(source.user_type)}, item {spark_type(source.item_type)}, ts bigint, rating double, " \
+              f"src bigint"
+        if source.events is not None:
+            frame = self.spark.createDataFrame(source.events)
+        else:
+            indices = self.spark.createDataFrame([(p.index,) for p in source.parts], "part int")
+            indices = indices.repartition(max(1, len(source.parts)))
+            frame = indices.mapInArrow(read_parts(source.parts), ddl)
+        self.materialise("raw_events", frame)
+
+    def materialise(self, name: str, frame) -> None:
+        """Computed once and kept on the executors (memory, then disk), with its lineage cut."""
+        frame = self.run(lambda: frame.localCheckpoint(eager=True))
+        frame.createOrReplaceTempView(name)
+        self.cached[name] = frame
+
+    def load_arrow(self, name: str, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            schema = ", ".join(f"{f.name} {'bigint' if pa.types.is_integer(f.type) else 'string'}"
+                               for f in table.schema)
+            frame = self.spark.createDataFrame([], schema)
+        else:
+            frame = self.spark.createDataFrame(table)
+        frame.createOrReplaceTempView(name)
+
+    def create(self, name: str, sql: str) -> None:
+        self.materialise(name, self.spark.sql(sql))
+
+    def drop(self, *names: str) -> None:
+        for name in names:
+            frame = self.cached.pop(name, None)
+            if frame is not None:
+                frame.unpersist()
+            self.spark.catalog.dropTempView(name)
+
+    def rows(self, sql: str) -> list[tuple]:
+        return [tuple(row) for row in self.run(lambda: self.spark.sql(sql).collect())]
+
+    def write(self, sql: str, output: Output, staging: Staging) -> list[str]:
+        frame = self.spark.sql(sql)
+        if output.files > 1:
+            frame = frame.repartition(output.files, "_bucket").sortWithinPartitions("_bucket", *output.order)
+        else:
+            frame = frame.repartition(1).sortWithinPartitions(*output.order)
+        entries = self.run(lambda: frame.mapInArrow(write_parts(staging.location.uri, output), WRITTEN).collect())
+        if not entries and output.files == 1:
+            names = [c for c in frame.columns if not c.startswith(INTERNAL)]
+            arrow_schema = frame.select(*names).limit(0).toArrow().schema
+            entries = [dict(zip(("name", "size", "sha256", "rows"), PartWriter(staging / output.file(0),
+                                                                              output.file(0)).close(arrow_schema)))]
+        written = []
+        for entry in sorted(entries, key=lambda e: e["name"]):
+            staging.record(entry["name"], entry["size"], entry["sha256"])
+            written.append(entry["name"])
+        return written
+
+    def checksums(self, uris: list[str]) -> list[dict]:
+        if not uris:
+            return []
+        pairs = self.run(lambda: self.spark.sparkContext.parallelize(uris, len(uris)).map(hash_file).collect())
+        digests = dict(pairs)
+        return [{"path": uri, "sha256": digests[uri]} for uri in uris]
+
+    def close(self) -> None:
+        for name in list(self.cached):
+            self.drop(name)
+        if self.started:
+            self.spark.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
