@@ -58,9 +58,11 @@ class RowGroupReader:
                 raise DataError(path, None, "an existing Parquet file", "no such file")
             if info.size == 0:
                 raise DataError(path, None, "a Parquet file with at least one row", "an empty file")
-            return cls(path, pq.ParquetFile(path.open_input()))
+            return cls(path, path.parquet_file())
         except StorageError as err:
-            raise DataError(path, None, "a readable Parquet file", err.problem) from None
+            problem = err.problem.removeprefix("cannot read it as Parquet: ")
+            raise DataError(path, None, "a valid Parquet file" if problem != err.problem else "a readable Parquet file",
+                            problem) from None
         except (pa.ArrowInvalid, OSError) as err:
             raise DataError(path, None, "a valid Parquet file", str(err).splitlines()[0]) from None
 

@@ -3,11 +3,16 @@
     torchx run -s local_cwd launch/components.py:train --nnodes 1 --nproc_per_node 2 \\
         --config configs/synthetic.yaml train.epochs=2
     torchx run -s slurm      launch/components.py:train --nnodes 4 --nproc_per_node 8 --gpu 8 ...
-    torchx run -s kubernetes launch/components.py:train --image my/registry/two-tower:tag ...
+    torchx run -s kubernetes launch/components.py:train --image my/registry/two-tower:tag \\
+        --data s3://bucket/prepared/clicks --checkpoint_dir s3://bucket/ckpt/clicks --export_dir s3://bucket/exports
 
 `.torchxconfig` sets `workspace =` (empty), so torchx never tries to build an image from the checkout
 (the kubernetes image is one you built and pushed); pass `--workspace ""` when running from another
-directory. The submitter's MLFLOW_* variables (MLFLOW_TRACKING_URI first) are passed to every node.
+directory. The submitter's MLFLOW_* variables (MLFLOW_TRACKING_URI first) and its object-store settings
+(AWS_*, GOOGLE_*, HADOOP_*: endpoint, region, credentials) are passed to every node. Replicas of an image
+scheduler share no disk, so there `--data`, `--checkpoint_dir` and `--export_dir` must be URIs (s3://, gs://,
+hdfs://); prefer the cluster's workload identity (IRSA, GKE) to keys in the environment, which the job spec
+shows to whoever can read it.
 
 Every node runs torchrun (`python -m launch.run`, which also records a killed worker as the job's
 root cause), which starts nproc_per_node ranks and restarts them up to `max_restarts` times (the
@@ -47,9 +52,49 @@ def mlflow_env() -> Dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
 
 
+STORAGE_PREFIXES = ("AWS_", "GOOGLE_", "HADOOP_")
+STORAGE_KEYS = ("data.path", "checkpoint.dir", "export.dir")  # the config keys that name storage
+
+
+def storage_env(target: Optional[str]) -> Dict[str, str]:
+    """The submitter's object-store settings (endpoint, region, credentials), for every node. A setting that names
+    a file on this machine (AWS_CA_BUNDLE, GOOGLE_APPLICATION_CREDENTIALS, ...) is not sent to the replicas of an
+    image scheduler, where that file does not exist: mount it into the image and pass its path with --env."""
+    found = {k: v for k, v in os.environ.items() if k.startswith(STORAGE_PREFIXES)}
+    if target not in IMAGE_SCHEDULERS:
+        return found
+    paths = sorted(k for k, v in found.items() if v.startswith(("/", "~", "./", "../")))
+    if paths:
+        warnings.warn(f"not passed to the {target} replicas, as they name files on this machine: {', '.join(paths)} "
+                      f"(mount the files into the image and pass --env NAME=<path in the container>)", stacklevel=3)
+    return {k: v for k, v in found.items() if k not in paths}
+
+
+def is_uri(value: str) -> bool:
+    scheme, sep, _ = value.partition("://")
+    return bool(sep) and scheme.lower() not in ("", "file")
+
+
+def storage_overrides(target: Optional[str], overrides: List[str], flags: Dict[str, str]) -> List[str]:
+    """The storage flags as config overrides; on an image scheduler every storage location must be a URI."""
+    given = {key: value for key, value in flags.items() if value}
+    given.update({o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides
+                  if "=" in o and o.split("=", 1)[0] in STORAGE_KEYS and o.split("=", 1)[1]})
+    if target in IMAGE_SCHEDULERS:
+        local = [f"{key}={value}" for key, value in given.items() if not is_uri(value)]
+        if local:
+            raise ValueError(f"the {target} scheduler's replicas share no disk, so data, checkpoints and exports need "
+                             f"URIs every replica reaches (s3://, gs://, hdfs://): got {', '.join(local)}; pass "
+                             f"--data, --checkpoint_dir and --export_dir")
+    return [f"{key}={value}" for key, value in flags.items() if value]
+
+
 def train(
     *overrides: str,
     config: str = "configs/synthetic.yaml",
+    data: str = "",
+    checkpoint_dir: str = "",
+    export_dir: str = "",
     nnodes: int = 1,
     nproc_per_node: int = 1,
     cpu: int = 2,
@@ -68,6 +113,9 @@ def train(
     Args:
         overrides: config overrides for the trainer, section.key=value
         config: YAML job config, relative to the image's working directory
+        data: the prepared dataset (data.path), a URI every node reads (s3://bucket/prepared/x)
+        checkpoint_dir: checkpoint.dir, a URI every node writes and a restarted node finds again
+        export_dir: export.dir, where rank 0 publishes the export (a URI serving reads)
         nnodes: number of nodes (scheduler replicas)
         nproc_per_node: ranks per node (GPUs per node on GPU hosts)
         cpu: CPUs per node
@@ -91,7 +139,9 @@ def train(
     if target in IMAGE_SCHEDULERS and not image:
         raise ValueError(f"the {target} scheduler runs a container image: pass --image <registry>/<image>:<tag> "
                          f"(an image with this project and its requirements installed)")
-    job_env = {**mlflow_env(), **(env or {})}
+    storage = storage_overrides(target, list(overrides), {"data.path": data, "checkpoint.dir": checkpoint_dir,
+                                                          "export.dir": export_dir})
+    job_env = {**mlflow_env(), **storage_env(target), **(env or {})}
     uri = job_env.get("MLFLOW_TRACKING_URI", "")
     if nnodes > 1 and target not in LOCAL_SCHEDULERS and (not uri or uri.startswith(("sqlite:", "file:"))):
         warnings.warn(f"MLFLOW_TRACKING_URI is {uri or 'unset (sqlite:///mlflow.db)'}: on a {nnodes}-node job the run "
@@ -110,7 +160,7 @@ def train(
         python, "-m", "launch.run",  # torchrun that also records a killed worker as the root cause
         "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", macros.app_id,
         "--nnodes", str(nnodes), "--nproc_per_node", str(nproc_per_node), "--max_restarts", str(max_restarts),
-        "-m", "trainer", "--config", config, *overrides,
+        "-m", "trainer", "--config", config, *storage, *overrides,
     ]
     command = " ".join(part if part.startswith("$$") else shlex.quote(part) for part in cmd)
     return specs.AppDef(

@@ -343,15 +343,37 @@ class Location:
             return pq.read_table(self.path, columns=columns, filesystem=self.fs)
 
     def parquet_file(self) -> pq.ParquetFile:
+        """A Parquet file opened for reading its footer and row groups (random access)."""
         with self.errors("read it as Parquet"):
             return pq.ParquetFile(self.fs.open_input_file(self.path))
 
     def write_parquet(self, table: pa.Table, row_group_size: int | None = None) -> tuple[int, str]:
         """One Parquet file (zstd); returns (size, SHA-256)."""
-        with self.open_output() as out:
-            with self.errors("write it as Parquet"):
-                pq.write_table(table, out, row_group_size=row_group_size, compression="zstd")
-        return out.size, out.sha256
+        sink = self.parquet_writer(table.schema)
+        sink.write(table, row_group_size)
+        return sink.close()
+
+    def parquet_writer(self, schema: pa.Schema) -> "ParquetSink":
+        """A Parquet file written table by table (zstd), its size and SHA-256 known when it is closed."""
+        return ParquetSink(self, schema)
+
+
+class ParquetSink:
+    def __init__(self, target: Location, schema: pa.Schema):
+        self.target, self.out = target, target.open_output()
+        with target.errors("write it as Parquet"):
+            self.writer = pq.ParquetWriter(self.out, schema, compression="zstd")
+
+    def write(self, table: pa.Table, row_group_size: int | None = None) -> None:
+        with self.target.errors("write it as Parquet"):
+            self.writer.write_table(table, row_group_size=row_group_size)
+
+    def close(self) -> tuple[int, str]:
+        """(size, SHA-256) of the finished file."""
+        with self.target.errors("write it as Parquet"):
+            self.writer.close()
+        self.out.close()
+        return self.out.size, self.out.sha256
 
 
 class HashingOutput(io.RawIOBase):

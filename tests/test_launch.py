@@ -74,6 +74,40 @@ def test_slurm_dryrun_renders_the_job():
     assert "--nnodes 2 --nproc_per_node 4 --max_restarts 1 -m trainer --config configs/synthetic.yaml" in out
 
 
+STORE = {"AWS_ENDPOINT_URL": "https://minio.internal:9000", "AWS_ACCESS_KEY_ID": "AKIATEST", "AWS_SECRET_ACCESS_KEY":
+         "secret", "AWS_CA_BUNDLE": "/etc/ssl/certs/ca-certificates.crt", "GOOGLE_CLOUD_PROJECT": "recs"}
+URIS = ["--data", "s3://recs/prepared/clicks", "--checkpoint_dir", "s3://recs/ckpt/clicks", "--export_dir",
+        "s3://recs/exports"]
+
+
+@pytest.mark.parametrize("scheduler", ["kubernetes", "slurm"])
+def test_cluster_dryruns_take_uris_and_pass_the_store_settings(scheduler, tmp_path):
+    """Data, checkpoints and exports as URIs every replica reaches; the submitter's store settings (endpoint,
+    credentials) on every node as its MLflow ones are; nothing that names a file of this machine."""
+    image = ["--image", "registry/two-tower:1"] if scheduler == "kubernetes" else []
+    result = torchx("run", "--dryrun", "-s", scheduler, "launch/components.py:train", "--nnodes", "2", *image, *URIS,
+                    env=STORE)
+    out = scheduler_request(result)
+    assert " ".join(out.split()).count("data.path=s3://recs/prepared/clicks checkpoint.dir=s3://recs/ckpt/clicks "
+                                       "export.dir=s3://recs/exports") == 2, "(YAML wraps long lines)"
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "GOOGLE_CLOUD_PROJECT"):
+        assert out.count(name) == 2, name
+    assert str(ROOT) not in out and str(tmp_path) not in out and "prepared/synthetic" not in out
+    if scheduler == "kubernetes":
+        assert "AWS_CA_BUNDLE" not in out and "not passed to the kubernetes replicas" in result.stderr
+    else:  # slurm nodes share the submitter's file system: the bundle path holds there
+        assert out.count("AWS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt") == 2
+
+
+def test_kubernetes_refuses_local_storage_paths():
+    result = torchx("run", "--dryrun", "-s", "kubernetes", "launch/components.py:train", "--image", "r/t:1",
+                    "--data", "prepared/clicks", "checkpoint.dir=/mnt/ckpt")
+    assert result.returncode != 0
+    assert ("the kubernetes scheduler's replicas share no disk, so data, checkpoints and exports need URIs every "
+            "replica reaches (s3://, gs://, hdfs://): got data.path=prepared/clicks, checkpoint.dir=/mnt/ckpt") \
+        in result.stderr
+
+
 def test_local_jobs_declare_the_free_port_they_use(monkeypatch, recwarn):
     """Called as `torchx run -s local_cwd` would: a free port (two local jobs never collide), declared."""
     from launch.components import train

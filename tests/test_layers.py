@@ -125,3 +125,81 @@ def test_a_trainer_process_starts_without_mlflow_matplotlib_or_pandas():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'matplotlib', 'pandas'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# Touching a file system directly: only storage/ does it for data, checkpoints and exports. Each exception here is a
+# local file by design, with the reason.
+FILE_ACCESS = ("open", "Path", "pathlib", "shutil", "os.path", "os.remove", "os.unlink", "os.rename", "os.replace",
+               "os.makedirs", "os.mkdir", "os.listdir", "os.scandir", "os.utime", "glob", "gzip.open",
+               "pq.read_table", "pq.write_table", "pq.read_schema", "pq.read_metadata", "pq.ParquetFile",
+               "pq.ParquetWriter", "pq.ParquetDataset", "pacsv.read_csv", "pacsv.open_csv", "faiss.read_index",
+               "faiss.write_index", "torch.save", "torch.load")
+# A reading call is fine when its first argument is an in-memory buffer or a stream storage opened.
+STREAMS = ("BufferReader", "BytesIO", "open_input", "open_input_stream")
+LOCAL_BY_DESIGN = {  # module: (the names it may use, or "*" for all; why)
+    "config.loading": ("*", "job configs are YAML files of the checkout or the image"),
+    "data.prepare.duckdb_engine": ("*", "DuckDB's spill and partition files: local scratch space, removed at the end"),
+    "data.prepare.spark_engine": ("*", "zips the project's own code for Spark's executors (local scratch)"),
+    "data.sources.files": ({"pacsv.open_csv"}, "parses CSV from a stream storage opened"),
+    "serving.pyfunc": ("*", "the project's code that MLflow packages with the model"),
+    "serving.runs": ("*", "the path of MLflow's local sqlite store"),
+    "trainer.run_info": ("*", "the config file's name and the checkout's git commit"),
+    "trainer.tracking": ("*", "MLflow's outbox, staged artifacts and sqlite lock, local to the tracking rank"),
+    "trainer.distributed": ({"os.utime"}, "torchelastic's error file, a local path torchrun gives each rank"),
+    "launch.run": ("*", "torchelastic's error files, local to each node's agent"),
+    "trainer.export": ({"torch.save"}, "into a bytes buffer that storage writes"),
+}
+
+
+def dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{dotted(node.value)}.{node.attr}"
+    return ""
+
+
+def direct_file_access(path: Path) -> list[tuple[int, str]]:
+    """(line, name) of every call of a FILE_ACCESS name and every import of pathlib, shutil or glob in a module."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+            found += [(node.lineno, n) for n in names if n and n.split(".")[0] in ("pathlib", "shutil", "glob")]
+        elif isinstance(node, ast.Call):
+            name = dotted(node.func)
+            streamed = node.args and isinstance(node.args[0], ast.Call) and \
+                dotted(node.args[0].func).rsplit(".", 1)[-1] in STREAMS
+            if name and not streamed and any(name == f or name.startswith(f + ".") for f in FILE_ACCESS):
+                found.append((node.lineno, name))
+    return sorted(set(found))
+
+
+def file_access_outside_storage(root: Path) -> list[str]:
+    problems = []
+    for name, path in sorted(modules(root).items()):
+        if name.split(".")[0] in ("storage", "bench"):
+            continue
+        allowed, _ = LOCAL_BY_DESIGN.get(name, (set(), ""))
+        problems += [f"{name}:{line}: {use}" for line, use in direct_file_access(path)
+                     if allowed != "*" and use not in allowed]
+    return problems
+
+
+def test_only_storage_opens_data_checkpoint_and_export_paths():
+    """Every data, checkpoint and export path is a URI that storage/ opens (bench/ writes its own local results)."""
+    assert file_access_outside_storage(ROOT) == []
+    assert set(LOCAL_BY_DESIGN) <= set(modules(ROOT)), "every exception names a module that exists"
+
+
+@pytest.mark.parametrize("line", ["import shutil", "from pathlib import Path", "x = open('f')",
+                                  "import pyarrow.parquet as pq\npq.read_table('data/x.parquet')",
+                                  "import torch\ntorch.load('ckpt.pt')"])
+def test_the_file_access_check_catches_a_direct_open(tmp_path, line):
+    for name in ALLOWED:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("")
+    (tmp_path / "data" / "bad.py").write_text(line + "\n")
+    assert [p for p in file_access_outside_storage(tmp_path) if p.startswith("data.bad:")]
+    (tmp_path / "data" / "bad.py").write_text("import io\nimport torch\ntorch.load(io.BytesIO(b''))\n")
+    assert file_access_outside_storage(tmp_path) == [], "a buffer is not a path"

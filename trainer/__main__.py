@@ -12,13 +12,13 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from config import ConfigError, load_config
 from data.errors import DataError
 from sharding.plan import ShardingError
+from storage import StorageError, location
 from trainer.checkpoint import CheckpointError
 from trainer.distributed import DeviceError, WholeErrorFile
 from trainer.evaluate import EvaluationError
@@ -42,14 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML job config (see configs/)")
-    parser.add_argument("--summary", help="write the final metrics as JSON here")
+    parser.add_argument("--summary", help="write the final metrics as JSON here (a local path or a URI)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=3")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
         summary = train(cfg, args.config)
-    except (ConfigError, DataError, DeviceError, ShardingError, TrackingError, CheckpointError) as err:
+    except (ConfigError, DataError, DeviceError, ShardingError, TrackingError, CheckpointError, StorageError) as err:
         return fail(err, 2)
     except EvaluationError as err:
         return fail(err, 1, "evaluation failed: ")
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
     if args.summary:
-        Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
+        location(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
     if summary.get("tracking_outbox"):
         outbox = summary["tracking_outbox"]
         print(f"warning: the MLflow run {summary['run_id']} in {tracking_uri(cfg.tracking)} is incomplete: what "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 import tempfile
 import warnings
 from typing import Protocol
@@ -343,4 +342,4 @@ class BestWeights:
     def cleanup(self) -> None:
         """Rank 0 removes a temporary directory once export has read it."""
         if self.temporary and self.root is not None and dist.get_rank() == 0:
-            shutil.rmtree(self.root.local_path, ignore_errors=True)
+            self.root.remove()

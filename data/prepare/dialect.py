@@ -59,7 +59,8 @@ class Dialect:
     def mix(self, a: str, b: str, seed: int) -> str:
         """A hash of two non-negative integers into [0, 2**31 - 1), identical on both engines: a seeded linear
         start, then xor-shift and multiply rounds modulo a prime."""
-        h = f"((({a}) % {PRIME}) * 48271 + (({b}) % {PRIME}) * 69621 + {seed % PRIME}) % {PRIME}"
+        h = (f"((CAST({a} AS BIGINT) % {PRIME}) * 48271 + (CAST({b} AS BIGINT) % {PRIME}) * 69621 + {seed % PRIME}) "
+             f"% {PRIME}")
         for shift, multiplier in ((15, 1_103_515_245), (13, 2_147_483_629)):
             h = self.xor(h, self.shift_right(h, shift))
             h = f"(({h}) * {multiplier}) % {PRIME}"

@@ -12,7 +12,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from data.prepare.dialect import Dialect
 from data.sources.raw import RawSource
@@ -64,15 +63,14 @@ class PartWriter:
 
     def __init__(self, target: Location, name: str):
         self.target, self.name = target, name
-        self.out, self.writer, self.schema = None, None, None
+        self.sink, self.schema = None, None
         self.pending: list[pa.RecordBatch] = []
         self.buffered = self.rows = 0
 
     def write(self, batch: pa.RecordBatch) -> None:
         if self.schema is None:
             self.schema = output_schema(batch.schema)
-            self.out = self.target.open_output()
-            self.writer = pq.ParquetWriter(self.out, self.schema, compression="zstd")
+            self.sink = self.target.parquet_writer(self.schema)
         batch = pa.RecordBatch.from_arrays([batch.column(n).cast(f.type) for n, f in
                                             zip(self.schema.names, self.schema)], schema=self.schema)
         self.pending.append(batch)
@@ -82,8 +80,7 @@ class PartWriter:
 
     def flush(self, rows: int) -> None:
         table = pa.Table.from_batches(self.pending, schema=self.schema)
-        with self.target.errors("write it as Parquet"):
-            self.writer.write_table(table.slice(0, rows), row_group_size=rows)
+        self.sink.write(table.slice(0, rows), row_group_size=rows)
         rest = table.slice(rows)
         self.pending, self.buffered = rest.to_batches(), rest.num_rows
         self.rows += rows
@@ -92,14 +89,11 @@ class PartWriter:
         """(name, size, SHA-256, rows). A writer that saw no rows writes an empty file of `schema`."""
         if self.schema is None:
             self.schema = output_schema(schema)
-            self.out = self.target.open_output()
-            self.writer = pq.ParquetWriter(self.out, self.schema, compression="zstd")
+            self.sink = self.target.parquet_writer(self.schema)
         if self.buffered:
             self.flush(self.buffered)
-        with self.target.errors("write it as Parquet"):
-            self.writer.close()
-        self.out.close()
-        return self.name, self.out.size, self.out.sha256, self.rows
+        size, sha256 = self.sink.close()
+        return self.name, size, sha256, self.rows
 
 
 class Engine(ABC):

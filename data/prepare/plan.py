@@ -157,11 +157,12 @@ class Plan:
         self.counts.update(events=size, users_before=stats[0], items_before=stats[1], users=stats[2], items=stats[3])
         d = self.d
         for kind in ("user", "item"):
-            e.create(f"{kind}_vocab", f"SELECT {kind} AS key, {d.text(kind)} AS raw, row_number() OVER "
-                                      f"(ORDER BY {d.text(kind)}) AS id FROM (SELECT DISTINCT {kind} FROM {current}) v")
+            e.create(f"{kind}_vocab", f"SELECT {kind} AS key, {d.text(kind)} AS raw, CAST(row_number() OVER "
+                                      f"(ORDER BY {d.text(kind)}) AS BIGINT) AS id FROM (SELECT DISTINCT {kind} "
+                                      f"FROM {current}) v")
         e.create("events", f"SELECT u.id AS user, i.id AS item, k.ts, k.rating, k.src, "
-                           f"row_number() OVER (PARTITION BY u.id ORDER BY k.ts, k.src) - 1 AS pos, "
-                           f"count(*) OVER (PARTITION BY u.id) AS n "
+                           f"CAST(row_number() OVER (PARTITION BY u.id ORDER BY k.ts, k.src) - 1 AS BIGINT) AS pos, "
+                           f"CAST(count(*) OVER (PARTITION BY u.id) AS BIGINT) AS n "
                            f"FROM {current} k JOIN user_vocab u ON k.user = u.key JOIN item_vocab i ON k.item = i.key")
         e.drop(*(["dedup"] if current == "dedup" else ["dedup", current]))
 
@@ -297,8 +298,9 @@ class Plan:
         e, d = self.engine, self.d
         e.create(f"known_{kind}", f"SELECT v.id, f.feature, f.value FROM {kind}_feature_rows f JOIN {kind}_vocab v "
                                   f"ON f.key = v.raw")
-        e.create(f"values_{kind}", f"SELECT feature, value, row_number() OVER (PARTITION BY feature ORDER BY value) "
-                                   f"AS vid FROM (SELECT DISTINCT feature, value FROM known_{kind}) v")
+        e.create(f"values_{kind}", f"SELECT feature, value, CAST(row_number() OVER (PARTITION BY feature ORDER BY "
+                                   f"value) AS BIGINT) AS vid FROM (SELECT DISTINCT feature, value "
+                                   f"FROM known_{kind}) v")
         e.create(f"pairs_{kind}", f"SELECT DISTINCT k.id, k.feature, x.vid FROM known_{kind} k JOIN values_{kind} x "
                                   f"ON k.feature = x.feature AND k.value = x.value")
         entities = self.counts["items" if kind == "item" else "users"]

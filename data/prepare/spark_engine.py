@@ -125,7 +125,10 @@ class SparkEngine(Engine):
         if active is None and master:
             builder = builder.master(master)
         settings = {"spark.ui.showConsoleProgress": "false", "spark.sql.execution.arrow.pyspark.enabled": "true",
-                    "spark.sql.session.timeZone": "UTC", **(conf or {})}
+                    "spark.sql.session.timeZone": "UTC"}
+        if master.startswith("local"):  # Spark's 200 shuffle partitions are for clusters; on one machine they cost
+            settings["spark.sql.shuffle.partitions"] = str(2 * (os.cpu_count() or 1))
+        settings.update(conf or {})
         for key, value in settings.items():
             builder = builder.config(key, value)
         self.started = active is None

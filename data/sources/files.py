@@ -79,11 +79,11 @@ def data_files(uri: str, what: str) -> list[Location]:
 
 def parquet_file(where: Location) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(where.open_input())
+        return where.parquet_file()
     except StorageError as err:
-        raise DataError(where, None, "a readable Parquet file", err.problem) from None
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(where, None, "a valid Parquet file", str(err).splitlines()[0]) from None
+        problem = err.problem.removeprefix("cannot read it as Parquet: ")
+        raise DataError(where, None, "a valid Parquet file" if problem != err.problem else "a readable Parquet file",
+                        problem) from None
 
 
 def row_group_parts(file: pq.ParquetFile) -> list[tuple[tuple[int, ...], int]]:
