@@ -50,7 +50,7 @@ class NaiveDataset(torch.utils.data.Dataset):
     """One dict per example, the way tutorials write it; features of items looked up per item."""
 
     def __init__(self, directory: Path, meta: schema.Metadata):
-        table = pq.read_table([directory / f for f in meta.train_files])
+        table = pq.read_table([directory / f for f in meta.files[schema.TRAIN_DIR]])
         self.columns = {name: table.column(name).to_pylist() for name in table.column_names}
         self.user_features = [f.name for f in meta.user_features + meta.context_features]
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 import warnings
 from pathlib import Path
@@ -19,6 +16,7 @@ from data import schema
 from data.ragged import list_array
 from storage import location
 from storage.commit import Staging, commit, writing
+from tests.s3server import S3Server
 
 ROOT = Path(__file__).resolve().parents[1]
 # A model small enough for multi-process tests on 2 cores. Export is off unless a test turns it on
@@ -170,43 +168,6 @@ def recommend_from_raw_ids(model, row: dict, k: int = 10) -> tuple[list[int], li
     ranked = recommender.recommend([raw_item[i] for i in row["history"]], features, k=k)
     assert not [n for n in recommender.notes if "unknown" in n], recommender.notes
     return [int(model.item_ids[model.row_of_raw[r.raw_id]]) for r in ranked], [r.score for r in ranked]
-
-
-class S3Server:
-    """moto's standalone S3-compatible server in its own process, over HTTP on loopback: the real pyarrow and
-    s3fs clients talk to it as to any S3 endpoint. `env` adds settings (INITIAL_NO_AUTH_ACTION_COUNT turns IAM
-    authentication on)."""
-
-    def __init__(self, workdir: Path, env: dict | None = None):
-        from trainer.distributed import free_port
-
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                        cwd=workdir, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(self.endpoint, timeout=1).close()
-                return
-            except OSError:
-                if self.process.poll() is not None:
-                    break
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"moto's S3 server did not start on {self.endpoint}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-
-    def client(self, key: str = "testing", secret: str = "testing"):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
-                            region_name="us-east-1")
 
 
 def s3_environment(monkeypatch, endpoint: str, key: str = "testing", secret: str = "testing") -> None:

@@ -24,6 +24,7 @@ from data.synthetic import SyntheticConfig, generate
 from storage import location
 from tests.conftest import ROOT, TINY_MODEL
 from tests.test_checkpoint import workers_of
+from tests.test_engines import assert_same_dataset
 from trainer import checkpoint
 
 JOB = TINY_MODEL + ["train.epochs=2", "checkpoint.every_steps=3", "tracking.enabled=false", "export.enabled=true",
@@ -72,10 +73,7 @@ def test_raw_log_to_recommendations_on_s3_equals_the_local_disk(s3, tmp_path):
     embedded = prepare(f"{s3}/raw/clicks", f"{s3}/prepared/clicks")
     assert f"prepared {s3}/prepared/clicks:" in embedded.stdout
     prepare(f"{s3}/raw/clicks", f"{s3}/prepared/clicks-spark", "--engine", "spark", "--master", "local[2]")
-    manifests = [json.loads(location(f"{s3}/prepared/{name}/_manifest.json").read_text())["files"]
-                 for name in ("clicks", "clicks-spark")]
-    assert {k: v for k, v in manifests[0].items() if k != "metadata.json"} == \
-        {k: v for k, v in manifests[1].items() if k != "metadata.json"}, "Spark wrote the same files, byte for byte"
+    assert_same_dataset(f"{s3}/prepared/clicks", f"{s3}/prepared/clicks-spark", ignore=("engine",))
 
     local_raw = tmp_path / "raw"
     location(f"{s3}/raw/clicks").download(local_raw)

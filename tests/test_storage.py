@@ -13,7 +13,8 @@ import pytest
 
 from storage import MANIFEST_FILE, CommitError, MissingError, StorageError, location, require_committed, verify
 from storage.commit import writing
-from tests.conftest import S3Server, s3_environment
+from tests.conftest import s3_environment
+from tests.s3server import S3Server
 
 
 @pytest.fixture(params=["local", "memory", "s3"])

@@ -15,8 +15,10 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
+from data.prepare.builders import Shape, build, user_ranges
 from data.prepare.dialect import DUCKDB
 from data.prepare.engine import Engine, Output, PartWriter
 from data.sources.parts import read_part
@@ -25,7 +27,76 @@ from storage import location
 from storage.commit import Staging
 
 FETCH_ROWS = 16_384
-DEFAULT_MEMORY = "512MB"
+DEFAULT_MEMORY = "384MB"
+SPILL_BYTES = 64 << 20  # rows held in memory before the shuffle writes them to its bucket files
+WRITERS = 2  # Parquet files encoded at once, beside the thread that builds the next
+
+
+def write_table(table: pa.Table, staging: Staging, name: str) -> str | None:
+    """The rows as one file of the layout; None (and no file) when there are none."""
+    if table.num_rows == 0:
+        return None
+    writer = PartWriter(staging / name, name)
+    for batch in table.to_batches(FETCH_ROWS):
+        writer.write(batch)
+    staging.record(*writer.close()[:3])
+    return name
+
+
+class Spill:
+    """Rows routed to local Arrow IPC files by their `_bucket`, buffered up to SPILL_BYTES in memory: the
+    embedded engine's shuffle of the training rows over the parts, with bounded memory."""
+
+    def __init__(self, directory: str, buckets: int):
+        self.directory, self.buckets = directory, buckets
+        shutil.rmtree(directory, ignore_errors=True)
+        os.makedirs(directory)
+        self.buffers: list[list[pa.RecordBatch]] = [[] for _ in range(buckets)]
+        self.writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+        self.buffered = 0
+        self.schema: pa.Schema | None = None
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        if not batch.num_rows:
+            return
+        self.schema = batch.schema
+        buckets = batch.column("_bucket").to_numpy()
+        order = np.argsort(buckets, kind="stable")
+        ordered = batch.take(pa.array(order))
+        bounds = np.searchsorted(buckets[order], np.arange(self.buckets + 1))
+        for bucket in np.flatnonzero(np.diff(bounds)):
+            self.buffers[bucket].append(ordered.slice(bounds[bucket], bounds[bucket + 1] - bounds[bucket]))
+        self.buffered += batch.nbytes
+        if self.buffered > SPILL_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        for bucket, batches in enumerate(self.buffers):
+            if not batches:
+                continue
+            if bucket not in self.writers:
+                self.writers[bucket] = pa.ipc.new_file(os.path.join(self.directory, f"{bucket}.arrow"), self.schema)
+            self.writers[bucket].write_table(pa.Table.from_batches(batches, self.schema))
+            self.buffers[bucket] = []
+        self.buffered = 0
+
+    def table(self, bucket: int) -> pa.Table | None:
+        """The bucket's rows (read whole: a part's worth), or None when it has none."""
+        if self.buffers[bucket] or bucket in self.writers:
+            self.flush()
+        if bucket not in self.writers:
+            return None
+        self.writers.pop(bucket).close()
+        path = os.path.join(self.directory, f"{bucket}.arrow")
+        with pa.memory_map(path) as source:
+            table = pa.ipc.open_file(source).read_all()
+        os.remove(path)
+        return table
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class DuckDBEngine(Engine):
@@ -67,8 +138,9 @@ class DuckDBEngine(Engine):
         self.con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM {name}_arrow")
         self.con.unregister(f"{name}_arrow")
 
-    def create(self, name: str, sql: str) -> None:
-        self.con.execute(f"CREATE OR REPLACE TABLE {name} AS {sql}")
+    def create(self, name: str, sql: str, order: tuple[str, ...] = ()) -> None:
+        ordered = f" ORDER BY {', '.join(order)}" if order else ""
+        self.con.execute(f"CREATE OR REPLACE TABLE {name} AS {sql}{ordered}")
 
     def drop(self, *names: str) -> None:
         for name in names:
@@ -78,30 +150,52 @@ class DuckDBEngine(Engine):
         return self.con.execute(sql).fetchall()
 
     def write(self, sql: str, output: Output, staging: Staging) -> list[str]:
-        order = ", ".join(output.order)
-        if output.files == 1:
-            written = [self.write_file(f"SELECT * FROM ({sql}) q ORDER BY {order}", staging, output.file(0))]
-        else:
-            parts = os.path.join(self.tmp, "parts")
-            shutil.rmtree(parts, ignore_errors=True)
-            self.con.execute(f"COPY ({sql}) TO '{parts}' (FORMAT parquet, PARTITION_BY (_bucket))")
-            written = []
-            for bucket in range(output.files):
-                directory = os.path.join(parts, f"_bucket={bucket}")
-                if os.path.isdir(directory):
-                    query = f"SELECT * FROM read_parquet('{directory}/*.parquet') ORDER BY {order}"
-                    written.append(self.write_file(query, staging, output.file(bucket)))
-                    shutil.rmtree(directory)
-        return written
-
-    def write_file(self, query: str, staging: Staging, name: str) -> str:
-        result = self.con.sql(query)
+        """One file (catalogue-sized: items, users, id maps), streamed in order."""
+        name = output.file(0)
         writer = PartWriter(staging / name, name)
-        reader = result.to_arrow_reader(FETCH_ROWS)
+        reader = self.con.sql(f"SELECT * FROM ({sql}) q ORDER BY {', '.join(output.order)}").to_arrow_reader(
+            FETCH_ROWS)
         for batch in reader:
-            writer.write(batch)
-        staging.record(*writer.close(reader.schema)[:3])
-        return name
+            if batch.num_rows:
+                writer.write(batch)
+        if writer.schema is None:
+            return []
+        staging.record(*writer.close()[:3])
+        return [name]
+
+    def write_built(self, kind: str, shape: Shape, events_sql: str, side_sql: str, output: Output, staging: Staging,
+                    groups: int) -> list[str]:
+        """Group by group: its rows are built, then written by a writer thread (the per-user parts) or routed to the
+        training shuffle's bucket files, while DuckDB reads the next group. At most WRITERS files are written at
+        once (each a part's worth of rows in memory)."""
+        order = [(column, "ascending") for column in output.order]
+        spill = None if output.by_chunk else Spill(os.path.join(self.tmp, "parts"), output.files)
+        with ThreadPoolExecutor(WRITERS) as pool:
+            pending: list = []
+
+            def submit(table: pa.Table, name: str) -> None:
+                if len(pending) >= WRITERS:
+                    pending[-WRITERS].result()
+                pending.append(pool.submit(write_table, table, staging, name))
+
+            for chunk, (lo, hi) in enumerate(user_ranges(shape.users, groups)):
+                where = f"WHERE user BETWEEN {lo} AND {hi}"
+                events = self.con.sql(f"SELECT * FROM ({events_sql}) e {where}").to_arrow_table()
+                side = self.con.sql(f"SELECT * FROM ({side_sql}) s {where}").to_arrow_table()
+                rows = build(kind, shape, events, side)
+                if spill is None:
+                    submit(rows, output.file(chunk))
+                else:
+                    for batch in rows.to_batches(FETCH_ROWS):
+                        spill.add(batch)
+            if spill is not None:
+                for bucket in range(output.files):
+                    table = spill.table(bucket)
+                    if table is not None:
+                        submit(table.sort_by(order), output.file(bucket))
+                spill.close()
+            written = [future.result() for future in pending]
+        return [name for name in written if name]
 
     def checksums(self, uris: list[str]) -> list[dict]:
         with ThreadPoolExecutor(self.threads) as pool:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from data.prepare.builders import Shape
 from data.prepare.dialect import Dialect
 from data.sources.raw import RawSource
 from storage import Location
@@ -26,11 +27,13 @@ INTERNAL = "_"  # columns whose name starts with this order and bucket rows; the
 @dataclass(frozen=True)
 class Output:
     """Where a query's rows go: one file, or `files` parts `name/part-NNNNN.parquet` chosen by the query's
-    `_bucket` column. `order` (total) orders the rows of each file."""
+    `_bucket` column. `order` (total) orders the rows of each file. `by_chunk`: the rows come chunk by chunk of
+    users (builders.py), and chunk c's rows are bucket c's."""
 
     name: str
     order: tuple[str, ...]
     files: int = 1
+    by_chunk: bool = False
 
     @property
     def parts(self) -> bool:
@@ -110,8 +113,9 @@ class Engine(ABC):
         """A small table from this process (side tables, id lists) under `name`."""
 
     @abstractmethod
-    def create(self, name: str, sql: str) -> None:
-        """Materialises the query as table `name` (replacing one of that name)."""
+    def create(self, name: str, sql: str, order: tuple[str, ...] = ()) -> None:
+        """Materialises the query as table `name` (replacing one of that name), stored in `order` where the engine
+        gains from it (the embedded engine skips what a chunk's filter excludes by its zone maps)."""
 
     @abstractmethod
     def drop(self, *names: str) -> None:
@@ -123,8 +127,15 @@ class Engine(ABC):
 
     @abstractmethod
     def write(self, sql: str, output: Output, staging: Staging) -> list[str]:
-        """Writes the query's rows (see `Output`) into the staging location, records each file in `staging`,
-        and returns the names written."""
+        """Writes the query's rows into the staging location (see `Output`), records each file in `staging`, and
+        returns the names written."""
+
+    @abstractmethod
+    def write_built(self, kind: str, shape: Shape, events_sql: str, side_sql: str, output: Output, staging: Staging,
+                    groups: int) -> list[str]:
+        """Writes the rows builders.build(kind) makes from each of `groups` groups of users (builders.user_ranges):
+        the group's events (`events_sql`) and its users' rows (`side_sql`, with a `user` column). For `by_chunk`
+        outputs the groups are the shape's chunks."""
 
     @abstractmethod
     def checksums(self, uris: list[str]) -> list[dict]:

@@ -1,12 +1,15 @@
-"""The preparation logic, expressed once as SQL that both engines run (dialect.py spells the differences):
+"""The preparation logic, expressed once and run by both engines:
 
     raw events -> duplicates dropped -> user/item minimums (iterated) -> dense ids -> positions per user
-    -> split (leave-one-out or time) -> training rows with their history, training sequences, evaluation
-    queries, catalogue with training counts, users, id maps -> metadata.json
+    -> split (leave-one-out or time) -> catalogue with training counts, users, id maps        (SQL, here)
+    -> training rows with their history, training sequences, evaluation queries               (builders.py)
+    -> metadata.json
 
-Dense ids are 1..n in the order of the raw ids as text (0 is padding); a user's events are ordered by time,
-then by their place in the source. Every order is total and the training rows' shuffle is a hash of (user,
-position, seed) that both engines compute alike, so the two engines write the same files for the same input.
+The relational steps are SQL both engines run (dialect.py spells the few differences); the per-user list outputs
+are numpy builders both call on chunks of whole users. Dense ids are 1..n in the order of the raw ids as text
+(0 is padding); a user's events are ordered by time, then by their place in the source. Every order is total
+and the training rows' shuffle is an integer hash of (user, position, seed), so the two engines write the same
+rows for the same input.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tqdm import tqdm
 
 from data import schema
 from data.errors import DataError
+from data.prepare.builders import Shape
 from data.prepare.engine import ROWS_PER_FILE, Engine, Output
 from data.sources.raw import PART_BITS, RawSource, coverage_warning
 from data.splits import LEAVE_ONE_OUT, MIN_EVENTS_LEAVE_ONE_OUT, SplitConfig, filters_in_force
@@ -32,6 +36,10 @@ CONTEXT_SPECS = [schema.FeatureSpec("c_hour", 25, False), schema.FeatureSpec("c_
 # What serving is sent for them (`recommend --user-features c_hour=14,c_dow=Sat`): raw value i has id i + 1.
 CONTEXT_VOCABS = {"c_hour": [str(h) for h in range(24)], "c_dow": ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]}
 STEPS = ("load", "filter", "split", "catalogue", "train", "sequences", "eval", "metadata")
+# Events per chunk of users: what a builder gets at once (data/prepare/builders.py), and about the events behind
+# each part of the sequence and query files.
+CHUNK_EVENTS = 2_000_000
+CHUNK_VALUES = 8_000_000  # history values and rows of training rows built, or held in one part, at once (64 MB)
 
 
 def parts_needed(rows: int) -> int:
@@ -54,15 +62,6 @@ class Plan:
 
     def rating_ok(self, minimum: float | None) -> str:
         return "TRUE" if minimum is None else f"(rating IS NULL OR rating >= {float(minimum)!r})"
-
-    def day_seconds(self, ts: str) -> str:
-        return f"((({ts}) % 86400 + 86400) % 86400)"
-
-    def context(self, ts: str) -> dict[str, str]:
-        """Hour of day and day of week of a time (1-based; 0 is the pad id), as CONTEXT_VOCABS name them."""
-        seconds = self.day_seconds(ts)
-        day = self.d.idiv(f"(({ts}) - {seconds})", "86400")
-        return {"c_hour": f"{self.d.idiv(seconds, '3600')} + 1", "c_dow": f"(({day} + 3) % 7 + 7) % 7 + 1"}
 
     def train_condition(self) -> str:
         positive = self.rating_ok(self.cfg.min_positive_rating)
@@ -124,47 +123,60 @@ class Plan:
                           "GROUP BY user, item, ts")
         e.drop("raw_events")
         self.counts["dedup"] = self.scalar("SELECT count(*) FROM dedup")
-        current, size = "dedup", self.counts["dedup"]
-        for round_ in itertools.count():
-            conditions = []
-            if cfg.min_user_events > 1:
-                conditions.append(f"user IN (SELECT user FROM {current} GROUP BY user "
-                                  f"HAVING count(*) >= {cfg.min_user_events})")
-            if cfg.min_item_events > 1:
-                conditions.append(f"item IN (SELECT item FROM {current} GROUP BY item "
-                                  f"HAVING count(*) >= {cfg.min_item_events})")
-            if not conditions:
-                break
-            name = f"kept_{round_}"
-            e.create(name, f"SELECT * FROM {current} WHERE {' AND '.join(conditions)}")
-            if current != "dedup":
-                e.drop(current)
-            current, previous = name, size
-            size = self.scalar(f"SELECT count(*) FROM {current}")
-            # With one minimum only, removing events never lowers a survivor's count: one round is the fixpoint.
-            if size == previous or len(conditions) == 1:
-                break
-        self.kept = current
+        e.create("user_counts", "SELECT user, count(*) AS c FROM dedup GROUP BY user")
+        self.counts["users_before"], self.counts["items_before"] = e.rows(
+            "SELECT (SELECT count(*) FROM user_counts), (SELECT count(DISTINCT item) FROM dedup)")[0]
+        if cfg.min_item_events <= 1:
+            # One round is the fixpoint: dropping a user's events never lowers another user's count. The users with
+            # enough events are kept with every item they consumed (their vocabulary's join drops the others).
+            current = "dedup"
+            self.vocabulary("user", f"SELECT user FROM user_counts WHERE c >= {cfg.min_user_events}")
+            self.vocabulary("item", "SELECT DISTINCT d.item FROM dedup d JOIN user_vocab u ON d.user = u.key")
+            size = self.scalar(f"SELECT coalesce(sum(c), 0) FROM user_counts WHERE c >= {cfg.min_user_events}")
+        else:
+            current, size = self.iterated_minimums()
+            if size:
+                self.vocabulary("user", f"SELECT DISTINCT user FROM {current}")
+                self.vocabulary("item", f"SELECT DISTINCT item FROM {current}")
         if size == 0:
-            most_user = self.scalar("SELECT max(c) FROM (SELECT count(*) AS c FROM dedup GROUP BY user) t")
+            most_user = self.scalar("SELECT max(c) FROM user_counts")
             most_item = self.scalar("SELECT max(c) FROM (SELECT count(*) AS c FROM dedup GROUP BY item) t")
             raise DataError(self.origin, None, f"events left after the filters ({filters_in_force(cfg)}; user and "
                                                f"item minimums are applied together until both hold)",
                             f"none: the most active user has {most_user} events and the most consumed item "
                             f"{most_item}")
-        stats = e.rows(f"SELECT (SELECT count(DISTINCT user) FROM dedup), (SELECT count(DISTINCT item) FROM dedup), "
-                       f"(SELECT count(DISTINCT user) FROM {current}), (SELECT count(DISTINCT item) FROM {current})")[0]
-        self.counts.update(events=size, users_before=stats[0], items_before=stats[1], users=stats[2], items=stats[3])
-        d = self.d
-        for kind in ("user", "item"):
-            e.create(f"{kind}_vocab", f"SELECT {kind} AS key, {d.text(kind)} AS raw, CAST(row_number() OVER "
-                                      f"(ORDER BY {d.text(kind)}) AS BIGINT) AS id FROM (SELECT DISTINCT {kind} "
-                                      f"FROM {current}) v")
+        self.counts.update(events=size, users=self.scalar("SELECT count(*) FROM user_vocab"),
+                           items=self.scalar("SELECT count(*) FROM item_vocab"))
+        self.chunks = max(1, math.ceil(size / CHUNK_EVENTS))
         e.create("events", f"SELECT u.id AS user, i.id AS item, k.ts, k.rating, k.src, "
                            f"CAST(row_number() OVER (PARTITION BY u.id ORDER BY k.ts, k.src) - 1 AS BIGINT) AS pos, "
                            f"CAST(count(*) OVER (PARTITION BY u.id) AS BIGINT) AS n "
-                           f"FROM {current} k JOIN user_vocab u ON k.user = u.key JOIN item_vocab i ON k.item = i.key")
-        e.drop(*(["dedup"] if current == "dedup" else ["dedup", current]))
+                           f"FROM {current} k JOIN user_vocab u ON k.user = u.key JOIN item_vocab i ON k.item = i.key",
+                 order=("user", "pos"))
+        e.drop(*({"dedup", "user_counts", current}))
+
+    def vocabulary(self, kind: str, keys: str) -> None:
+        """Dense ids 1..n of the raw ids `keys` selects (one column), in the order of their text."""
+        text = self.d.text(kind)
+        self.engine.create(f"{kind}_vocab", f"SELECT {kind} AS key, {text} AS raw, CAST(row_number() OVER (ORDER BY "
+                                            f"{text}) AS BIGINT) AS id FROM ({keys}) v")
+
+    def iterated_minimums(self) -> tuple[str, int]:
+        """User and item minimums applied together until both hold (the k-core): the table of surviving events
+        and their number."""
+        cfg, e = self.cfg, self.engine
+        current, size = "dedup", self.counts["dedup"]
+        for round_ in itertools.count():
+            name = f"kept_{round_}"
+            e.create(name, f"SELECT * FROM {current} WHERE user IN (SELECT user FROM {current} GROUP BY user "
+                           f"HAVING count(*) >= {cfg.min_user_events}) AND item IN (SELECT item FROM {current} "
+                           f"GROUP BY item HAVING count(*) >= {cfg.min_item_events})")
+            if current != "dedup":
+                e.drop(current)
+            current, previous = name, size
+            size = self.scalar(f"SELECT count(*) FROM {current}")
+            if size == previous:
+                return current, size
 
     def step_split(self) -> None:
         e, cfg = self.engine, self.cfg
@@ -325,68 +337,51 @@ class Plan:
     def user_columns(self, alias: str = "u") -> str:
         return "".join(f", {alias}.{spec.name}" for spec in self.user_specs)
 
-    def context_columns(self, ts: str) -> str:
-        if not self.source.has_time:
-            return ""
-        return "".join(f", {sql} AS {name}" for name, sql in self.context(ts).items())
+    def shape(self, train_files: int = 1) -> Shape:
+        return Shape(self.cfg.max_history, self.source.has_time, tuple((s.name, s.multi) for s in self.user_specs),
+                     train_files, self.chunks, self.counts["users"], self.seed)
+
+    def events_sql(self) -> str:
+        """The events the builders read: each with whether it is a training target."""
+        return f"SELECT user, item, ts, pos, {self.train_condition()} AS is_train FROM events"
+
+    def users_sql(self) -> str:
+        return f"SELECT user{self.user_columns('user_table')} FROM user_table"
 
     def step_train(self) -> None:
-        """One row per training target: its history (the user's previous max_history items, newest last), user
-        and context features; shuffled over files and within each by a hash of (user, position, seed)."""
-        d, h = self.d, self.cfg.max_history
-        history = (f"coalesce({d.window_list('item')} OVER (PARTITION BY user ORDER BY pos ROWS BETWEEN {h} "
-                   f"PRECEDING AND 1 PRECEDING), {d.empty_list()})")
-        files = parts_needed(self.counts["train_examples"])
-        sql = (f"SELECT e.user, e.history{self.user_columns()}{self.context_columns('e.ts')}, e.item AS target, e.ts, "
-               f"{d.mix('e.user', 'e.pos', self.seed)} % {files} AS _bucket, {d.mix('e.user', 'e.pos', self.seed + 1)} "
-               f"AS _order, e.pos AS _pos "
-               f"FROM (SELECT user, item, ts, pos, {self.train_condition()} AS is_train, {history} AS history "
-               f"FROM events) e JOIN user_table u ON u.user = e.user WHERE e.is_train")
-        self.files[schema.TRAIN_DIR] = self.write(sql, Output(schema.TRAIN_DIR, ("_order", "user", "_pos"), files))
+        """One row per training target (builders.train_rows), shuffled over the parts and within each by a hash
+        of (user, position, seed)."""
+        values = self.scalar(f"SELECT sum(least(pos, {self.cfg.max_history})) + count(*) FROM train_targets") or 0
+        # Long histories: more, smaller parts and groups, so that what is built or written at once stays bounded.
+        shape = self.shape(max(parts_needed(self.counts["train_examples"]), math.ceil(values / CHUNK_VALUES)))
+        output = Output(schema.TRAIN_DIR, ("_order", "user", "_pos"), shape.train_files)
+        groups = max(self.chunks, math.ceil(values / CHUNK_VALUES))
+        self.files[schema.TRAIN_DIR] = self.build("train", shape, self.users_sql(), output, groups)
 
     def step_sequences(self) -> None:
-        """One row per user with a training target: their events up to the last one, and which are targets."""
-        d, condition = self.d, self.train_condition()
-        lists = [f"{d.ordered_list('item', 'pos')} AS {schema.SEQUENCE_ITEMS}",
-                 f"{d.ordered_list(f'CASE WHEN {condition} THEN item ELSE 0 END', 'pos')} AS {schema.SEQUENCE_TARGETS}"]
-        if self.source.has_time:
-            lists += [f"{d.ordered_list(sql, 'pos')} AS {name}" for name, sql in self.context("ts").items()]
-        rows = (f"SELECT e.user, {', '.join(lists)} FROM (SELECT x.* FROM events x JOIN (SELECT user, max(pos) AS "
-                f"last_pos FROM train_targets GROUP BY user) l ON x.user = l.user AND x.pos <= l.last_pos) e "
-                f"GROUP BY e.user")
-        users = self.scalar("SELECT count(DISTINCT user) FROM train_targets")
-        files = parts_needed(users)
-        context = "".join(f", s.{name}" for name in CONTEXT_VOCABS) if self.source.has_time else ""
-        sql = (f"SELECT s.user, s.{schema.SEQUENCE_ITEMS}, s.{schema.SEQUENCE_TARGETS}{self.user_columns()}{context}, "
-               f"{self.range_bucket('s.user', files)} AS _bucket FROM ({rows}) s JOIN user_table u ON u.user = s.user")
-        self.files[schema.SEQUENCES_DIR] = self.write(sql, Output(schema.SEQUENCES_DIR, ("user",), files))
+        """One row per user with a training target (builders.sequence_rows), the parts in user order."""
+        output = Output(schema.SEQUENCES_DIR, ("user",), self.chunks, by_chunk=True)
+        self.files[schema.SEQUENCES_DIR] = self.build("sequences", self.shape(), self.users_sql(), output)
         self.mean_sequence_length = float(self.scalar(
             "SELECT avg(last_pos + 1) FROM (SELECT user, max(pos) AS last_pos FROM train_targets GROUP BY user) t")
             or 0.0)
         self.mean_history_length = float(self.scalar(
             f"SELECT avg(least(pos, {self.cfg.max_history})) FROM train_targets") or 0.0)
 
-    def range_bucket(self, user: str, files: int) -> str:
-        """Parts hold contiguous user ranges, so reading them in order reads users in order."""
-        return self.d.idiv(f"({user} - 1) * {files}", str(max(self.counts["users"], 1)))
-
     def step_eval(self) -> None:
-        """One row per validation or test query: the history (last max_history items before the cutoff), user
-        and context features, every item seen before the cutoff (for filtering) and the relevant targets."""
-        d, h = self.d, self.cfg.max_history
+        """One row per validation or test query (builders.eval_rows), the parts in user order."""
+        d = self.d
         for split, directory in (("valid", schema.VALID_DIR), ("test", schema.TEST_DIR)):
-            targets = (f"SELECT user, cutoff, context_ts, {d.ordered_list('target', 'target')} AS targets "
-                       f"FROM q_{split} GROUP BY user, cutoff, context_ts")
-            seen = (f"SELECT q.user, {d.ordered_list('e.item', 'e.pos')} AS seen FROM (SELECT DISTINCT user, cutoff "
-                    f"FROM q_{split}) q JOIN events e ON e.user = q.user AND e.pos < q.cutoff GROUP BY q.user")
-            files = parts_needed(self.counts[f"{split}_rows"])
-            all_seen = f"coalesce(s.seen, {d.empty_list()})"
-            sql = (f"SELECT t.user, {d.tail(all_seen, h)} AS {schema.HISTORY}{self.user_columns()}"
-                   f"{self.context_columns('t.context_ts')}, {all_seen} AS {schema.SEEN}, "
-                   f"t.targets AS {schema.TARGETS}, "
-                   f"{self.range_bucket('t.user', files)} AS _bucket "
-                   f"FROM ({targets}) t LEFT JOIN ({seen}) s ON s.user = t.user JOIN user_table u ON u.user = t.user")
-            self.files[directory] = self.write(sql, Output(directory, ("user",), files))
+            queries = (f"SELECT q.user, q.cutoff, q.context_ts, q.targets{self.user_columns()} FROM (SELECT user, "
+                       f"cutoff, context_ts, {d.ordered_list('target', 'target')} AS targets FROM q_{split} "
+                       f"GROUP BY user, cutoff, context_ts) q JOIN user_table u ON u.user = q.user")
+            output = Output(directory, ("user",), self.chunks, by_chunk=True)
+            self.files[directory] = self.build("eval", self.shape(), queries, output)
+
+    def build(self, kind: str, shape: Shape, side_sql: str, output: Output, groups: int = 0) -> list[str]:
+        """Rows of builders.build(kind) from `groups` groups of users (the chunks by default)."""
+        return self.engine.write_built(kind, shape, self.events_sql(), side_sql, output, self.staging,
+                                       groups or self.chunks)
 
     def write(self, sql: str, output: Output) -> list[str]:
         return self.engine.write(sql, output, self.staging)

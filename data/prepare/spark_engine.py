@@ -10,6 +10,7 @@ project and its Python requirements; a non-local master is sent the project's pa
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -22,8 +23,9 @@ from typing import Callable
 import pyarrow as pa
 
 from data.errors import DataError
+from data.prepare.builders import Shape, build, output_schema
 from data.prepare.dialect import SPARK
-from data.prepare.engine import INTERNAL, Engine, Output, PartWriter
+from data.prepare.engine import Engine, Output, PartWriter
 from data.sources.raw import RawSource
 from storage import StorageError, location
 from storage.commit import Staging
@@ -69,7 +71,7 @@ def write_parts(staging_uri: str, output: Output) -> Callable:
         writer, current = None, None
         try:
             for batch in batches:
-                buckets = batch.column("_bucket").to_numpy() if output.parts and output.files > 1 else None
+                buckets = batch.column("_bucket").to_numpy() if output.files > 1 else None
                 start = 0
                 while start < batch.num_rows:
                     bucket = int(buckets[start]) if buckets is not None else 0
@@ -92,6 +94,18 @@ def write_parts(staging_uri: str, output: Output) -> Callable:
             raise one_line(err) from None
 
     return write
+
+
+def built_rows(kind: str, shape: Shape, events: pa.Table, side: pa.Table) -> pa.Table:
+    """A cogroup's rows: builders.build on the group's events and users (the grouping column dropped)."""
+    try:
+        return build(kind, shape, events.drop_columns(["_group"]), side.drop_columns(["_group"]))
+    except (DataError, StorageError) as err:
+        raise one_line(err) from None
+
+
+def spark_schema(schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name} {'array<bigint>' if pa.types.is_list(f.type) else 'bigint'}" for f in schema)
 
 
 def result(entry: tuple) -> pa.RecordBatch:
@@ -124,8 +138,10 @@ class SparkEngine(Engine):
         builder = SparkSession.builder.appName("two-tower prepare")
         if active is None and master:
             builder = builder.master(master)
+        # A cogroup of the events and users tables, which share their lineage (the vocabularies), trips Spark's
+        # self-join check although every column is named without ambiguity.
         settings = {"spark.ui.showConsoleProgress": "false", "spark.sql.execution.arrow.pyspark.enabled": "true",
-                    "spark.sql.session.timeZone": "UTC"}
+                    "spark.sql.session.timeZone": "UTC", "spark.sql.analyzer.failAmbiguousSelfJoin": "false"}
         if master.startswith("local"):  # Spark's 200 shuffle partitions are for clusters; on one machine they cost
             settings["spark.sql.shuffle.partitions"] = str(2 * (os.cpu_count() or 1))
         settings.update(conf or {})
@@ -179,7 +195,8 @@ class SparkEngine(Engine):
             frame = self.spark.createDataFrame(table)
         frame.createOrReplaceTempView(name)
 
-    def create(self, name: str, sql: str) -> None:
+    def create(self, name: str, sql: str, order: tuple[str, ...] = ()) -> None:
+        """`order` is not kept: Spark's partitions gain nothing from a global sort."""
         self.materialise(name, self.spark.sql(sql))
 
     def drop(self, *names: str) -> None:
@@ -193,17 +210,25 @@ class SparkEngine(Engine):
         return [tuple(row) for row in self.run(lambda: self.spark.sql(sql).collect())]
 
     def write(self, sql: str, output: Output, staging: Staging) -> list[str]:
-        frame = self.spark.sql(sql)
+        return self.write_frame(self.spark.sql(sql), output, staging)
+
+    def write_built(self, kind: str, shape: Shape, events_sql: str, side_sql: str, output: Output, staging: Staging,
+                    groups: int) -> list[str]:
+        """Each group's events and users' rows meet in one task (a cogroup), which builds its rows there."""
+        group = self.dialect.idiv(f"(user - 1) * {groups}", str(max(shape.users, 1)))
+        events = self.spark.sql(f"SELECT *, {group} AS _group FROM ({events_sql}) e")
+        side = self.spark.sql(f"SELECT *, {group} AS _group FROM ({side_sql}) s")
+        built = events.groupBy("_group").cogroup(side.groupBy("_group")).applyInArrow(
+            functools.partial(built_rows, kind, shape), spark_schema(output_schema(kind, shape)))
+        return self.write_frame(built, output, staging)
+
+    def write_frame(self, frame, output: Output, staging: Staging) -> list[str]:
+        """Rows to parts by `_bucket` (one file per bucket), each sorted by `output.order`, written from the tasks."""
         if output.files > 1:
             frame = frame.repartition(output.files, "_bucket").sortWithinPartitions("_bucket", *output.order)
         else:
             frame = frame.repartition(1).sortWithinPartitions(*output.order)
         entries = self.run(lambda: frame.mapInArrow(write_parts(staging.location.uri, output), WRITTEN).collect())
-        if not entries and output.files == 1:
-            names = [c for c in frame.columns if not c.startswith(INTERNAL)]
-            arrow_schema = frame.select(*names).limit(0).toArrow().schema
-            entries = [dict(zip(("name", "size", "sha256", "rows"), PartWriter(staging / output.file(0),
-                                                                              output.file(0)).close(arrow_schema)))]
         written = []
         for entry in sorted(entries, key=lambda e: e["name"]):
             staging.record(entry["name"], entry["size"], entry["sha256"])
