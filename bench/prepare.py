@@ -2,8 +2,9 @@
 
     python -m bench.prepare [--sizes 1e6 1e7 1e8] [--runs 3] [--engines pandas duckdb spark] [--workdir DIR]
 
-- Logs of `user, item, time` (int64 ids, timestamps) with power-law item popularity and 40 events a user on
-  average, generated here in bounded memory as one Parquet file per size (cached in --workdir).
+- Logs of `user, item, time` (int64 ids, timestamps): power-law item popularity, a geometric number of events a
+  user (10 on average: most histories short, as in most retrieval data), a catalogue of 5% of the events;
+  generated here in bounded memory as one Parquet file per size (cached in --workdir).
 - Each run is `python -m data.prepare interactions LOG ... --out DIR` in a fresh process; wall time and the
   peak RSS of its whole process tree (Spark's JVM and Python workers included), sampled every 50 ms. One
   untimed warm-up per engine first (page cache, JVM), then --runs timed runs per size; medians reported.
@@ -38,7 +39,8 @@ from bench.common import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_COMMIT = "ea543a0"  # the last commit with the pandas prepare
-BYTES_PER_EVENT_PANDAS = 230  # measured: 2.30 GB at 10^7 events
+BYTES_PER_EVENT_PANDAS = 280  # measured here: about 2.7 GB at 10^7 events
+ISSUE_REFERENCE = {"seconds": 191.0, "rss_gib": 2.30}  # the pandas path at 10^7 events, as the issue quotes it
 CHUNK_USERS = 100_000
 
 
@@ -194,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per engine and size (1 at the largest size)")
     parser.add_argument("--engines", nargs="+", default=["pandas", "duckdb", "spark"])
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "two-tower-bench-prepare"))
+    parser.add_argument("--mean-events", type=float, default=10.0, help="events a user (geometric: most histories "
+                                                                         "are short)")
+    parser.add_argument("--items-per-event", type=float, default=0.05, help="catalogue size over events")
     parser.add_argument("--baseline-commit", default=BASELINE_COMMIT)
     parser.add_argument("--timeout-s", type=float, default=5400)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "prepare.json"))
@@ -206,11 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": {**machine(), "memory_gib": memory / 2**30}, "baseline_commit": args.baseline_commit,
               "logs": {}, "results": {}, "date": time.strftime("%Y-%m-%d")}
     logs = {}
+    report["log_shape"] = {"mean_events": args.mean_events, "items_per_event": args.items_per_event}
     for n in sizes:
-        logs[n] = workdir / f"log-{n}.parquet"
+        logs[n] = workdir / f"log-{n}-{args.mean_events:g}-{args.items_per_event:g}.parquet"
         if not logs[n].is_file():
             print(f"generating {n:,} events", flush=True)
-            report["logs"][str(n)] = generate_log(logs[n], n)
+            report["logs"][str(n)] = generate_log(logs[n], n, args.mean_events, args.items_per_event)
         else:
             report["logs"][str(n)] = {"events": pq.ParquetFile(logs[n]).metadata.num_rows,
                                       "bytes": logs[n].stat().st_size}
@@ -244,19 +250,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def targets(report: dict, sizes: list[int]) -> dict:
-    """The issue's targets: bounded memory from 10^7 to the largest size, and at 10^7 twice the speed of pandas
-    with at most half its memory."""
+    """The issue's targets: memory bounded from 10^7 to the largest size; at 10^7 twice the pandas path's speed with
+    at most half its memory, against the pandas path run here (same logs, same machine, same session) and against
+    the figures the issue quotes for it (3 min 11 s, 2.30 GB)."""
     r = report["results"]
     out = {}
     big, ten = sizes[-1], 10**7
-    if f"duckdb/{ten}" in r and f"duckdb/{big}" in r and big > ten:
-        growth = r[f"duckdb/{big}"]["median_peak_rss_mib"] / r[f"duckdb/{ten}"]["median_peak_rss_mib"]
-        out["duckdb_rss_growth_1e7_to_largest"] = {"value": growth, "target": "< 1.5", "met": growth < 1.5}
-    if r.get(f"pandas/{ten}", {}).get("median_seconds") and f"duckdb/{ten}" in r:
-        speed = r[f"pandas/{ten}"]["median_seconds"] / r[f"duckdb/{ten}"]["median_seconds"]
-        memory = r[f"duckdb/{ten}"]["median_peak_rss_mib"] / r[f"pandas/{ten}"]["median_peak_rss_mib"]
-        out["speedup_over_pandas_at_1e7"] = {"value": speed, "target": ">= 2", "met": speed >= 2}
-        out["memory_vs_pandas_at_1e7"] = {"value": memory, "target": "<= 0.5", "met": memory <= 0.5}
+    duck = r.get(f"duckdb/{ten}", {})
+    if duck.get("median_seconds") and r.get(f"duckdb/{big}", {}).get("median_seconds") and big > ten:
+        growth = r[f"duckdb/{big}"]["median_peak_rss_mib"] / duck["median_peak_rss_mib"]
+        out["embedded_rss_growth_1e7_to_largest"] = {"value": growth, "target": "< 1.5", "met": growth < 1.5}
+    if duck.get("median_seconds"):
+        speed = ISSUE_REFERENCE["seconds"] / duck["median_seconds"]
+        memory = duck["median_peak_rss_mib"] / (ISSUE_REFERENCE["rss_gib"] * 1024)
+        out["speedup_at_1e7_over_the_issues_pandas_figure"] = {"value": speed, "target": ">= 2", "met": speed >= 2}
+        out["memory_at_1e7_over_the_issues_pandas_figure"] = {"value": memory, "target": "<= 0.5",
+                                                              "met": memory <= 0.5}
+    if r.get(f"pandas/{ten}", {}).get("median_seconds") and duck.get("median_seconds"):
+        speed = r[f"pandas/{ten}"]["median_seconds"] / duck["median_seconds"]
+        memory = duck["median_peak_rss_mib"] / r[f"pandas/{ten}"]["median_peak_rss_mib"]
+        out["speedup_at_1e7_over_pandas_run_here"] = {"value": speed, "target": ">= 2", "met": speed >= 2}
+        out["memory_at_1e7_over_pandas_run_here"] = {"value": memory, "target": "<= 0.5", "met": memory <= 0.5}
     return out
 
 

@@ -1,6 +1,6 @@
 """The README's benchmark tables, printed from the results JSON, so no number is copied by hand.
 
-    .venv/bin/python -m bench.tables train_step | sequence_step
+    .venv/bin/python -m bench.tables train_step | sequence_step | prepare
 """
 
 from __future__ import annotations
@@ -51,10 +51,40 @@ def profile_table(result: dict) -> list[str]:
     return lines
 
 
+ENGINES = {"pandas": "pandas (before)", "duckdb": "embedded (DuckDB)", "spark": "Spark local[*]"}
+
+
+def prepare_table(result: dict) -> list[str]:
+    """Wall time, events/s and peak RSS of the process tree per engine and log size; then the targets."""
+    lines = ["| events | engine | runs | wall s (median) | events/s | peak RSS MiB (median) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for key, row in sorted(result["results"].items(), key=lambda kv: (int(kv[0].split("/")[1]), kv[0])):
+        engine, events = key.split("/")
+        if "skipped" in row:
+            lines.append(f"| {int(events):,} | {ENGINES[engine]} | - | not run: {row['skipped']} | | |")
+        elif row["median_seconds"] is None:
+            lines.append(f"| {int(events):,} | {ENGINES[engine]} | {row['runs']} | failed | | |")
+        else:
+            lines.append(f"| {int(events):,} | {ENGINES[engine]} | {row['ok']} | {row['median_seconds']:,.1f} | "
+                         f"{row['events_per_s']:,.0f} | {row['median_peak_rss_mib']:,.0f} |")
+    lines += ["", "| target | value | met |", "| --- | --- | --- |"]
+    for name, target in result.get("targets", {}).items():
+        lines.append(f"| {name.replace('_', ' ')} {target['target']} | {target['value']:.2f} | "
+                     f"{'yes' if target['met'] else 'no'} |")
+    loader = result.get("loader")
+    if loader:
+        lines += ["", "| loader, one epoch (median) | examples/s |", "| --- | --- |",
+                  f"| local disk | {loader['local_median']:,.0f} |",
+                  f"| local S3 server (moto, over HTTP) | {loader['s3_median']:,.0f} |"]
+    return lines
+
+
 def main(argv: list[str]) -> None:
     name = argv[0] if argv else "train_step"
     result = json.loads((RESULTS / f"{name}.json").read_text())
-    if name == "train_step":
+    if name == "prepare":
+        lines = prepare_table(result)
+    elif name == "train_step":
         lines = step_table(result, "examples/s")
     else:
         lines = step_table(result, "positions/s")

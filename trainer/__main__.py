@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"  .venv/bin/mlflow ui --backend-store-uri {uri}   # then open http://127.0.0.1:5000/{page}")
     if "export" in summary:
         print(f"Export (query tower, item embeddings, ANN index) in {summary['export']['dir']}. Top-K for a history:\n"
-              f"  .venv/bin/python -m serving.recommend --run {summary.get('run_id') or summary['export']['dir']} "
+              f"  .venv/bin/python -m serving.recommend --run {summary['export']['dir']} "
               f"--history \"<raw item id>,<raw item id>\" -k 20   # or --similar <raw item id>")
     test = summary.get("test") or {}
     popular = summary.get("popularity_test") or {}

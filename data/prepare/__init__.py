@@ -40,7 +40,7 @@ def make_engine(name: str = "duckdb", master: str = "", memory_limit: str = "", 
         except ImportError as err:
             raise DataError("--engine spark", None, "pyspark installed (pip install '.[spark]') and Java 17+",
                             str(err)) from None
-        return SparkEngine(master or "local[*]", spark_conf)
+        return SparkEngine(master, spark_conf)
     raise DataError("--engine", None, f"one of {ENGINES}", repr(name))
 
 

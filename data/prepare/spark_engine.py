@@ -129,13 +129,16 @@ def project_zip(directory: str) -> str:
 class SparkEngine(Engine):
     dialect = SPARK
 
-    def __init__(self, master: str = "local[*]", conf: dict[str, str] | None = None):
+    def __init__(self, master: str = "", conf: dict[str, str] | None = None):
+        """`master`: as given; else spark-submit's when it started this process, else local[*]."""
         from pyspark.sql import SparkSession
 
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
         active = SparkSession.getActiveSession()
         builder = SparkSession.builder.appName("two-tower prepare")
+        submitted = "PYSPARK_GATEWAY_PORT" in os.environ  # spark-submit passes its master through its own conf
+        master = master or ("" if submitted else "local[*]")
         if active is None and master:
             builder = builder.master(master)
         # A cogroup of the events and users tables, which share their lineage (the vocabularies), trips Spark's
@@ -246,5 +249,15 @@ class SparkEngine(Engine):
         for name in list(self.cached):
             self.drop(name)
         if self.started:
+            from pyspark import SparkContext
+
+            gateway = SparkContext._gateway
             self.spark.stop()
+            if gateway is not None:  # the JVM this session started goes too (stop() alone leaves it running)
+                gateway.shutdown()
+                process = getattr(gateway, "proc", None)
+                if process is not None:
+                    process.terminate()
+                    process.wait()
+                SparkContext._gateway = SparkContext._jvm = None
         shutil.rmtree(self.tmp, ignore_errors=True)
