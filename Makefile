@@ -6,7 +6,7 @@ DEMO    ?= prepared/synthetic
 ARGS    ?=
 TESTS   ?= tests
 
-.PHONY: setup demo lint test ui-screenshot bench-loader bench-quality bench-train-step bench-sequence-step bench-serving bench-faults clean
+.PHONY: setup demo lint test ui-screenshot bench-loader bench-quality bench-train-step bench-sequence-step bench-serving bench-faults bench-prepare clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,9 @@ ui-screenshot: setup
 
 bench-faults: setup
 	$(PY) -m bench.faults
+
+bench-prepare: setup  # the embedded engine, Spark and the pandas path before them, at 10^6 to 10^8 events
+	$(PY) -m bench.prepare
 
 bench-loader: setup
 	$(PY) -m bench.loader

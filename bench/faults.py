@@ -107,7 +107,7 @@ def checkpoint_run(data: Path, damage: str) -> dict:
         base = [sys.executable, "-m", "trainer", f"data.path={data}", *TINY, "tracking.enabled=false",
                 f"checkpoint.dir={work / 'ckpt'}", "checkpoint.every_steps=20", "checkpoint.keep_last=10"]
         subprocess.run(base + ["train.epochs=1"], cwd=ROOT, check=True, capture_output=True)
-        newest = checkpoint.latest(work / "ckpt")
+        newest = checkpoint.latest(work / "ckpt").local_path
         shard = next(newest.glob("*.distcp"))
         raw = bytearray(shard.read_bytes())
         if damage == "truncated":

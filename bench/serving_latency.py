@@ -40,7 +40,7 @@ def measure(export: str, queries: int) -> dict:
     data = Path(manifest["source"]["data"])
     raw_of = dict(zip(pq.read_table(data / "items.parquet").column("item").to_pylist(),
                       map(str, pq.read_table(data / "items.parquet").column("raw_id").to_pylist())))
-    rows = pq.read_table(data / "valid.parquet", columns=["history"]).slice(0, WARMUP + queries)
+    rows = pq.read_table(data / "valid", columns=["history"]).slice(0, WARMUP + queries)
     histories = [[raw_of[i] for i in h] for h in rows.column("history").to_pylist()]
     for history in histories[:WARMUP]:
         recommender.recommend(history, {}, k=10)

@@ -169,6 +169,21 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(trained, tm
     assert summary["steps"] == 2 * trained.summary["steps"]
 
 
+def test_a_damaged_newest_checkpoint_on_s3_is_skipped_for_the_previous_one(trained, s3, caplog):
+    """The same fallback on an object store: checkpoints verified there, file by file, before the resume."""
+    ckpt, source = location(f"{s3}/ckpt"), location(trained.ckpt)
+    for name in source.files():
+        (ckpt / name).write_bytes((source / name).read_bytes())
+    newest = checkpoint.latest(ckpt)
+    shard = newest / next(n for n in newest.files() if n.endswith(".distcp"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2])
+    summary = resume(trained, ckpt.uri, **{"train.epochs": 2})
+    assert f"skipping checkpoint {newest}" in caplog.text and "bytes" in caplog.text
+    assert summary["history"][0] == trained.summary["history"][0], "epoch 0 redone from the previous checkpoint"
+    assert summary["steps"] == 2 * trained.summary["steps"]
+
+
 def test_no_checkpoint_that_verifies_is_an_error_not_a_fresh_start(trained, tmp_path):
     ckpt = copy(trained, tmp_path)
     for path in checkpoint.complete_checkpoints(location(ckpt)):

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from data.prepare.builders import Shape, build, user_ranges
 from data.prepare.dialect import DUCKDB
-from data.prepare.engine import Engine, Output, PartWriter
+from data.prepare.engine import Engine, Output, PartWriter, Written
 from data.sources.parts import read_part
 from data.sources.raw import RawSource
 from storage import location
@@ -32,15 +32,16 @@ SPILL_BYTES = 64 << 20  # rows held in memory before the shuffle writes them to 
 WRITERS = 2  # Parquet files encoded at once, beside the thread that builds the next
 
 
-def write_table(table: pa.Table, staging: Staging, name: str) -> str | None:
-    """The rows as one file of the layout; None (and no file) when there are none."""
+def write_table(table: pa.Table, staging: Staging, name: str, count: str = "") -> tuple | None:
+    """The rows as one file of the layout: (name, rows, values counted); None (and no file) when there are none."""
     if table.num_rows == 0:
         return None
-    writer = PartWriter(staging / name, name)
+    writer = PartWriter(staging / name, name, count)
     for batch in table.to_batches(FETCH_ROWS):
         writer.write(batch)
-    staging.record(*writer.close()[:3])
-    return name
+    name, size, sha256, rows, values = writer.close()
+    staging.record(name, size, sha256)
+    return name, rows, values
 
 
 class Spill:
@@ -149,22 +150,24 @@ class DuckDBEngine(Engine):
     def rows(self, sql: str) -> list[tuple]:
         return self.con.execute(sql).fetchall()
 
-    def write(self, sql: str, output: Output, staging: Staging) -> list[str]:
+    def write(self, sql: str, output: Output, staging: Staging) -> Written:
         """One file (catalogue-sized: items, users, id maps), streamed in order."""
         name = output.file(0)
-        writer = PartWriter(staging / name, name)
+        writer = PartWriter(staging / name, name, output.count)
         reader = self.con.sql(f"SELECT * FROM ({sql}) q ORDER BY {', '.join(output.order)}").to_arrow_reader(
             FETCH_ROWS)
         for batch in reader:
             if batch.num_rows:
                 writer.write(batch)
-        if writer.schema is None:
-            return []
-        staging.record(*writer.close()[:3])
-        return [name]
+        written = Written([])
+        if writer.schema is not None:
+            name, size, sha256, rows, values = writer.close()
+            staging.record(name, size, sha256)
+            written.add(name, rows, values)
+        return written
 
     def write_built(self, kind: str, shape: Shape, events_sql: str, side_sql: str, output: Output, staging: Staging,
-                    groups: int) -> list[str]:
+                    groups: int) -> Written:
         """Group by group: its rows are built, then written by a writer thread (the per-user parts) or routed to the
         training shuffle's bucket files, while DuckDB reads the next group. At most WRITERS files are written at
         once (each a part's worth of rows in memory)."""
@@ -176,7 +179,7 @@ class DuckDBEngine(Engine):
             def submit(table: pa.Table, name: str) -> None:
                 if len(pending) >= WRITERS:
                     pending[-WRITERS].result()
-                pending.append(pool.submit(write_table, table, staging, name))
+                pending.append(pool.submit(write_table, table, staging, name, output.count))
 
             for chunk, (lo, hi) in enumerate(user_ranges(shape.users, groups)):
                 where = f"WHERE user BETWEEN {lo} AND {hi}"
@@ -194,8 +197,11 @@ class DuckDBEngine(Engine):
                     if table is not None:
                         submit(table.sort_by(order), output.file(bucket))
                 spill.close()
-            written = [future.result() for future in pending]
-        return [name for name in written if name]
+            written = Written([])
+            for entry in (future.result() for future in pending):
+                if entry:
+                    written.add(*entry)
+        return written
 
     def checksums(self, uris: list[str]) -> list[dict]:
         with ThreadPoolExecutor(self.threads) as pool:

@@ -34,6 +34,7 @@ class Output:
     order: tuple[str, ...]
     files: int = 1
     by_chunk: bool = False
+    count: str = ""  # a list column whose values the writers count (for mean lengths, without another query)
 
     @property
     def parts(self) -> bool:
@@ -41,6 +42,20 @@ class Output:
 
     def file(self, bucket: int) -> str:
         return f"{self.name}/part-{bucket:05d}.parquet" if self.parts else self.name
+
+
+@dataclass
+class Written:
+    """What an engine wrote for one output: its files (in order), rows, and values of `Output.count`."""
+
+    names: list[str]
+    rows: int = 0
+    values: int = 0
+
+    def add(self, name: str, rows: int, values: int) -> None:
+        self.names.append(name)
+        self.rows += rows
+        self.values += values
 
 
 def canonical_type(kind: pa.DataType) -> pa.DataType:
@@ -64,11 +79,11 @@ class PartWriter:
     """One Parquet file of the prepared layout, written through storage with exactly ROW_GROUP_ROWS rows per row
     group whatever batch sizes arrive; size and SHA-256 are known when it is closed."""
 
-    def __init__(self, target: Location, name: str):
-        self.target, self.name = target, name
+    def __init__(self, target: Location, name: str, count: str = ""):
+        self.target, self.name, self.count = target, name, count
         self.sink, self.schema = None, None
         self.pending: list[pa.RecordBatch] = []
-        self.buffered = self.rows = 0
+        self.buffered = self.rows = self.values = 0
 
     def write(self, batch: pa.RecordBatch) -> None:
         if self.schema is None:
@@ -76,6 +91,9 @@ class PartWriter:
             self.sink = self.target.parquet_writer(self.schema)
         batch = pa.RecordBatch.from_arrays([batch.column(n).cast(f.type) for n, f in
                                             zip(self.schema.names, self.schema)], schema=self.schema)
+        if self.count:
+            offsets = batch.column(self.count).offsets
+            self.values += offsets[-1].as_py() - offsets[0].as_py()
         self.pending.append(batch)
         self.buffered += batch.num_rows
         while self.buffered >= ROW_GROUP_ROWS:
@@ -88,15 +106,16 @@ class PartWriter:
         self.pending, self.buffered = rest.to_batches(), rest.num_rows
         self.rows += rows
 
-    def close(self, schema: pa.Schema | None = None) -> tuple[str, int, str, int]:
-        """(name, size, SHA-256, rows). A writer that saw no rows writes an empty file of `schema`."""
+    def close(self, schema: pa.Schema | None = None) -> tuple[str, int, str, int, int]:
+        """(name, size, SHA-256, rows, values counted). A writer that saw no rows writes an empty file of
+        `schema`."""
         if self.schema is None:
             self.schema = output_schema(schema)
             self.sink = self.target.parquet_writer(self.schema)
         if self.buffered:
             self.flush(self.buffered)
         size, sha256 = self.sink.close()
-        return self.name, size, sha256, self.rows
+        return self.name, size, sha256, self.rows, self.values
 
 
 class Engine(ABC):
@@ -126,13 +145,12 @@ class Engine(ABC):
         """A small result."""
 
     @abstractmethod
-    def write(self, sql: str, output: Output, staging: Staging) -> list[str]:
-        """Writes the query's rows into the staging location (see `Output`), records each file in `staging`, and
-        returns the names written."""
+    def write(self, sql: str, output: Output, staging: Staging) -> Written:
+        """Writes the query's rows into the staging location (see `Output`) and records each file in `staging`."""
 
     @abstractmethod
     def write_built(self, kind: str, shape: Shape, events_sql: str, side_sql: str, output: Output, staging: Staging,
-                    groups: int) -> list[str]:
+                    groups: int) -> Written:
         """Writes the rows builders.build(kind) makes from each of `groups` groups of users (builders.user_ranges):
         the group's events (`events_sql`) and its users' rows (`side_sql`, with a `user` column). For `by_chunk`
         outputs the groups are the shape's chunks."""

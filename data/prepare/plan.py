@@ -27,7 +27,7 @@ from tqdm import tqdm
 from data import schema
 from data.errors import DataError
 from data.prepare.builders import Shape
-from data.prepare.engine import ROWS_PER_FILE, Engine, Output
+from data.prepare.engine import ROWS_PER_FILE, Engine, Output, Written
 from data.sources.raw import PART_BITS, RawSource, coverage_warning
 from data.splits import LEAVE_ONE_OUT, MIN_EVENTS_LEAVE_ONE_OUT, SplitConfig, filters_in_force
 from storage.commit import Staging
@@ -302,6 +302,11 @@ class Plan:
         for name, vocab in CONTEXT_VOCABS.items():
             self.staging.write_parquet(f"{maps}/{name}.parquet", pa.table({
                 "raw": pa.array(vocab, pa.string()), "id": pa.array(np.arange(1, len(vocab) + 1), pa.int64())}))
+        # What the rest of the plan no longer reads goes, so the engine's memory serves what is left.
+        features = [f"{t}_{k}" for k in ("item", "user") for t in ("known", "values", "pairs")]
+        features += [f"fv_item_{n}" for n, _ in item_columns] + [f"fv_user_{n}" for n, _ in user_columns]
+        e.drop("item_table", "freq", "titles", "item_feature_rows", "user_feature_rows", "item_vocab", "user_vocab",
+               *features)
 
     def encode(self, kind: str) -> tuple[list[schema.FeatureSpec], list[tuple[str, str]]]:
         """Per feature of `kind`: dense value ids (1..m in the order of the values' text, over the entities that
@@ -354,19 +359,19 @@ class Plan:
         values = self.scalar(f"SELECT sum(least(pos, {self.cfg.max_history})) + count(*) FROM train_targets") or 0
         # Long histories: more, smaller parts and groups, so that what is built or written at once stays bounded.
         shape = self.shape(max(parts_needed(self.counts["train_examples"]), math.ceil(values / CHUNK_VALUES)))
-        output = Output(schema.TRAIN_DIR, ("_order", "user", "_pos"), shape.train_files)
+        output = Output(schema.TRAIN_DIR, ("_order", "user", "_pos"), shape.train_files, count=schema.HISTORY)
         groups = max(self.chunks, math.ceil(values / CHUNK_VALUES))
-        self.files[schema.TRAIN_DIR] = self.build("train", shape, self.users_sql(), output, groups)
+        written = self.build("train", shape, self.users_sql(), output, groups)
+        self.engine.drop("train_targets")
+        self.files[schema.TRAIN_DIR] = written.names
+        self.mean_history_length = written.values / written.rows if written.rows else 0.0
 
     def step_sequences(self) -> None:
         """One row per user with a training target (builders.sequence_rows), the parts in user order."""
-        output = Output(schema.SEQUENCES_DIR, ("user",), self.chunks, by_chunk=True)
-        self.files[schema.SEQUENCES_DIR] = self.build("sequences", self.shape(), self.users_sql(), output)
-        self.mean_sequence_length = float(self.scalar(
-            "SELECT avg(last_pos + 1) FROM (SELECT user, max(pos) AS last_pos FROM train_targets GROUP BY user) t")
-            or 0.0)
-        self.mean_history_length = float(self.scalar(
-            f"SELECT avg(least(pos, {self.cfg.max_history})) FROM train_targets") or 0.0)
+        output = Output(schema.SEQUENCES_DIR, ("user",), self.chunks, by_chunk=True, count=schema.SEQUENCE_ITEMS)
+        written = self.build("sequences", self.shape(), self.users_sql(), output)
+        self.files[schema.SEQUENCES_DIR] = written.names
+        self.mean_sequence_length = written.values / written.rows if written.rows else 0.0
 
     def step_eval(self) -> None:
         """One row per validation or test query (builders.eval_rows), the parts in user order."""
@@ -376,14 +381,14 @@ class Plan:
                        f"cutoff, context_ts, {d.ordered_list('target', 'target')} AS targets FROM q_{split} "
                        f"GROUP BY user, cutoff, context_ts) q JOIN user_table u ON u.user = q.user")
             output = Output(directory, ("user",), self.chunks, by_chunk=True)
-            self.files[directory] = self.build("eval", self.shape(), queries, output)
+            self.files[directory] = self.build("eval", self.shape(), queries, output).names
 
-    def build(self, kind: str, shape: Shape, side_sql: str, output: Output, groups: int = 0) -> list[str]:
+    def build(self, kind: str, shape: Shape, side_sql: str, output: Output, groups: int = 0) -> Written:
         """Rows of builders.build(kind) from `groups` groups of users (the chunks by default)."""
         return self.engine.write_built(kind, shape, self.events_sql(), side_sql, output, self.staging,
                                        groups or self.chunks)
 
-    def write(self, sql: str, output: Output) -> list[str]:
+    def write(self, sql: str, output: Output) -> Written:
         return self.engine.write(sql, output, self.staging)
 
     def step_metadata(self) -> None:

@@ -25,7 +25,7 @@ import pyarrow as pa
 from data.errors import DataError
 from data.prepare.builders import Shape, build, output_schema
 from data.prepare.dialect import SPARK
-from data.prepare.engine import Engine, Output, PartWriter
+from data.prepare.engine import Engine, Output, PartWriter, Written
 from data.sources.raw import RawSource
 from storage import StorageError, location
 from storage.commit import Staging
@@ -33,7 +33,7 @@ from storage.commit import Staging
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ("config", "data", "storage")  # the packages executors import
 ERROR_MARK = "two-tower-error:"  # an executor's one-line error, found again in Spark's exception text
-WRITTEN = "name string, size long, sha256 string, rows long"
+WRITTEN = "name string, size long, sha256 string, rows long, values long"
 
 
 def spark_type(kind: pa.DataType) -> str:
@@ -85,7 +85,7 @@ def write_parts(staging_uri: str, output: Output) -> Callable:
                         if writer is not None:
                             yield result(writer.close())
                         name = output.file(bucket)
-                        writer, current = PartWriter(staging / name, name), bucket
+                        writer, current = PartWriter(staging / name, name, output.count), bucket
                     writer.write(batch.slice(start, stop - start))
                     start = stop
             if writer is not None:
@@ -109,8 +109,9 @@ def spark_schema(schema: pa.Schema) -> str:
 
 
 def result(entry: tuple) -> pa.RecordBatch:
-    name, size, sha256, rows = entry
-    return pa.RecordBatch.from_pydict({"name": [name], "size": [size], "sha256": [sha256], "rows": [rows]})
+    name, size, sha256, rows, values = entry
+    return pa.RecordBatch.from_pydict({"name": [name], "size": [size], "sha256": [sha256], "rows": [rows],
+                                       "values": [values]})
 
 
 def hash_file(uri: str) -> tuple[str, str]:
@@ -212,11 +213,11 @@ class SparkEngine(Engine):
     def rows(self, sql: str) -> list[tuple]:
         return [tuple(row) for row in self.run(lambda: self.spark.sql(sql).collect())]
 
-    def write(self, sql: str, output: Output, staging: Staging) -> list[str]:
+    def write(self, sql: str, output: Output, staging: Staging) -> Written:
         return self.write_frame(self.spark.sql(sql), output, staging)
 
     def write_built(self, kind: str, shape: Shape, events_sql: str, side_sql: str, output: Output, staging: Staging,
-                    groups: int) -> list[str]:
+                    groups: int) -> Written:
         """Each group's events and users' rows meet in one task (a cogroup), which builds its rows there."""
         group = self.dialect.idiv(f"(user - 1) * {groups}", str(max(shape.users, 1)))
         events = self.spark.sql(f"SELECT *, {group} AS _group FROM ({events_sql}) e")
@@ -225,17 +226,17 @@ class SparkEngine(Engine):
             functools.partial(built_rows, kind, shape), spark_schema(output_schema(kind, shape)))
         return self.write_frame(built, output, staging)
 
-    def write_frame(self, frame, output: Output, staging: Staging) -> list[str]:
+    def write_frame(self, frame, output: Output, staging: Staging) -> Written:
         """Rows to parts by `_bucket` (one file per bucket), each sorted by `output.order`, written from the tasks."""
         if output.files > 1:
             frame = frame.repartition(output.files, "_bucket").sortWithinPartitions("_bucket", *output.order)
         else:
             frame = frame.repartition(1).sortWithinPartitions(*output.order)
         entries = self.run(lambda: frame.mapInArrow(write_parts(staging.location.uri, output), WRITTEN).collect())
-        written = []
+        written = Written([])
         for entry in sorted(entries, key=lambda e: e["name"]):
             staging.record(entry["name"], entry["size"], entry["sha256"])
-            written.append(entry["name"])
+            written.add(entry["name"], entry["rows"], entry["values"])
         return written
 
     def checksums(self, uris: list[str]) -> list[dict]:
