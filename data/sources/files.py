@@ -4,7 +4,7 @@ CSV read as a stream, Parquet by row groups. Failures are `DataError`s naming th
 from __future__ import annotations
 
 import io
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -244,4 +244,3 @@ def stream_lines(where: Location, chunk: int = 1 << 22) -> Iterator[tuple[int, l
         raise DataError(where, None, "a text file of 'user item item ...' lines", str(err).splitlines()[0]) from None
 
 
-Reader = Callable[..., Iterator[pa.RecordBatch]]

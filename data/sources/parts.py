@@ -25,12 +25,7 @@ from data.sources.raw import Part, event_schema, src_column
 from storage import location
 
 BATCH_ROWS = 65_536
-SEQUENCE_POSITIONS = 1 << 31  # items on one line of a sequence file
 TYPES = {"int64": pa.int64(), "string": pa.string()}
-
-
-def type_name(kind: pa.DataType) -> str:
-    return "int64" if pa.types.is_integer(kind) else "string"
 
 
 def events_batch(schema: pa.Schema, users, items, ts, ratings, src) -> pa.RecordBatch:
@@ -137,9 +132,6 @@ def sequences_part(part: Part) -> Iterator[pa.RecordBatch]:
     for number, tokens in stream_lines(where):
         if len(tokens) < 2:
             raise DataError(where, "items", "at least one item after the user id", f"none on line {number}")
-        if len(tokens) - 1 > SEQUENCE_POSITIONS:
-            raise DataError(where, "items", f"at most {SEQUENCE_POSITIONS} items on a line (use the interactions "
-                                            f"source for longer histories)", f"{len(tokens) - 1} on line {number}")
         pending.append((number, tokens))
         tokens_in_batch += len(tokens)
         if tokens_in_batch >= BATCH_ROWS:
