@@ -8,6 +8,7 @@ from collections import defaultdict
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -229,3 +230,23 @@ def test_synthetic_is_seeded_and_written_atomically(tmp_path):
     assert not a.equals(pq.read_table(tmp_path / "c" / schema.TRAIN_DIR))
     assert Metadata.load(tmp_path / "a").source["kind"] == "synthetic"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"], "no temp directories left behind"
+
+
+def test_training_shuffle_is_the_same_however_it_is_chunked_and_spilled(tmp_path, monkeypatch):
+    """Many parts, built from many groups of users and flushed to the shuffle's bucket files after every group,
+    give the same files byte for byte as a few groups held in memory."""
+    from data.prepare import duckdb_engine, plan
+
+    args = ["synthetic", "--users", "1000", "--items", "200", "--mean-events", "20"]
+    monkeypatch.setattr(plan, "CHUNK_VALUES", 2_000)
+    assert prepare_main(args + ["--out", str(tmp_path / "few")]) == 0
+    monkeypatch.setattr(plan, "CHUNK_EVENTS", 300)
+    monkeypatch.setattr(duckdb_engine, "SPILL_BYTES", 1)
+    assert prepare_main(args + ["--out", str(tmp_path / "many")]) == 0
+    few = sorted((tmp_path / "few" / schema.TRAIN_DIR).iterdir())
+    many = sorted((tmp_path / "many" / schema.TRAIN_DIR).iterdir())
+    assert len(few) > 1 and [p.name for p in few] == [p.name for p in many]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(few, many))
+    with pytest.raises(ValueError, match="_bucket order"):
+        spill = duckdb_engine.Spill(str(tmp_path / "spill"), 2)
+        spill.add(pa.table({"_bucket": [1, 0]}))

@@ -24,14 +24,15 @@ from storage import Location, location
 from storage.commit import read_manifest, writing
 
 ENGINES = ("duckdb", "spark")
+DEFAULT_MEMORY = "384MB"  # the embedded engine's memory before it spills to disk
 
-__all__ = ["CONTEXT_VOCABS", "ENGINES", "check_output", "make_engine", "prepare"]
+__all__ = ["CONTEXT_VOCABS", "DEFAULT_MEMORY", "ENGINES", "check_output", "make_engine", "prepare"]
 
 
 def make_engine(name: str = "duckdb", master: str = "", memory_limit: str = "", threads: int = 0,
                 temp_dir: str = "", spark_conf: dict[str, str] | None = None) -> Engine:
     if name == "duckdb":
-        from data.prepare.duckdb_engine import DEFAULT_MEMORY, DuckDBEngine
+        from data.prepare.duckdb_engine import DuckDBEngine
 
         return DuckDBEngine(memory_limit or DEFAULT_MEMORY, threads, temp_dir)
     if name == "spark":

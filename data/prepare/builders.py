@@ -95,11 +95,16 @@ def user_features(users: pa.Table, rows: np.ndarray, shape: Shape) -> dict[str, 
 
 def train_rows(events: pa.Table, users: pa.Table, shape: Shape) -> pa.Table:
     """One row per training target: its history (the user's previous max_history items, newest last), user and
-    context features, and the part (`_bucket`) and place (`_order`, `_pos`) of the training shuffle."""
+    context features, and the part (`_bucket`) and place (`_order`, `_pos`) of the training shuffle; in the
+    order of (`_bucket`, `_order`, user, `_pos`)."""
     e = sorted_events(events)
     rows = np.flatnonzero(e["is_train"])
-    lengths = np.minimum(e["pos"][rows], shape.max_history)
     user, pos = e["user"][rows], e["pos"][rows]
+    bucket, order = mix(user, pos, shape.seed) % shape.train_files, mix(user, pos, shape.seed + 1)
+    # Rows in (part, place) order, so that the shuffle slices them into its parts without another copy.
+    rank = np.lexsort((pos, user, order, bucket))
+    rows, user, pos, bucket, order = rows[rank], user[rank], pos[rank], bucket[rank], order[rank]
+    lengths = np.minimum(pos, shape.max_history)
     columns = {schema.USER: pa.array(user, pa.int64()),
                schema.HISTORY: list_array(lengths, gather_ragged(e["item"], rows - lengths, lengths))}
     columns.update(user_features(users, user, shape))
@@ -107,8 +112,8 @@ def train_rows(events: pa.Table, users: pa.Table, shape: Shape) -> pa.Table:
         columns.update({k: pa.array(v, pa.int64()) for k, v in context(e["ts"][rows]).items()})
     columns[schema.TARGET] = pa.array(e["item"][rows], pa.int64())
     columns[schema.TIMESTAMP] = pa.array(e["ts"][rows], pa.int64())
-    columns["_bucket"] = pa.array(mix(user, pos, shape.seed) % shape.train_files, pa.int64())
-    columns["_order"] = pa.array(mix(user, pos, shape.seed + 1), pa.int64())
+    columns["_bucket"] = pa.array(bucket, pa.int64())
+    columns["_order"] = pa.array(order, pa.int64())
     columns["_pos"] = pa.array(pos, pa.int64())
     return pa.table(columns)
 

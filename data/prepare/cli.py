@@ -20,7 +20,7 @@ import sys
 
 from data import schema
 from data.errors import DataError
-from data.prepare import ENGINES, check_output, make_engine, prepare
+from data.prepare import DEFAULT_MEMORY, ENGINES, check_output, make_engine, prepare
 from data.sources import RawSource, read_interactions, read_movielens, read_sequences, with_side_tables
 from data.splits import SplitConfig
 from storage import StorageError, location
@@ -97,7 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument("--keep-cold-items", action="store_true")
         p.add_argument("--engine", choices=ENGINES, default="duckdb",
                        help="duckdb: embedded, out of core (default); spark: Apache Spark (pip install '.[spark]')")
-        p.add_argument("--memory-limit", default="", help="duckdb: memory before it spills to disk (default 512MB)")
+        p.add_argument("--memory-limit", default="",
+                       help=f"duckdb: memory before it spills to disk (default {DEFAULT_MEMORY})")
         p.add_argument("--threads", type=int, default=0, help="duckdb: threads (default: every core)")
         p.add_argument("--temp-dir", default="", help="duckdb: where it spills (default: the system's temp dir)")
         p.add_argument("--master", default="", help="spark: local[*] (default), spark://host:port, yarn, k8s://...; "

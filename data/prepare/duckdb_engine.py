@@ -27,7 +27,6 @@ from storage import location
 from storage.commit import Staging
 
 FETCH_ROWS = 16_384
-DEFAULT_MEMORY = "384MB"
 SPILL_BYTES = 64 << 20  # rows held in memory before the shuffle writes them to its bucket files
 WRITERS = 2  # Parquet files encoded at once, beside the thread that builds the next
 
@@ -52,22 +51,23 @@ class Spill:
         self.directory, self.buckets = directory, buckets
         shutil.rmtree(directory, ignore_errors=True)
         os.makedirs(directory)
-        self.buffers: list[list[pa.RecordBatch]] = [[] for _ in range(buckets)]
+        self.buffers: list[list[pa.Table]] = [[] for _ in range(buckets)]
         self.writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
         self.buffered = 0
         self.schema: pa.Schema | None = None
 
-    def add(self, batch: pa.RecordBatch) -> None:
-        if not batch.num_rows:
+    def add(self, rows: pa.Table) -> None:
+        """Rows in `_bucket` order (builders.train_rows writes them so): each bucket's rows are a slice."""
+        if not rows.num_rows:
             return
-        self.schema = batch.schema
-        buckets = batch.column("_bucket").to_numpy()
-        order = np.argsort(buckets, kind="stable")
-        ordered = batch.take(pa.array(order))
-        bounds = np.searchsorted(buckets[order], np.arange(self.buckets + 1))
+        self.schema = rows.schema
+        buckets = rows.column("_bucket").to_numpy()
+        if np.any(buckets[1:] < buckets[:-1]):
+            raise ValueError("the shuffle's rows must come in _bucket order")
+        bounds = np.searchsorted(buckets, np.arange(self.buckets + 1))
         for bucket in np.flatnonzero(np.diff(bounds)):
-            self.buffers[bucket].append(ordered.slice(bounds[bucket], bounds[bucket + 1] - bounds[bucket]))
-        self.buffered += batch.nbytes
+            self.buffers[bucket].append(rows.slice(bounds[bucket], bounds[bucket + 1] - bounds[bucket]))
+        self.buffered += rows.nbytes
         if self.buffered > SPILL_BYTES:
             self.flush()
 
@@ -77,7 +77,7 @@ class Spill:
                 continue
             if bucket not in self.writers:
                 self.writers[bucket] = pa.ipc.new_file(os.path.join(self.directory, f"{bucket}.arrow"), self.schema)
-            self.writers[bucket].write_table(pa.Table.from_batches(batches, self.schema))
+            self.writers[bucket].write_table(pa.concat_tables(batches))
             self.buffers[bucket] = []
         self.buffered = 0
 
@@ -103,7 +103,7 @@ class Spill:
 class DuckDBEngine(Engine):
     dialect = DUCKDB
 
-    def __init__(self, memory_limit: str = DEFAULT_MEMORY, threads: int = 0, temp_dir: str = ""):
+    def __init__(self, memory_limit: str, threads: int = 0, temp_dir: str = ""):
         self.tmp = tempfile.mkdtemp(prefix="two-tower-prepare-", dir=temp_dir or None)
         self.threads = threads or os.cpu_count() or 1
         self.con = duckdb.connect(":memory:", config={
@@ -189,8 +189,7 @@ class DuckDBEngine(Engine):
                 if spill is None:
                     submit(rows, output.file(chunk))
                 else:
-                    for batch in rows.to_batches(FETCH_ROWS):
-                        spill.add(batch)
+                    spill.add(rows)
             if spill is not None:
                 for bucket in range(output.files):
                     table = spill.table(bucket)

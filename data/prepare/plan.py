@@ -266,9 +266,9 @@ class Plan:
                 f"LEFT JOIN (SELECT e.user, e.item, min(e.pos) AS first_pos FROM events e JOIN q_{split} t "
                 f"ON e.user = t.user AND e.item = t.target GROUP BY e.user, e.item) f "
                 f"ON q.user = f.user AND q.target = f.item")
-        targets, repeat = self.engine.rows(f"SELECT count(*), coalesce(sum(rep), 0) FROM ({reps}) r")[0]
-        all_repeat = self.scalar(f"SELECT count(*) FROM (SELECT user, min(rep) AS r FROM ({reps}) x GROUP BY user) y "
-                                 f"WHERE r = 1")
+        targets, repeat, all_repeat = self.engine.rows(
+            f"SELECT coalesce(sum(t), 0), coalesce(sum(r), 0), coalesce(sum(CASE WHEN a = 1 THEN 1 ELSE 0 END), 0) "
+            f"FROM (SELECT user, count(*) AS t, sum(rep) AS r, min(rep) AS a FROM ({reps}) x GROUP BY user) y")[0]
         return {"queries": self.counts[f"{split}_rows"], "targets": int(targets), "repeat_targets": int(repeat),
                 "repeat_share": float(repeat / targets) if targets else 0.0, "queries_all_repeat": int(all_repeat)}
 
