@@ -6,7 +6,7 @@ DEMO    ?= prepared/synthetic
 ARGS    ?=
 TESTS   ?= tests
 
-.PHONY: setup demo lint test ui-screenshot bench-loader bench-quality bench-train-step bench-sequence-step bench-serving bench-faults bench-prepare clean
+.PHONY: setup demo lint test docs ui-screenshot bench-loader bench-quality bench-train-step bench-sequence-step bench-serving bench-faults bench-prepare clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: setup
 
 lint: setup
 	$(PY) -m ruff check .
+
+# The benchmark tables in README.md and docs/ from bench/results/*.json (tests/test_docs.py fails on a stale page).
+docs: setup
+	$(PY) -m bench.tables --write
 
 test: lint
 	$(PY) -m pytest $(TESTS) -q -ra --durations=25

@@ -1,4 +1,4 @@
-"""What each fault costs, measured on real processes and files (README "Reliability").
+"""What each fault costs, measured on real processes and files (docs/reliability.md).
 
     python -m bench.faults [--repeats 5] [--out bench/results/faults.json]
 

@@ -186,7 +186,8 @@ def summarise(results: list[dict]) -> dict:
             "median_seconds": statistics.median(seconds) if seconds else None,
             "peak_rss_mib": [r["peak_rss_mib"] for r in ok],
             "median_peak_rss_mib": statistics.median([r["peak_rss_mib"] for r in ok]) if ok else None,
-            "errors": [r["stderr"] for r in results if r["returncode"] != 0][:1]}
+            "errors": [r["stderr"] for r in results if r["returncode"] != 0][:1],
+            "failed_seconds": [r["seconds"] for r in results if r["returncode"] != 0]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-commit", default=BASELINE_COMMIT)
     parser.add_argument("--timeout-s", type=float, default=5400)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "prepare.json"))
+    parser.add_argument("--update", action="store_true", help="keep the other entries of --out; replace only the "
+                                                               "engines and sizes run now (each entry is dated)")
+    parser.add_argument("--warmup-events", type=float, help="the warm-up's log (default: the smallest size)")
+    parser.add_argument("--no-loader", action="store_true", help="skip the loader's local disk vs S3 runs")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -210,9 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     memory = psutil.virtual_memory().total
     report = {"machine": {**machine(), "memory_gib": memory / 2**30}, "baseline_commit": args.baseline_commit,
               "logs": {}, "results": {}, "date": time.strftime("%Y-%m-%d")}
+    if args.update and Path(args.out).is_file():
+        report = {**json.loads(Path(args.out).read_text()), "updated": time.strftime("%Y-%m-%d")}
     logs = {}
     report["log_shape"] = {"mean_events": args.mean_events, "items_per_event": args.items_per_event}
-    for n in sizes:
+    warmup = int(args.warmup_events or sizes[0])
+    for n in sorted(set(sizes) | {warmup}):
         logs[n] = workdir / f"log-{n}-{args.mean_events:g}-{args.items_per_event:g}.parquet"
         if not logs[n].is_file():
             print(f"generating {n:,} events", flush=True)
@@ -221,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             report["logs"][str(n)] = {"events": pq.ParquetFile(logs[n]).metadata.num_rows,
                                       "bytes": logs[n].stat().st_size}
     for engine in args.engines:
-        run_engine(engine, logs[sizes[0]], workdir, baseline, args.timeout_s)  # warm-up
+        run_engine(engine, logs[warmup], workdir, baseline, args.timeout_s)  # warm-up
         for n in sizes:
             if engine == "pandas" and n * BYTES_PER_EVENT_PANDAS > 0.8 * memory:
                 need = n * BYTES_PER_EVENT_PANDAS / 2**30
@@ -234,16 +242,17 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(run_engine(engine, logs[n], workdir, baseline, args.timeout_s))
                 print(f"{engine} {n:,}: {results[-1]['seconds']:.1f} s, {results[-1]['peak_rss_mib']:,.0f} MiB, "
                       f"rc {results[-1]['returncode']}", flush=True)
-            summary = summarise(results)
+            summary = {**summarise(results), "date": time.strftime("%Y-%m-%d")}
             if summary["median_seconds"]:
                 summary["events_per_s"] = n / summary["median_seconds"]
             report["results"][f"{engine}/{n}"] = summary
             Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    loader_dir = workdir / "loader-prepared"
-    if not (loader_dir / "_manifest.json").is_file():
-        subprocess.run(command("duckdb", logs[sizes[0]], loader_dir), cwd=ROOT, check=True, capture_output=True)
-    report["loader"] = s3_loader(loader_dir, args.runs)
-    report["targets"] = targets(report, sizes)
+    if not args.no_loader:
+        loader_dir = workdir / "loader-prepared"
+        if not (loader_dir / "_manifest.json").is_file():
+            subprocess.run(command("duckdb", logs[sizes[0]], loader_dir), cwd=ROOT, check=True, capture_output=True)
+        report["loader"] = s3_loader(loader_dir, args.runs)
+    report["targets"] = targets(report, sorted({int(k.split("/")[1]) for k in report["results"]}))
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["targets"], indent=2))
     return 0

@@ -30,10 +30,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import machine
+from bench.common import machine, tower_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"bags": "configs/ml1m.yaml", "transformer": "configs/ml1m_transformer.yaml"}
+COMMITTED = ("configs/ml1m.yaml", "configs/ml1m_transformer.yaml")  # one per query tower
+
+CONFIGS = tower_configs(COMMITTED)
 # The published rows on the same protocol (issue 14 and ../shared/datasets/README.md).
 PUBLISHED = {
     "SASRec (generative-recommenders README)": {"hr@10": 0.2853, "ndcg@10": 0.1603, "hr@50": 0.5474,

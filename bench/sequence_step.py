@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
+import towers
 from bench.common import machine, peak_rss_mib
 from bench.train_step import catalogue_meta, popularity
 from config import JobConfig, load_config
@@ -46,23 +47,20 @@ from data import schema
 from data.batch import SequenceBatch, TrainBatch, make_kjt
 from data.keys import ITEM_KEY, SEQUENCE_KEY, QueryLayout, candidate_keys
 from data.sampler import NegativeSampler
-from serving.plain import PlainTowers
-from serving.sequence import PlainSequenceTower, SequenceShape
-from sharding.tables import table_configs
-from trainer.export import kjt_features
+from towers.shared import kjt_features
 from trainer.loss import CandidateLogQ, RetrievalLoss, SequenceRetrievalLoss
-from trainer.model import table_specs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"transformer": "configs/ml1m_transformer.yaml", "bags": "configs/ml1m.yaml"}
+SEQUENCE_CONFIG = "configs/ml1m_transformer.yaml"  # the step benchmark's tower
+EPOCH_CONFIGS = ("configs/ml1m.yaml", SEQUENCE_CONFIG)  # the ML-1M epochs: each tower's committed config
 IMPLS = ("torchrec", "torchrec_unmerged", "sparse_adam", "dense_adam")
 RESULTS = ROOT / "bench" / "results"
 
 
-def job_config(tower: str, data: str | None = None, impl: str = "torchrec") -> JobConfig:
+def job_config(config: str, data: str | None = None, impl: str = "torchrec") -> JobConfig:
     overrides = ["tracking.enabled=false", "export.enabled=false"] + ([f"data.path={data}"] if data else [])
     overrides += ["loss.merge_duplicates=false"] if impl == "torchrec_unmerged" else []
-    return load_config(str(ROOT / CONFIGS[tower]), overrides)
+    return towers.resolve(load_config(str(ROOT / config), overrides))
 
 
 def sequence_batches(cfg: JobConfig, num_items: int, probs: np.ndarray, count: int,
@@ -116,15 +114,9 @@ class PlainSequenceModel(torch.nn.Module):
     def __init__(self, cfg: JobConfig, meta: schema.Metadata, freq: np.ndarray, proposal: np.ndarray,
                  sparse: bool):
         super().__init__()
-        tables = table_specs(table_configs(meta, cfg.loader, cfg.model))
-        dims = {f: t.dim for t in tables for f in t.features}
         self.query_keys = QueryLayout.for_data(meta, (), cfg.loader.use_user_id).keys
         self.candidate_keys = candidate_keys([f.name for f in meta.item_features])[1:]
-        shape = SequenceShape(cfg.model.item_dim, cfg.model.blocks, cfg.model.heads, cfg.model.dropout,
-                              list(cfg.model.hidden_dims), cfg.model.output_dim)
-        self.tower = PlainSequenceTower(shape, meta.num_items + 1, cfg.loader.max_sequence_length, tables,
-                                        self.query_keys, sum(dims[k] for k in self.candidate_keys),
-                                        tuple(cfg.loader.history_bags), sparse=sparse)
+        self.tower = towers.of(cfg).plain(meta, cfg, sparse=sparse)
         self.loss_fn = SequenceRetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive,
                                              log_q(cfg, freq, proposal), cfg.loss.max_logits, merge=False)
 
@@ -147,10 +139,7 @@ class PlainBagModel(torch.nn.Module):
     def __init__(self, cfg: JobConfig, meta: schema.Metadata, freq: np.ndarray, proposal: np.ndarray,
                  sparse: bool):
         super().__init__()
-        layout = QueryLayout.for_data(meta, cfg.loader.history_bags, cfg.loader.use_user_id)
-        self.towers = PlainTowers(table_specs(table_configs(meta, cfg.loader, cfg.model)), layout.keys,
-                                  candidate_keys([f.name for f in meta.item_features]), cfg.model.hidden_dims,
-                                  cfg.model.output_dim, sparse=sparse)
+        self.towers = towers.of(cfg).plain(meta, cfg, sparse=sparse)
         self.loss_fn = RetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive,
                                      log_q(cfg, freq, proposal), cfg.loss.max_logits, merge=False)
 
@@ -203,7 +192,7 @@ def top_ops(prof, count: int = 10) -> list[dict]:
 
 def step_worker(impl: str, items: int, warmup: int, steps: int, profile: str | None) -> dict:
     torch.manual_seed(0)
-    cfg = job_config("transformer", impl=impl)
+    cfg = job_config(SEQUENCE_CONFIG, impl=impl)
     meta = catalogue_meta(items)
     probs = popularity(items)
     data, sampler = sequence_batches(cfg, items, probs, warmup + steps + 3, seed=0)  # the pipeline reads ahead
@@ -243,14 +232,14 @@ def step_worker(impl: str, items: int, warmup: int, steps: int, profile: str | N
     return result
 
 
-def epoch_worker(tower: str, impl: str, data_path: str) -> dict:
+def epoch_worker(config: str, impl: str, data_path: str) -> dict:
     """One ML-1M training epoch, end to end: the loader, every step and the log lines (no evaluation)."""
     from data.loader import open_loader
     from trainer import distributed
     from trainer.state import LoopState
     from trainer.train import build, seed_everything
 
-    cfg = job_config(tower, data_path, impl)
+    cfg = job_config(config, data_path, impl)
     seed_everything(cfg.seed)
     if impl.startswith("torchrec"):
         trainer = build(cfg, distributed.init("cpu"))
@@ -261,8 +250,9 @@ def epoch_worker(tower: str, impl: str, data_path: str) -> dict:
                      f"loss.merge_duplicates={str(cfg.loss.merge_duplicates).lower()}")
     else:
         meta = schema.Metadata.load(data_path)
-        loader = open_loader(data_path, cfg.loader, "train", 0, 1, meta, query_tower=tower)
-        model_class = PlainSequenceModel if tower == "transformer" else PlainBagModel
+        layout = towers.of(cfg).layout
+        loader = open_loader(data_path, cfg.loader, "train", 0, 1, meta, layout=layout)
+        model_class = PlainSequenceModel if layout.sequence else PlainBagModel
         model = model_class(cfg, meta, loader.catalogue.freq, loader.sampler.probs, impl == "sparse_adam")
         step, optimizer = plain_step(model, impl, cfg.optim.dense_lr)
         examples = meta.counts["train_examples"]
@@ -278,8 +268,8 @@ def epoch_worker(tower: str, impl: str, data_path: str) -> dict:
                 float(torch.stack(losses).mean())
                 losses = []
     seconds = time.perf_counter() - start
-    return {"tower": tower, "impl": impl, "optimizer": optimizer, "seconds": seconds, "examples": examples,
-            "examples_per_s": examples / seconds, "peak_rss_mib": peak_rss_mib()}
+    return {"tower": cfg.model.query_tower, "impl": impl, "optimizer": optimizer, "seconds": seconds,
+            "examples": examples, "examples_per_s": examples / seconds, "peak_rss_mib": peak_rss_mib()}
 
 
 def run(args: list[str]) -> dict:
@@ -313,7 +303,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "sequence_step.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--items", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--tower", help=argparse.SUPPRESS)
+    parser.add_argument("--tower", help=argparse.SUPPRESS)  # an epoch worker: the config of its tower
     parser.add_argument("--trace", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -341,11 +331,12 @@ def main() -> None:
                        "--trace", str(RESULTS / "sequence_step_trace.json.gz")])
         profile = {"items": 10**6, "trace": profile["trace"], "top_ops": profile["top_ops"]}
     if args.epoch:
-        for tower in ("bags", "transformer"):
+        for config in EPOCH_CONFIGS:
+            tower = job_config(config).model.query_tower
             runs = {impl: [] for impl in args.impls}
             for _ in range(args.epoch_repeats):
                 for impl in runs:
-                    runs[impl].append(run(["--worker", impl, "--tower", tower, "--epoch", args.epoch]))
+                    runs[impl].append(run(["--worker", impl, "--tower", config, "--epoch", args.epoch]))
             for impl, done in runs.items():
                 epochs.append(median_row(done, "examples_per_s"))
                 print(f"ML-1M epoch  {tower:<12} {impl:<12} {epochs[-1]['examples_per_s']:>9,.0f} examples/s "
@@ -354,12 +345,12 @@ def main() -> None:
     ratios = {str(items): {f"torchrec_over_{impl}": speed["torchrec", items] / speed[impl, items]
                            for impl in args.impls if impl != "torchrec" and ("torchrec", items) in speed}
               for items in args.sizes}
-    cfg = job_config("transformer")
+    cfg = job_config(SEQUENCE_CONFIG)
     result = {"machine": machine(),
-              "setup": {"config": CONFIGS["transformer"], "batch_size": cfg.loader.batch_size,
+              "setup": {"config": SEQUENCE_CONFIG, "batch_size": cfg.loader.batch_size,
                         "max_sequence_length": cfg.loader.max_sequence_length,
                         "negatives": cfg.loader.num_negatives, "sampler": cfg.loader.sampler,
-                        "item_dim": cfg.model.item_dim, "blocks": cfg.model.blocks,
+                        "item_dim": cfg.model.item_dim, "blocks": cfg.model.tower.blocks,
                         "hidden_dims": cfg.model.hidden_dims, "history_bags": cfg.loader.history_bags,
                         "popularity": "zipf(1.0)", "warmup_steps": args.warmup, "steps": args.steps,
                         "repeats": args.repeats, "epoch_repeats": args.epoch_repeats if args.epoch else 0,

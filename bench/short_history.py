@@ -26,10 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine
+from bench.common import machine, tower_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"bags": "configs/ml1m.yaml", "transformer": "configs/sequences.yaml"}
+COMMITTED = ("configs/ml1m.yaml", "configs/sequences.yaml")  # one per query tower
+
+CONFIGS = tower_configs(COMMITTED)
 REPORTED = ("hr@10", "ndcg@10", "hr@50", "hr@200", "mrr", "coverage@10")
 
 

@@ -1,15 +1,23 @@
-"""The README's benchmark tables, printed from the results JSON, so no number is copied by hand.
+"""The docs' benchmark tables, generated from the results JSON, so no number is copied by hand.
 
-    .venv/bin/python -m bench.tables train_step | sequence_step | prepare
+    .venv/bin/python -m bench.tables train_step | sequence_step | prepare   # print one
+    .venv/bin/python -m bench.tables --write                                  # rewrite every page (make docs)
+    .venv/bin/python -m bench.tables --check                                  # exit 1 naming stale pages
+
+A page marks each generated table with `<!-- table: NAME -->` ... `<!-- /table -->`; tests/test_docs.py fails
+when a committed page differs from what its JSON generates.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+BLOCK = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 NAMES = {"torchrec": "project", "torchrec_unmerged": "project unmerged",
          "sparse_adam": "SparseAdam", "dense_adam": "dense Adam"}
 
@@ -63,7 +71,10 @@ def prepare_table(result: dict) -> list[str]:
         if "skipped" in row:
             lines.append(f"| {int(events):,} | {ENGINES[engine]} | - | not run: {row['skipped']} | | |")
         elif row["median_seconds"] is None:
-            lines.append(f"| {int(events):,} | {ENGINES[engine]} | {row['runs']} | failed | | |")
+            error = (row.get("errors") or [""])[0].strip().splitlines()
+            after = f" after {row['failed_seconds'][0]:,.0f} s" if row.get("failed_seconds") else ""
+            lines.append(f"| {int(events):,} | {ENGINES[engine]} | {row['runs']} | failed{after}: "
+                         f"`{error[-1] if error else 'no message'}` | | |")
         else:
             lines.append(f"| {int(events):,} | {ENGINES[engine]} | {row['ok']} | {row['median_seconds']:,.1f} | "
                          f"{row['events_per_s']:,.0f} | {row['median_peak_rss_mib']:,.0f} |")
@@ -79,8 +90,15 @@ def prepare_table(result: dict) -> list[str]:
     return lines
 
 
-def main(argv: list[str]) -> None:
-    name = argv[0] if argv else "train_step"
+def provenance(result: dict) -> str:
+    """When and where the numbers were measured: the results' date and machine."""
+    m = result.get("machine", {})
+    date = result.get("date") or m.get("date") or "on an unrecorded date"
+    device = m.get("gpu") or f"{m.get('cpus', '?')} CPU cores, no GPU"
+    return f"Measured {date} on {device} (torch {m.get('torch', '?')}), `bench/results/` JSON."
+
+
+def table(name: str) -> list[str]:
     result = json.loads((RESULTS / f"{name}.json").read_text())
     if name == "prepare":
         lines = prepare_table(result)
@@ -92,8 +110,36 @@ def main(argv: list[str]) -> None:
             lines += [""] + epoch_table(result)
         if result.get("profile"):
             lines += [""] + profile_table(result)
-    print("\n".join(lines))
+    return lines + ["", provenance(result)]
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+    return [root / "README.md"] + sorted((root / "docs").glob("*.md"))
+
+
+def regenerated(text: str) -> str:
+    """The page with each marked table replaced by what its JSON generates now."""
+    return BLOCK.sub(lambda m: m.group(1) + "\n".join(table(m.group(2))) + "\n" + m.group(4), text)
+
+
+def stale(root: Path = ROOT) -> list[str]:
+    """Pages whose generated tables differ from their JSON."""
+    return [str(page.relative_to(root)) for page in pages(root) if regenerated(page.read_text()) != page.read_text()]
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--write":
+        for page in pages():
+            page.write_text(regenerated(page.read_text()))
+        return 0
+    if argv and argv[0] == "--check":
+        out = stale()
+        if out:
+            print(f"stale benchmark tables in {', '.join(out)}: run `make docs`", file=sys.stderr)
+        return 1 if out else 0
+    print("\n".join(table(argv[0] if argv else "train_step")))
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

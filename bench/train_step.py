@@ -32,17 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import towers
 from bench.common import machine, peak_rss_mib
 from config import JobConfig, load_config
 from data import schema
 from data.batch import TrainBatch, make_kjt
 from data.keys import QueryLayout, candidate_keys
 from data.sampler import NegativeSampler
-from serving.plain import PlainTowers
-from sharding.tables import table_configs
 from trainer.export import kjt_features
 from trainer.loss import CandidateLogQ, RetrievalLoss
-from trainer.model import table_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,24 +107,21 @@ def torchrec_step(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, samp
 
 
 def plain_step(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, sampler: NegativeSampler, sparse: bool):
-    specs = table_specs(table_configs(meta, cfg.loader, cfg.model))
-    query_keys = QueryLayout.for_data(meta, cfg.loader.history_bags, cfg.loader.use_user_id).keys
-    towers = PlainTowers(specs, query_keys, candidate_keys([]), cfg.model.hidden_dims, cfg.model.output_dim,
-                         sparse=sparse)
+    plain = towers.of(cfg).plain(meta, cfg, sparse=sparse)
     loss_fn = loss_module(cfg, probs, sampler)
-    tables = list(towers.tables.parameters())
-    dense = [p for name, p in towers.named_parameters() if not name.startswith("tables.")]
+    tables = list(plain.tables.parameters())
+    dense = [p for name, p in plain.named_parameters() if not name.startswith("tables.")]
     if sparse:
         lr = cfg.optim.dense_lr
         optimizers = [torch.optim.SparseAdam(tables, lr=lr), torch.optim.Adam(dense, lr=lr, fused=True)]
         name = "SparseAdam (tables) + fused adam (MLPs)"
     else:
-        optimizers = [torch.optim.Adam(towers.parameters(), lr=cfg.optim.dense_lr)]
+        optimizers = [torch.optim.Adam(plain.parameters(), lr=cfg.optim.dense_lr)]
         name = "adam over all parameters"
 
     def step(stream) -> None:
         batch = next(stream)
-        query, candidates = towers.towers(kjt_features(batch.sparse), batch.batch_size)
+        query, candidates = plain.towers(kjt_features(batch.sparse), batch.batch_size)
         loss = loss_fn(query, candidates, batch)
         for optimizer in optimizers:
             optimizer.zero_grad()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 
 
 class ConfigError(ValueError):
@@ -33,7 +33,6 @@ INDEX_KINDS = ("hnsw", "flat")
 # TorchRec's training compute kernels: "dense" is a replicated (data-parallel) table, the uvm ones need CUDA.
 COMPUTE_KERNELS = ("fused", "dense", "fused_uvm", "fused_uvm_caching")
 METRICS = ("hr", "recall", "ndcg", "mrr", "coverage")
-QUERY_TOWERS = ("bags", "transformer")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -89,21 +88,14 @@ class ModelConfig:
     feature_dim: int = 16  # user, context and item feature tables
     hidden_dims: list[int] = field(default_factory=lambda: [256])
     output_dim: int = 64
-    share_item_table: bool = True
-    # "bags": mean-pooled history bags in the EBC; "transformer": a causal transformer over the history, its
-    # items looked up unpooled in an EmbeddingCollection shared with the candidate side.
-    query_tower: str = "bags"
-    blocks: int = 2  # transformer: pre-norm self-attention blocks
-    heads: int = 1  # transformer: attention heads (model.item_dim must divide by it)
-    dropout: float = 0.2  # transformer: on the input embeddings, attention and feed-forward outputs
+    # The query tower (towers/: each registered tower's module says what it is), and its own section: only the
+    # chosen tower's fields, typed by its dataclass once towers.resolve(cfg) has run ("": the registry's default).
+    query_tower: str = ""
+    tower: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check(self.query_tower in QUERY_TOWERS, f"model.query_tower must be one of {QUERY_TOWERS}, got "
-                                                f"'{self.query_tower}'")
-        check(self.blocks >= 1 and self.heads >= 1 and self.item_dim % self.heads == 0,
-              f"model.blocks and model.heads must be >= 1, and model.item_dim ({self.item_dim}) divisible by "
-              f"model.heads ({self.heads})")
-        check(0 <= self.dropout < 1, f"model.dropout must be in [0, 1), got {self.dropout}")
+        check(isinstance(self.tower, dict) or is_dataclass(self.tower),
+              f"model.tower must be a mapping (the {self.query_tower or 'default'} tower's fields), got {self.tower!r}")
         check(self.item_dim % 4 == 0 and self.feature_dim % 4 == 0 and min(self.item_dim, self.feature_dim) > 0,
               "model.item_dim and model.feature_dim must be positive multiples of 4 (FBGEMM row alignment)")
         check(self.output_dim >= 1 and all(d >= 1 for d in self.hidden_dims),
@@ -129,8 +121,8 @@ class LossConfig:
     # One logit column per distinct candidate item, its bias raised by log(copies): the same loss and per-item
     # gradients as one column per copy, with fewer logits (trainer/loss.py). false: one column per copy.
     merge_duplicates: bool = True
-    # Transformer: a position's negatives leave out the items it has already read (its row up to and including
-    # it), its own target excepted. With eval.filter_seen those items are never ranked, so training stops
+    # Sequence towers: a position's negatives leave out the items it has already read (its row up to and
+    # including it), its own target excepted. With eval.filter_seen those items are never ranked, so training stops
     # spending capacity on pushing them down (trainer/loss.py:seen_hits).
     mask_seen: bool = False
 
@@ -185,7 +177,7 @@ class EvalConfig:
     batch_size: int = 1024
     popularity_baseline: bool = True
     # Remove what the user consumed before the query from the ranking; targets among those are left out
-    # (README "Evaluation protocol"). false: rank everything, for domains where repeats are the point.
+    # (docs/data.md "Evaluation protocol"). false: rank everything, for domains where repeats are the point.
     filter_seen: bool = True
 
     def __post_init__(self) -> None:
@@ -209,7 +201,7 @@ class CheckpointConfig:
     dir: str = ""  # empty: no checkpoints; otherwise the job resumes from the latest one here
     every_steps: int = 0  # also checkpoint every N steps (0: only at the end of each epoch)
     keep_last: int = 3
-    # Config keys a resume may change beyond the always-safe ones (README "Reliability"), e.g. [optim.sparse_lr].
+    # Config keys a resume may change beyond the always-safe ones (docs/reliability.md), e.g. [optim.sparse_lr].
     allow_changes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -269,14 +261,6 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         self.loader.seed = self.seed
-        check(self.model.query_tower == "transformer" or bool(self.loader.history_bags),
-              "loader.history_bags is empty: the bags tower's query needs at least one history bag")
-        check(self.model.query_tower == "bags" or self.model.share_item_table,
-              "model.share_item_table=false is for the bags tower; the transformer looks up history and candidates "
-              "in one EmbeddingCollection table")
-        check(self.model.query_tower == "transformer" or not self.loss.mask_seen,
-              "loss.mask_seen=true is for the transformer tower (model.query_tower=transformer): the bags tower's "
-              "batches do not carry each query's whole history")
         check(self.loss.in_batch or self.loader.num_negatives > 0,
               "loss.in_batch=false needs loader.num_negatives > 0: there would be no negatives")
         name, _, k = self.train.early_stopping_metric.partition("@")

@@ -13,6 +13,7 @@ batching of `SplitLoader`. Guarantees (tested in tests/test_loader.py):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -46,7 +47,7 @@ class SplitLoader(ABC):
     """One rank's batches of one split. Subclasses say which files and columns, in which order, and
     how a batch is made; reading, rank splitting, shuffling and padding are shared."""
 
-    sequence = False  # batches for the transformer tower
+    sequence = False  # sequence batches (SEQUENCE below): the history unpooled, a query at every position
 
     split = "train"  # the metadata's name of the split's files (schema.SPLIT_DIRS)
 
@@ -318,14 +319,28 @@ class SequenceEvalLoader(EvalLoader):
                                  positions=torch.from_numpy(positions))
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """The batches a query tower trains and evaluates on (its module in towers/ names one)."""
+
+    train: type[TrainLoader]
+    eval: type[EvalLoader]
+
+    @property
+    def sequence(self) -> bool:
+        """Sequence batches: every position of a row is a query (the loss reads `batch.sequence`)."""
+        return self.train.sequence
+
+
+POOLED = BatchLayout(TrainLoader, EvalLoader)  # one query per row, its history as pooled bags
+SEQUENCE = BatchLayout(SequenceLoader, SequenceEvalLoader)  # the history unpooled, a query at every position
+
+
 def open_loader(directory: "str | Location", cfg: LoaderConfig, split: str = "train", rank: int = 0,
-                world_size: int = 1,
-                meta: schema.Metadata | None = None, batch_size: int | None = None,
-                query_tower: str = "bags") -> SplitLoader:
-    """The loader of a split for a query tower: training batches of `cfg.batch_size`, or evaluation batches of
-    `batch_size`."""
-    sequence = query_tower == "transformer"
+                world_size: int = 1, meta: schema.Metadata | None = None, batch_size: int | None = None,
+                layout: BatchLayout = POOLED) -> SplitLoader:
+    """The loader of a split in a tower's batch layout: training batches of `cfg.batch_size`, or evaluation
+    batches of `batch_size`."""
     if split == "train":
-        return (SequenceLoader if sequence else TrainLoader)(directory, cfg, rank, world_size, meta)
-    return (SequenceEvalLoader if sequence else EvalLoader)(directory, cfg, split, batch_size or cfg.batch_size,
-                                                            rank, world_size, meta)
+        return layout.train(directory, cfg, rank, world_size, meta)
+    return layout.eval(directory, cfg, split, batch_size or cfg.batch_size, rank, world_size, meta)

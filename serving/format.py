@@ -1,8 +1,8 @@
 """The export format: what `trainer/export.py` writes and `serving/model.py` reads.
 
     <export>/export.json      the manifest below: architecture, query semantics, provenance, index
-    <export>/query_tower.pt   the plain query tower's state dict (torch.load(weights_only=True)): PlainTowers'
-                              (bags) or PlainSequenceTower's (transformer), as the manifest's query_tower.kind
+    <export>/query_tower.pt   the plain query tower's state dict (torch.load(weights_only=True)), of the serving
+                              module the manifest's query_tower.model names (serving/model.py:SERVING_MODULES)
     <export>/items.parquet    item, raw_id, title, freq, embedding (L2-normalised, fixed_size_list<float32>)
     <export>/items.faiss      ANN index over the embeddings, inner product (ids = item)
     <export>/id_maps/         raw value -> id of each query feature (and of users, with a user table)
@@ -20,7 +20,7 @@ from serving.plain import TableSpec
 from storage import Location, StorageError, location, require_committed
 from storage import Manifest as CommitManifest
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: query_tower.model names the serving module
 MANIFEST_FILE = "export.json"
 QUERY_TOWER_FILE = "query_tower.pt"
 ITEM_EMBEDDINGS_FILE = "items.parquet"  # not the prepared catalogue (data.schema.ITEMS_FILE), though named alike
@@ -51,9 +51,10 @@ class QueryTower:
     max_history: int
     use_user_id: bool
     features: list[dict]  # {"name": user or context feature, "multi": is a list}
-    kind: str = "bags"  # model.query_tower: "bags", or "transformer" (serving/sequence.py)
-    # transformer: shape (serving.sequence.SequenceShape), item_vocab, max_length, candidate_dim; history_bags
-    # are then its causal bags
+    kind: str  # model.query_tower (the tower that was trained), for people: serving reads `model`
+    model: str  # the serving module's class (serving/model.py:SERVING_MODULES), rebuilt by its from_manifest
+    # what that module needs beyond the fields above (the sequence module: shape, item_vocab, max_length,
+    # candidate_dim; history_bags are then its causal bags)
     sequence: dict = field(default_factory=dict)
 
 

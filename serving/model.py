@@ -1,9 +1,10 @@
 """An export directory (serving/format.py) loaded for serving, without TorchRec.
 
-Loading needs torch, numpy, pyarrow and faiss only: the query tower is plain `nn.EmbeddingBag`s (bags) or
-`serving.sequence.PlainSequenceTower` (transformer) loaded with `torch.load(weights_only=True)`, the items are
-Parquet and the index is faiss. A query is built by `data.keys.QueryLayout`, the code the training loader
-uses; the transformer's sequence is the history's last `max_length` ids, oldest first, as its loader cuts it.
+Loading needs torch, numpy, pyarrow and faiss only: the query tower is the serving module the manifest names
+(`SERVING_MODULES`: plain `nn.EmbeddingBag`s, or `serving.sequence.PlainSequenceTower`) loaded with
+`torch.load(weights_only=True)`, the items are Parquet and the index is faiss. A query is built by
+`data.keys.QueryLayout`, the code the training loader uses; a sequence module cuts the history as its
+loader does.
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ from serving.format import (
     read_verified,
 )
 from serving.plain import PlainTowers
-from serving.sequence import PlainSequenceTower, SequenceShape
+from serving.sequence import PlainSequenceTower
 from storage import Location, location
+
+# The query towers serving can run, by class name (the manifest's query_tower.model): each has
+# `from_manifest(tower)`, `pools_history` and `encode(history, features)`.
+SERVING_MODULES = {module.__name__: module for module in (PlainTowers, PlainSequenceTower)}
 
 
 def parquet(data: bytes) -> pa.Table:
@@ -49,19 +54,16 @@ class ExportedModel:
         read = lambda name: read_verified(self.directory, name, commit)
         self.manifest = Manifest.from_json(read(MANIFEST_FILE).decode(), str(self.directory / MANIFEST_FILE))
         tower = self.manifest.query_tower
-        self.sequence = tower.kind == "transformer"
-        self.layout = QueryLayout.of(() if self.sequence else tower.history_bags, tower.use_user_id,
+        if tower.model not in SERVING_MODULES:
+            raise ExportError(f"{self.directory / MANIFEST_FILE}: query_tower.model '{tower.model}' is not a serving "
+                              f"module of this version ({', '.join(SERVING_MODULES)})")
+        module = SERVING_MODULES[tower.model]
+        self.layout = QueryLayout.of(tower.history_bags if module.pools_history else (), tower.use_user_id,
                                      [(f["name"], f["multi"]) for f in tower.features])
         if self.layout.keys != tower.query_keys:
             raise ExportError(f"{self.directory}: the manifest's query keys {tower.query_keys} are not those of its "
                               f"query layout {self.layout.keys}")
-        if self.sequence:
-            seq = tower.sequence
-            self.tower = PlainSequenceTower(SequenceShape(**seq["shape"]), seq["item_vocab"], seq["max_length"],
-                                            tower.tables, tower.query_keys, seq["candidate_dim"],
-                                            tuple(tower.history_bags))
-        else:
-            self.tower = PlainTowers(tower.tables, tower.query_keys, [], tower.hidden_dims, tower.output_dim)
+        self.tower = module.from_manifest(tower)
         self.tower.load_state_dict(torch.load(io.BytesIO(read(QUERY_TOWER_FILE)), weights_only=True))
         self.tower.eval()
         items = parquet(read(ITEM_EMBEDDINGS_FILE))
@@ -92,16 +94,9 @@ class ExportedModel:
         return {key: (torch.from_numpy(lengths), torch.from_numpy(values))
                 for key, (lengths, values) in zip(self.layout.keys, arrays)}
 
-    def sequence_input(self, history: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The transformer's (lengths, ids) of one query: the last `max_length` of the history's last
-        `max_history` ids (the prepared data's cut, then the loader's), oldest first."""
-        tower = self.manifest.query_tower
-        ids = np.asarray(history[-tower.max_history:][-tower.sequence["max_length"]:], dtype=np.int64)
-        return torch.tensor([len(ids)]), torch.from_numpy(ids)
-
     def encode(self, history: list[int], features: dict[str, list[int]], user: int = PAD_ID) -> np.ndarray:
         with torch.no_grad():
             inputs = self.query_input(history, features, user)
-            if self.sequence:
-                return self.tower.query(*self.sequence_input(history), inputs).numpy()[0]
-            return self.tower.query(inputs).numpy()[0]
+            # the prepared data's cut (its max history), then the module's own
+            ids = torch.tensor(history[-self.manifest.query_tower.max_history:], dtype=torch.int64)
+            return self.tower.encode(ids, inputs).numpy()[0]

@@ -84,6 +84,17 @@ class PlainTowers(nn.Module):
     def candidate(self, features: Features) -> torch.Tensor:
         return self.side(self.candidate_keys, self.candidate_mlp, features)
 
+    pools_history = True  # the history reaches it as pooled bags among the query keys (data.keys.QueryLayout)
+
+    @classmethod
+    def from_manifest(cls, tower) -> "PlainTowers":
+        """The exported query tower (serving.format.QueryTower)."""
+        return cls(tower.tables, tower.query_keys, [], tower.hidden_dims, tower.output_dim)
+
+    def encode(self, history: torch.Tensor, features: Features) -> torch.Tensor:
+        """One query, its history already among the features as bags."""
+        return self.query(features)
+
     def towers(self, features: Features, num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Same contract as `TwoTower.towers`: queries of rows [0, num_queries), candidates of all rows."""
         return self.query(features, num_queries), self.candidate(features)

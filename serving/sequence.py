@@ -175,13 +175,27 @@ class PlainSequenceTower(nn.Module):
     def __init__(self, shape: SequenceShape, item_vocab: int, max_length: int, tables: list[TableSpec],
                  query_keys: list[str], candidate_dim: int, bags: tuple[int, ...], sparse: bool = False):
         super().__init__()
-        self.specs, self.query_keys = tables, list(query_keys)
+        self.specs, self.query_keys, self.max_length = tables, list(query_keys), max_length
         self.items = nn.Embedding(item_vocab, shape.item_dim, sparse=sparse)
         self.tables = nn.ModuleDict({t.name: nn.EmbeddingBag(t.num_embeddings, t.dim, mode="mean",
                                                              include_last_offset=True) for t in tables})
         self.table_of = {f: t.name for t in tables for f in t.features}
         dims = {f: t.dim for t in tables for f in t.features}
         self.head = SequenceHead(shape, max_length, sum(dims[k] for k in query_keys), candidate_dim, bags=bags)
+
+    pools_history = False  # the history reaches it unpooled, not among the query keys
+
+    @classmethod
+    def from_manifest(cls, tower) -> "PlainSequenceTower":
+        """The exported query tower (serving.format.QueryTower, its `sequence` fields)."""
+        seq = tower.sequence
+        return cls(SequenceShape(**seq["shape"]), seq["item_vocab"], seq["max_length"], tower.tables,
+                   tower.query_keys, seq["candidate_dim"], tuple(tower.history_bags))
+
+    def encode(self, history: torch.Tensor, features: Features) -> torch.Tensor:
+        """One query: its history's last `max_length` ids, oldest first, as the evaluation loader cuts it."""
+        ids = history[-self.max_length:]
+        return self.query(torch.tensor([len(ids)]), ids, features)
 
     def pooled(self, key: str, lengths: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         offsets = F.pad(torch.cumsum(lengths, 0), (1, 0))

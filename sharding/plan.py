@@ -11,7 +11,7 @@ size that fits.
 Batch size and per-feature pooling factors come from the prepared data's metadata, not from the
 planner's defaults; allowed sharding types and the compute kernel come from config and are
 checked against what the device can run before any work starts. The tables are those of
-sharding/tables.py, which the model declares too.
+the job's tower (towers/), which the model declares too.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from torchrec.distributed.planner.types import ParameterConstraints, PlannerErro
 from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingConfig
 
+import towers
 from config import ConfigError, ShardingConfig, load_config
 from data.errors import DataError
 from data.keys import SEQUENCE_KEY, candidate_feature, history_window
 from data.schema import METADATA_FILE, SCHEMA_VERSION, Metadata
-from sharding.tables import sequence_table_configs, table_configs
 from storage import location
 
 CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     paper = args.items is not None or args.users is not None or args.mean_history is not None
     try:
         overrides = list(args.overrides) + (["loader.use_user_id=true"] if args.users is not None else [])
-        cfg = load_config(args.config, overrides)
+        cfg = towers.resolve(load_config(args.config, overrides))
         device = torch.device(args.device)
         for name, value in (("--items", args.items), ("--users", args.users), ("--mean-history", args.mean_history)):
             if value is not None and not value >= 1:
@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         if paper:
             meta = paper_metadata(meta, None if args.items is None else int(args.items),
                                   None if args.users is None else int(args.users), args.mean_history)
-        bags, sequences = table_configs(meta, cfg.loader, cfg.model), sequence_table_configs(meta, cfg.model)
+        tower = towers.of(cfg)
+        bags, sequences = tower.bag_tables(meta, cfg), tower.sequence_tables(meta, cfg)
         tables = bags + sequences
         if args.all_types:
             cfg = dataclasses.replace(cfg, sharding=every_type(cfg.sharding, sequences, device))

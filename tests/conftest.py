@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # (with a tmp export.dir), so tests never write into the project's exports/.
 TINY_MODEL = ["loader.batch_size=64", "loader.num_negatives=32", "model.hidden_dims=[32]", "model.output_dim=16",
               "model.item_dim=16", "model.feature_dim=8", "eval.batch_size=256", "export.enabled=false"]
+# Each registered query tower (towers.TOWERS) with the overrides that select it for the tiny tests. Adding a tower
+# adds its line here; every test parametrised with `tower_params` then runs for it (test_layers checks the list).
+TINY_TOWERS = {"bags": [], "transformer": ["model.query_tower=transformer", "loader.max_sequence_length=20"]}
 DATASETS = Path(os.environ.get("TWO_TOWER_DATASETS", ROOT.parent / "shared" / "datasets"))
 
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -43,6 +46,11 @@ def nothing_left_in_the_repository():
     yield
     left = sorted(repository_files() - before)
     assert not left, f"the tests left files in the repository: {left[:10]}"
+
+
+def tower_overrides(tower: str) -> dict[str, str]:
+    """TINY_TOWERS[tower] as tiny_config keyword overrides."""
+    return dict(arg.split("=", 1) for arg in TINY_TOWERS[tower])
 
 
 def tiny_config(path, **overrides):

@@ -15,11 +15,12 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+import towers
 from config import LoaderConfig
 from data.loader import open_loader
 from storage import location
 from storage.commit import writing
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, TINY_TOWERS
 from trainer import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,19 +43,16 @@ def test_latest_skips_incomplete_checkpoints(tmp_path):
     assert checkpoint.latest(tmp_path / "nowhere") is None
 
 
-TOWER_ARGS = {"bags": [], "transformer": ["model.query_tower=transformer", "loader.max_sequence_length=20"]}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("tower", ["bags", "transformer"])
+@pytest.mark.parametrize("tower", sorted(TINY_TOWERS))
 def test_resume_from_a_mid_epoch_checkpoint_is_exact(tiny_data, tmp_path, tower):
     ckpt = tmp_path / "ckpt"
     loader = LoaderConfig(batch_size=64, max_sequence_length=20)
-    per_epoch = len(open_loader(tiny_data, loader, query_tower=tower))
+    per_epoch = len(open_loader(tiny_data, loader, layout=towers.get(tower).layout))
     every = 30 if tower == "bags" else 4
     # Streaming logQ too: its estimator's state goes through the checkpoint like the model's.
     args = ["train.epochs=2", "tracking.enabled=false", f"checkpoint.every_steps={every}", "checkpoint.keep_last=10",
-            "loss.frequency=streaming", *TOWER_ARGS[tower]]
+            "loss.frequency=streaming", *TINY_TOWERS[tower]]
     subprocess.run([sys.executable, *trainer_cmd(tiny_data, ckpt, tmp_path / "a.json", *args)], cwd=ROOT,
                    check=True, capture_output=True)
     expected = sorted(set(range(every, 2 * per_epoch + 1, every)) | {per_epoch, 2 * per_epoch})
@@ -101,17 +99,17 @@ def start_and_kill_a_rank(tiny_data: Path, tmp_path: Path, max_restarts: int, *e
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tower", ["bags", "transformer"])
+@pytest.mark.parametrize("tower", sorted(TINY_TOWERS))
 def test_sigkilled_rank_restarts_resumes_and_finishes_in_the_same_run(tiny_data, tmp_path, tower):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     every = 10 if tower == "bags" else 3
     code, out, _ = start_and_kill_a_rank(tiny_data, tmp_path, 1, "train.epochs=3", f"checkpoint.every_steps={every}",
-                                         f"tracking.uri={uri}", *TOWER_ARGS[tower])
+                                         f"tracking.uri={uri}", *TINY_TOWERS[tower])
     assert code == 0, out[-4000:]
     assert "resumed from" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
     loader = LoaderConfig(batch_size=64, max_sequence_length=20)
-    per_rank = len(open_loader(tiny_data, loader, rank=0, world_size=2, query_tower=tower))
+    per_rank = len(open_loader(tiny_data, loader, rank=0, world_size=2, layout=towers.get(tower).layout))
     assert summary["steps"] == 3 * per_rank, "the step count of an uninterrupted run"
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("two-tower").experiment_id])

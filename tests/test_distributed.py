@@ -19,13 +19,14 @@ import torch.multiprocessing as mp
 from config import dump, load_config
 from data.batch import TrainBatch, make_kjt
 from data.keys import SEQUENCE_KEY
-from data.loader import open_loader
+from data.loader import SEQUENCE, open_loader
 from serving.model import ExportedModel
 from sharding.plan import UNPOOLED_SHARDING_TYPES
 from tests.conftest import recommend_from_raw_ids, synthetic_dataset
+from towers.shared import kjt_features
 from trainer.collectives import all_gather_with_grad
 from trainer.distributed import free_port
-from trainer.export import export, kjt_features
+from trainer.export import export
 
 B, S, STEPS = 32, 16, 3
 
@@ -146,7 +147,8 @@ def test_two_processes_train_like_one_on_the_concatenated_batch(parity_data, tmp
 
 
 SEQUENCE_OVERRIDES = ["model.query_tower=transformer", "loader.max_sequence_length=6", "loader.feature_dropout=0",
-                      "model.dropout=0", "model.blocks=1", "model.heads=2", "loader.history_bags=[1, 0]",
+                      "model.tower.dropout=0", "model.tower.blocks=1", "model.tower.heads=2",
+                      "loader.history_bags=[1, 0]",
                       f"loader.num_negatives={S}", "model.hidden_dims=[32]", "model.output_dim=16",
                       "model.item_dim=16", "model.feature_dim=8", "tracking.enabled=false", "loss.temperature=0.2",
                       "optim.sparse=sgd", "optim.sparse_lr=0.5", "optim.dense=sgd", "optim.dense_lr=0.5",
@@ -166,7 +168,7 @@ def sequence_parity_worker(rank: int, world: int, port: int, data: str, out: str
                 distributed.init("cpu"))
     deterministic_tables(job.model.dmp)
     source = open_loader(data, load_config(None, [f"loader.batch_size={2 * B}"] + SEQUENCE_OVERRIDES).loader,
-                         query_tower="transformer")
+                         layout=SEQUENCE)
     pairs = list(source.index_batches(0))
     batches = [source.make_batch(block, idx[rank * rows:(rank + 1) * rows], 0, index)
                for index, (block, idx) in list(enumerate(pairs))[:STEPS - 1] + [(len(pairs) - 1, pairs[-1])]]

@@ -15,17 +15,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import towers
 from config import ExportConfig, dump, load_config
-from data.keys import SEQUENCE_KEY
 from data.schema import Metadata
 from serving import index as ann
 from serving.format import ExportError
 from serving.model import ExportedModel
 from serving.recommend import main as recommend_main
 from serving.recommend import mmr
-from tests.conftest import ROOT, dataset_dir, recommend_from_raw_ids, tiny_config
+from tests.conftest import ROOT, TINY_TOWERS, dataset_dir, recommend_from_raw_ids, tiny_config, tower_overrides
 from trainer import checkpoint, distributed
-from trainer.export import export, kjt_features
+from trainer.export import export
 from trainer.plots import embedding_map, figure_rgba, item_labels, recommendation_counts
 from trainer.train import build, train
 
@@ -42,20 +42,13 @@ def in_process(capsys, *args: str) -> SimpleNamespace:
     return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
-TOWERS = {"bags": {}, "transformer": {"model.query_tower": "transformer", "loader.max_sequence_length": 20}}
-
-
 def tower_queries(model: ExportedModel, batch) -> np.ndarray:
-    """The exported tower's queries of a loader's evaluation batch (the transformer's from its sequence)."""
-    features = kjt_features(batch.sparse)
+    """The exported tower's queries of a loader's evaluation batch, as its tower builds them from the batch."""
     with torch.no_grad():
-        if model.sequence:
-            history = batch.sequence[SEQUENCE_KEY]
-            return model.tower.query(history.lengths().long(), history.values(), features).numpy()
-        return model.tower.query(features).numpy()
+        return towers.get(model.manifest.query_tower.kind).encode_queries(model.tower, batch).numpy()
 
 
-BOTH_TOWERS = pytest.mark.parametrize("exported", sorted(TOWERS), indirect=True)
+BOTH_TOWERS = pytest.mark.parametrize("exported", sorted(TINY_TOWERS), indirect=True)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +57,7 @@ def exported(request, tiny_data, tmp_path_factory):
     tower's, or with `BOTH_TOWERS` each tower's."""
     tower = getattr(request, "param", "bags")
     tmp = tmp_path_factory.mktemp("export")
-    cfg = tiny_config(tiny_data, **TOWERS[tower])
+    cfg = tiny_config(tiny_data, **tower_overrides(tower))
     job = build(cfg, distributed.init("cpu"))
     batches = iter(job.data.train_loader.epoch(0))
     for _ in range(8):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, TINY_TOWERS
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -123,14 +123,13 @@ def test_local_jobs_declare_the_free_port_they_use(monkeypatch, recwarn):
 
 @pytest.mark.slow
 # Both layouts for the transformer; the bag tower's launch path is the same component (one layout here).
-@pytest.mark.parametrize("nnodes,nproc,tower", [(1, 2, "bags"), (1, 2, "transformer"), (2, 1, "transformer")])
+@pytest.mark.parametrize("nnodes,nproc,tower", [(1, 2, t) for t in sorted(TINY_TOWERS)] + [(2, 1, "transformer")])
 def test_local_cwd_trains_across_processes_into_one_mlflow_run(tiny_data, tmp_path, nnodes, nproc, tower):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    towers = ["model.query_tower=transformer", "loader.max_sequence_length=20"] if tower == "transformer" else []
     result = torchx("run", "--wait", "--log", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'torchx'}",
                     "launch/components.py:train",
                     "--nnodes", str(nnodes), "--nproc_per_node", str(nproc), "--env", f"MLFLOW_TRACKING_URI={uri}",
-                    f"data.path={tiny_data}", *TINY, *towers, "export.enabled=true",
+                    f"data.path={tiny_data}", *TINY, *TINY_TOWERS[tower], "export.enabled=true",
                     f"export.dir={tmp_path / 'exports'}", f"checkpoint.dir={tmp_path / 'ckpt'}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client = MlflowClient(uri)

@@ -1,5 +1,5 @@
 """The architecture's contracts, checked on the source: the packages form layers with no cycle,
-serving stays free of TorchRec, and only data/keys.py spells the feature keys."""
+serving stays free of TorchRec, only data/keys.py spells the feature keys, and only towers/ names a tower."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ ALLOWED = {
     "config": set(),
     "data": {"config", "storage"},
     "serving": {"data", "storage"},
-    "sharding": {"config", "data", "storage"},
-    "trainer": {"config", "data", "serving", "sharding", "storage"},
+    "towers": {"config", "data", "serving", "storage"},
+    "sharding": {"config", "data", "storage", "towers"},
+    "trainer": {"config", "data", "serving", "sharding", "storage", "towers"},
     "launch": {"trainer"},
-    "bench": {"config", "data", "serving", "sharding", "storage", "trainer"},
+    "bench": {"config", "data", "serving", "sharding", "storage", "towers", "trainer"},
 }
 # Serving is deployed without TorchRec: of the data layer it may use only these torch-free modules.
 SERVING_MAY_USE = {"data.keys", "data.schema", "data.ragged", "data.errors"}
@@ -115,6 +116,37 @@ def test_only_the_key_module_spells_feature_keys():
     spelled = [str(path.relative_to(ROOT)) for path in modules(ROOT).values()
                if KEY_LITERALS.search(path.read_text()) and path != ROOT / "data" / "keys.py"]
     assert spelled == [], "feature keys are built with data/keys.py, never written as strings"
+
+
+def tower_names_outside_the_registry(root: Path, names: list[str]) -> list[str]:
+    """Modules outside towers/ that write a registered tower's name as a string: they would compare it."""
+    literal = re.compile(r"""["'](%s)["']""" % "|".join(map(re.escape, names)))
+    return [f"{name}:{path.read_text()[:m.start()].count(chr(10)) + 1}: {m.group(0)}"
+            for name, path in sorted(modules(root).items()) if name.split(".")[0] != "towers"
+            for m in literal.finditer(path.read_text())]
+
+
+def test_only_the_registry_names_a_tower():
+    import towers
+
+    assert tower_names_outside_the_registry(ROOT, list(towers.TOWERS)) == [], \
+        "ask the registry (towers.of(cfg)) instead of comparing model.query_tower"
+
+
+def test_every_registered_tower_has_its_tiny_test_overrides():
+    import towers
+    from tests.conftest import TINY_TOWERS
+
+    assert sorted(TINY_TOWERS) == sorted(towers.TOWERS)
+
+
+def test_the_tower_name_check_catches_a_comparison(tmp_path):
+    for name in ALLOWED:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("")
+    (tmp_path / "towers" / "hstu.py").write_text("NAME = 'hstu'\n")
+    (tmp_path / "trainer" / "build.py").write_text("x = 1\nsequence = cfg.model.query_tower == 'hstu'\n")
+    assert tower_names_outside_the_registry(tmp_path, ["hstu"]) == ["trainer.build:2: 'hstu'"]
 
 
 def test_a_trainer_process_starts_without_mlflow_matplotlib_or_pandas():

@@ -13,7 +13,7 @@ import torch
 
 from config import LoaderConfig
 from data.keys import ITEM_KEY, SEQUENCE_KEY, history_key
-from data.loader import drop_features, open_loader
+from data.loader import POOLED, SEQUENCE, drop_features, open_loader
 from data.prepare.cli import main as prepare_main
 from data.schema import PAD_ID
 from data.sequences import chunk_bounds, chunk_counts
@@ -61,7 +61,7 @@ def sequence_examples(path, max_length: int, world: int = 1, batch_size: int = 3
                        feature_dropout=0.0)
     out, lengths = [], []
     for rank in range(world):
-        loader = open_loader(path, cfg, rank=rank, world_size=world, query_tower="transformer")
+        loader = open_loader(path, cfg, rank=rank, world_size=world, layout=SEQUENCE)
         batches = list(loader.epoch(0))
         lengths.append(len(batches))
         assert len(batches) == len(loader)
@@ -109,7 +109,7 @@ def test_no_validation_or_test_target_is_a_training_target(events_dir):
     trained = {(user, target) for user, target, _, _ in sequence_examples(events_dir, 4)}
     for split in ("valid", "test"):
         loader = open_loader(events_dir, LoaderConfig(batch_size=4, use_user_id=True), split,
-                             query_tower="transformer")
+                             layout=SEQUENCE)
         held_out = set()
         for batch in loader.epoch(0):
             users = jagged_rows(batch.sparse, "user_id")
@@ -123,7 +123,7 @@ def test_no_validation_or_test_target_is_a_training_target(events_dir):
 def test_evaluation_queries_read_the_last_items_and_point_at_the_last_position(events_dir):
     cfg = LoaderConfig(batch_size=4, max_sequence_length=3, history_bags=[0])
     bags = open_loader(events_dir, cfg, "valid")
-    sequences = open_loader(events_dir, cfg, "valid", query_tower="transformer")
+    sequences = open_loader(events_dir, cfg, "valid", layout=SEQUENCE)
     for bag, seq in zip(bags.epoch(0), sequences.epoch(0)):
         histories = jagged_rows(bag.sparse, history_key(0))
         inputs = jagged_rows(seq.sequence, SEQUENCE_KEY)
@@ -158,12 +158,12 @@ def test_feature_dropout_replaces_features_by_the_padding_id_at_its_rate():
 
 def test_training_batches_drop_query_features_but_never_history_or_candidates(events_dir):
     cfg = LoaderConfig(batch_size=64, num_negatives=4, history_bags=[0], use_user_id=True, feature_dropout=0.5)
-    for tower in ("bags", "transformer"):
-        loader = open_loader(events_dir, cfg, query_tower=tower)
+    for layout in (POOLED, SEQUENCE):
+        loader = open_loader(events_dir, cfg, layout=layout)
         batch = next(iter(loader.epoch(0)))
-        rows = batch.positions.numel() if tower == "transformer" else int(batch.row_mask.sum())
+        rows = batch.positions.numel() if layout.sequence else int(batch.row_mask.sum())
         dropped = np.mean([row in ([], [PAD_ID]) for row in jagged_rows(batch.sparse, "user_id")[:rows]])
-        assert 0.2 < dropped < 0.8, (tower, dropped)
-        history = batch.sequence if tower == "transformer" else batch.sparse
-        key = SEQUENCE_KEY if tower == "transformer" else history_key(0)
+        assert 0.2 < dropped < 0.8, (layout, dropped)
+        history = batch.sequence if layout.sequence else batch.sparse
+        key = SEQUENCE_KEY if layout.sequence else history_key(0)
         assert all(jagged_rows(history, key)[i] for i in range(int(batch.row_mask.sum())) if batch.row_mask[i])

@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from config import ConfigError, ModelConfig, load_config
+import towers
+from config import ConfigError, load_config
 from data.batch import make_kjt
 from data.keys import ITEM_KEY, SEQUENCE_KEY
 from data.schema import Metadata
-from serving.sequence import CausalBlock, Dropout, SequenceHead, causal_attention, causal_bags, padded
-from tests.conftest import tiny_config
+from serving.sequence import CausalBlock, Dropout, SequenceHead, SequenceShape, causal_attention, causal_bags, padded
+from tests.conftest import TINY_TOWERS, tiny_config, tower_overrides
 from tests.test_train import pipelined_and_plain_losses
 from trainer import distributed
 from trainer.evaluate import evaluate
@@ -71,7 +72,7 @@ def test_the_cpu_attention_with_dropout_is_scaled_dot_product_attention(monkeypa
 
 def test_a_position_never_sees_the_future_nor_other_rows():
     torch.manual_seed(0)
-    cfg = ModelConfig(item_dim=8, blocks=2, heads=2, dropout=0.2, hidden_dims=[8], output_dim=4)
+    cfg = SequenceShape(item_dim=8, blocks=2, heads=2, dropout=0.2, hidden_dims=[8], output_dim=4)
     head = SequenceHead(cfg, 6, 0, 0, torch.device("cpu")).double().eval()
     lengths = torch.tensor([5, 2, 6])
     history = torch.randn(int(lengths.sum()), 8, dtype=torch.float64)
@@ -103,12 +104,13 @@ def test_causal_bags_are_the_bag_towers_last_k_means_at_every_position():
 
 
 def test_history_bags_widen_the_query_input_and_may_be_left_out():
-    cfg = ModelConfig(item_dim=8, hidden_dims=[], output_dim=4)
+    cfg = SequenceShape(item_dim=8, blocks=2, heads=1, dropout=0.2, hidden_dims=[], output_dim=4)
     assert SequenceHead(cfg, 6, 5, 0, torch.device("cpu"), (1, 10, 0)).query_mlp[0].in_features == 8 * 4 + 5
     assert SequenceHead(cfg, 6, 5, 0, torch.device("cpu"), ()).query_mlp[0].in_features == 8 + 5
-    assert load_config(None, ["model.query_tower=transformer", "loader.history_bags=[]"]).loader.history_bags == []
+    cfg = towers.resolve(load_config(None, ["model.query_tower=transformer", "loader.history_bags=[]"]))
+    assert cfg.loader.history_bags == []
     with pytest.raises(ConfigError, match="the bags tower's query needs at least one history bag"):
-        load_config(None, ["loader.history_bags=[]"])
+        towers.resolve(load_config(None, ["loader.history_bags=[]"]))
 
 
 def test_padded_places_jagged_rows_left_aligned():
@@ -118,23 +120,30 @@ def test_padded_places_jagged_rows_left_aligned():
 
 
 def test_blocks_heads_and_dropout_are_read():
-    cfg = ModelConfig(item_dim=8, blocks=3, heads=2, dropout=0.5, hidden_dims=[], output_dim=4)
+    cfg = SequenceShape(item_dim=8, blocks=3, heads=2, dropout=0.5, hidden_dims=[], output_dim=4)
     head = SequenceHead(cfg, 6, 0, 0, torch.device("cpu"))
     assert len(head.blocks) == 3 and all(b.heads == 2 and b.dropout == 0.5 for b in head.blocks)
     x = torch.ones(1000)
     dropped = Dropout(0.5).train()(x)
     assert set(dropped.unique().tolist()) == {0.0, 2.0} and abs(float((dropped == 0).float().mean()) - 0.5) < 0.05
     assert torch.equal(Dropout(0.5).eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
-    with pytest.raises(ConfigError, match="divisible by model.heads"):
-        ModelConfig(item_dim=12, heads=5)
-    with pytest.raises(ConfigError, match="model.query_tower must be one of"):
-        ModelConfig(query_tower="lstm")
-    with pytest.raises(ConfigError, match="share_item_table=false is for the bags tower"):
-        load_config(None, ["model.query_tower=transformer", "model.share_item_table=false"])
+    transformer = ["model.query_tower=transformer"]
+    resolved = towers.resolve(load_config(None, transformer + ["model.tower.blocks=3", "model.tower.heads=2",
+                                                               "model.tower.dropout=0.5"]))
+    assert dataclasses.astuple(resolved.model.tower) == (3, 2, 0.5), "the file's values reach the typed section"
+    with pytest.raises(ConfigError, match=r"model.item_dim \(12\) must be divisible by model.tower.heads \(5\)"):
+        towers.resolve(load_config(None, transformer + ["model.item_dim=12", "model.tower.heads=5"]))
+    with pytest.raises(ConfigError, match=r"unknown tower 'lstm' \(registered: bags, transformer\)"):
+        towers.resolve(load_config(None, ["model.query_tower=lstm"]))
+    with pytest.raises(ConfigError, match=r"unknown key model.tower.share_item_table \(allowed in model.tower: "
+                                          r"blocks, dropout, heads\)"):
+        towers.resolve(load_config(None, transformer + ["model.tower.share_item_table=false"]))
+    with pytest.raises(ConfigError, match=r"model.tower.dropout must be in \[0, 1\)"):
+        towers.resolve(load_config(None, transformer + ["model.tower.dropout=1.5"]))
 
 
 def test_the_transformer_pipeline_equals_the_plain_loop_with_both_collections_pipelined(tiny_data):
-    cfg = tiny_config(tiny_data, **TRANSFORMER, **{"model.dropout": 0.0, "loss.max_logits": 500})
+    cfg = tiny_config(tiny_data, **TRANSFORMER, **{"model.tower.dropout": 0.0, "loss.max_logits": 500})
     assert build(cfg, distributed.init("cpu")).model.dmp.module.loss_fn.max_logits == 500, "the config reaches it"
     pipelined, plain, modules = pipelined_and_plain_losses(cfg, 5)
     assert modules == ["ShardedEmbeddingBagCollection", "ShardedEmbeddingCollection"]
@@ -205,12 +214,12 @@ def padding_rows(dmp, tables: list[str]) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tower", ["bags", "transformer"])
+@pytest.mark.parametrize("tower", sorted(TINY_TOWERS))
 def test_a_query_without_its_features_maps_to_trained_embeddings(tiny_data, tower):
     """Feature dropout trains the padding row of every user and context feature table: a query that
     has none of them ranks far better than random on validation. Without it those rows are never
     trained (they keep their random initial values)."""
-    overrides = {**(TRANSFORMER if tower == "transformer" else {}), "train.epochs": 2,
+    overrides = {**(TRANSFORMER if tower == "transformer" else tower_overrides(tower)), "train.epochs": 2,
                  "eval.popularity_baseline": "false", "optim.dense_lr": 0.005}
     meta = Metadata.load(tiny_data)
     features = [(f.name, f.multi) for f in meta.user_features + meta.context_features]
@@ -232,11 +241,11 @@ def test_a_query_without_its_features_maps_to_trained_embeddings(tiny_data, towe
     assert not any(moved[0.0].values()), "without dropout the padding rows are never looked up in training"
 
 
-@pytest.mark.parametrize("tower", ["bags", "transformer"])
+@pytest.mark.parametrize("tower", sorted(TINY_TOWERS))
 def test_merged_candidate_columns_train_like_one_column_per_copy(tiny_data, tower):
     """loss.merge_duplicates (and the candidate MLP run once per distinct item) changes how much is computed,
     not the training: the same losses, step after step, as one logit column per candidate copy."""
-    overrides = {**TRANSFORMER, "model.dropout": 0.0} if tower == "transformer" else {}
+    overrides = {**TRANSFORMER, "model.tower.dropout": 0.0} if tower == "transformer" else tower_overrides(tower)
     losses = {}
     for merge in ("true", "false"):
         job = build(tiny_config(tiny_data, **overrides, **{"loss.merge_duplicates": merge}), distributed.init("cpu"))
@@ -256,11 +265,11 @@ def test_mask_seen_reaches_the_loss_and_lowers_the_first_step(tiny_data):
     refuses it by name."""
     losses = {}
     for mask in ("true", "false"):
-        job = build(tiny_config(tiny_data, **TRANSFORMER, **{"model.dropout": 0.0, "loss.mask_seen": mask}),
+        job = build(tiny_config(tiny_data, **TRANSFORMER, **{"model.tower.dropout": 0.0, "loss.mask_seen": mask}),
                     distributed.init("cpu"))
         assert job.model.dmp.module.loss_fn.mask_seen is (mask == "true"), "the config reaches the loss"
         iterator = iter(list(job.data.train_loader.epoch(0))[:1])
         losses[mask] = float(job.model.pipeline.progress(iterator)["loss"])
     assert losses["true"] < losses["false"] - 1e-4, losses
-    with pytest.raises(ConfigError, match="loss.mask_seen=true is for the transformer tower"):
-        tiny_config(tiny_data, **{"loss.mask_seen": "true"})
+    with pytest.raises(ConfigError, match="loss.mask_seen=true needs a tower trained on sequences; the bags tower"):
+        towers.resolve(tiny_config(tiny_data, **{"loss.mask_seen": "true"}))

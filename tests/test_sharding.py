@@ -7,13 +7,19 @@ import json
 import pytest
 import torch
 
-from config import ConfigError, LoaderConfig, ModelConfig, ShardingConfig, load_config
+import towers
+from config import ConfigError, JobConfig, ShardingConfig, load_config
 from data.keys import SEQUENCE_KEY
 from data.schema import Metadata
 from sharding.plan import ShardingError, check_types, paper_metadata, pooling_factor
 from sharding.plan import main as plan_main
-from sharding.tables import sequence_table_configs, table_configs
 from tests.conftest import synthetic_dataset
+
+
+def job_tables(meta: Metadata, cfg: JobConfig) -> list:
+    """Every table of the job's tower: the EBC's, then the EmbeddingCollection's."""
+    tower = towers.of(cfg)
+    return tower.bag_tables(meta, cfg) + tower.sequence_tables(meta, cfg)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +28,7 @@ def small(tmp_path_factory):
 
 
 def test_row_wise_on_cpu_fails_fast_naming_the_possible_types(small):
-    tables = table_configs(Metadata.load(small), LoaderConfig(), ModelConfig())
+    tables = job_tables(Metadata.load(small), JobConfig())
     with pytest.raises(ShardingError) as err:
         check_types(ShardingConfig(per_table={"item_ids": ["row_wise"]}), tables, torch.device("cpu"))
     message = str(err.value)
@@ -61,8 +67,7 @@ def test_paper_sizes_set_the_tables_and_the_pooling_factors():
     assert pooling_factor(SEQUENCE_KEY, meta) == 300.0 and pooling_factor("hist_all", meta) == 300.0
     assert pooling_factor("hist_last10", meta) == 10.0
     cfg = load_config("configs/ml1m_transformer.yaml", ["loader.use_user_id=true"])
-    tables = {t.name: t.num_embeddings for t in table_configs(meta, cfg.loader, cfg.model)
-              + sequence_table_configs(meta, cfg.model)}
+    tables = {t.name: t.num_embeddings for t in job_tables(meta, cfg)}
     assert tables == {"item_ids": 10**9 + 1, "user_ids": 10**8 + 1}, "no data: no feature tables"
 
 
@@ -118,8 +123,7 @@ def test_plan_on_paper_holds_each_rank_to_the_host_memory_given(tmp_path, capsys
 @pytest.mark.parametrize("types", [["data_parallel"], ["table_column_wise"]])
 def test_the_item_collection_refuses_types_torchrec_cannot_shard_it_with(small, types):
     meta = Metadata.load(small)
-    model = ModelConfig(query_tower="transformer")
-    tables = table_configs(meta, LoaderConfig(), model) + sequence_table_configs(meta, model)
+    tables = job_tables(meta, load_config(None, ["model.query_tower=transformer"]))
     with pytest.raises(ShardingError) as err:
         check_types(ShardingConfig(sharding_types=types), tables, torch.device("cpu"))
     message = str(err.value)
@@ -130,7 +134,7 @@ def test_the_item_collection_refuses_types_torchrec_cannot_shard_it_with(small, 
 
 
 def test_a_compute_kernel_the_tables_cannot_use_is_named_before_any_work(small):
-    tables = table_configs(Metadata.load(small), LoaderConfig(), ModelConfig())
+    tables = job_tables(Metadata.load(small), JobConfig())
     with pytest.raises(ConfigError, match="sharding.compute_kernel must be one of .* got 'dnse'"):
         load_config(None, ["sharding.compute_kernel=dnse"])
     with pytest.raises(ShardingError) as err:

@@ -14,7 +14,7 @@ import torch
 
 from config import ConfigError, load_config
 from data.schema import Metadata
-from tests.conftest import ROOT, TINY_MODEL, tiny_config
+from tests.conftest import ROOT, TINY_MODEL, TINY_TOWERS, tiny_config, tower_overrides
 from trainer import distributed
 from trainer.state import LoopState
 from trainer.train import build, train
@@ -66,7 +66,7 @@ def test_dev_mode_training_beats_popularity_and_is_reproducible(tiny_data):
 
 
 def test_streaming_frequency_separate_item_tables_and_user_id_train(tiny_data):
-    cfg = tiny_config(tiny_data, **{"loss.frequency": "streaming", "model.share_item_table": "false",
+    cfg = tiny_config(tiny_data, **{"loss.frequency": "streaming", "model.tower.share_item_table": "false",
                                     "loader.use_user_id": "true"})
     job = build(cfg, distributed.init("cpu"))
     assert {"history_item_ids", "candidate_item_ids", "user_ids"} <= {t.name for t in job.model.towers.tables}
@@ -107,13 +107,13 @@ def test_adam_on_cpu_is_refused_before_work(tiny_data):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (nccl, FBGEMM CUDA kernels, fused Adam)")
-@pytest.mark.parametrize("tower", ["bags", "transformer"])
+@pytest.mark.parametrize("tower", sorted(TINY_TOWERS))
 def test_gpu_dev_mode_trains_with_fused_adam_on_nccl(tiny_data, tmp_path, tower):
     """A fresh process, so the process group is created for CUDA (nccl), not reused from CPU tests. The item
     table (the EBC's, or the transformer's EmbeddingCollection) row-wise, the others table-wise."""
     summary = tmp_path / "summary.json"
-    towers = ["model.query_tower=transformer", "loader.max_sequence_length=20"] if tower == "transformer" else []
-    result = subprocess.run([sys.executable, "-m", "trainer", f"data.path={tiny_data}", *TINY_MODEL, *towers,
+    result = subprocess.run([sys.executable, "-m", "trainer", f"data.path={tiny_data}", *TINY_MODEL,
+                             *TINY_TOWERS[tower],
                              "tracking.enabled=false", "train.device=cuda", "optim.sparse=adam", "train.epochs=2",
                              "sharding.sharding_types=[table_wise]", "sharding.per_table={item_ids: [row_wise]}",
                              "--summary", str(summary)],
@@ -145,9 +145,6 @@ def test_training_stops_one_epoch_after_the_best_with_patience_one(tiny_data):
     assert len(summary["history"]) == summary["best_epoch"] + 2
 
 
-TOWER_OVERRIDES = {"bags": {}, "transformer": {"model.query_tower": "transformer", "loader.max_sequence_length": 20}}
-
-
 def learning_rates(job) -> tuple[set[float], set[float], set[float]]:
     """The fused optimizer's and the dense optimizer's configured rates, and the rates the embedding kernels
     themselves hold (what the update in the backward uses)."""
@@ -166,11 +163,11 @@ def learning_rates(job) -> tuple[set[float], set[float], set[float]]:
             rates(k.get_learning_rate() for k in kernels))
 
 
-@pytest.mark.parametrize("tower", ["bags", "transformer"])
+@pytest.mark.parametrize("tower", sorted(TINY_TOWERS))
 def test_plateau_decay_halves_both_rates_after_each_epoch_without_a_validation_gain(tiny_data, tower):
     cfg = tiny_config(tiny_data, **{"train.epochs": 6, "train.early_stopping_patience": 3, "optim.plateau_decay": 0.5,
                                     "optim.sparse_lr": 0.08, "optim.dense_lr": 0.004,
-                                    "eval.popularity_baseline": "false", **TOWER_OVERRIDES[tower]})
+                                    "eval.popularity_baseline": "false", **tower_overrides(tower)})
     job = build(cfg, distributed.init("cpu"))
     values, seen = iter([0.10, 0.20, 0.15, 0.18, 0.30, 0.25]), []
     job.train_epoch = lambda state: seen.append(learning_rates(job))

@@ -21,17 +21,17 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+import towers
 from config import ConfigError, JobConfig
 from config.job import CPU_FUSED_OPTIMIZERS, OPTIMIZERS, OptimConfig
 from data.errors import DataError
 from data.loader import EvalLoader, TrainLoader, open_loader
 from data.schema import METADATA_FILE, Metadata
 from sharding.plan import build_plan, check_types, plan_as_json
-from sharding.tables import sequence_table_configs, table_configs
 from storage import location
 from trainer import distributed
 from trainer.loss import CandidateLogQ, RetrievalLoss, SequenceRetrievalLoss, StreamingFrequency
-from trainer.model import RetrievalModel, SequenceTwoTower, TwoTower
+from trainer.model import RetrievalModel
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class JobData:
 class ShardedModel:
     """The sharded model and what trains it. Its Stateful pieces (`stateful()`) are what a checkpoint holds."""
 
-    towers: TwoTower | SequenceTwoTower
+    towers: torch.nn.Module  # the tower's build(): see towers/base.py
     dmp: DistributedModelParallel
     pipeline: TrainPipelineSparseDist
     dense_optimizer: KeyedOptimizerWrapper
@@ -78,11 +78,11 @@ class ShardedModel:
 
     def scorer(self, data: JobData, device: torch.device):
         """Scores evaluation queries against every catalogue item with the current weights."""
-        towers = self.towers
-        items = towers.item_embeddings(data.train_loader.catalogue, device)
+        modules = self.towers
+        items = modules.item_embeddings(data.train_loader.catalogue, device)
 
         def score(batch):
-            return towers.query_embeddings(batch, device) @ items.T
+            return modules.query_embeddings(batch, device) @ items.T
 
         return score
 
@@ -104,8 +104,8 @@ def check_runtime(cfg: JobConfig, device: torch.device, meta: Metadata) -> None:
     if device.type != "cuda" and cfg.optim.sparse not in CPU_FUSED_OPTIMIZERS:
         raise ConfigError(f"optim.sparse={cfg.optim.sparse} needs a GPU; FBGEMM's CPU kernels support "
                           f"{list(CPU_FUSED_OPTIMIZERS)}")
-    check_types(cfg.sharding, table_configs(meta, cfg.loader, cfg.model) + sequence_table_configs(meta, cfg.model),
-                device)
+    tower = towers.of(cfg)
+    check_types(cfg.sharding, tower.bag_tables(meta, cfg) + tower.sequence_tables(meta, cfg), device)
 
 
 def check_splits(cfg: JobConfig, meta: Metadata) -> None:
@@ -128,23 +128,23 @@ def build_data(cfg: JobConfig, env: distributed.Env, meta: Metadata) -> JobData:
     if large and env.is_main:
         log.warning("eval.ks %s reach the catalogue size (%d items): those metrics are close to 1 by construction",
                     large, meta.num_items)
-    tower = cfg.model.query_tower
-    if tower == "transformer" and cfg.loader.max_sequence_length > meta.max_history and env.is_main:
+    layout = towers.of(cfg).layout
+    if layout.sequence and cfg.loader.max_sequence_length > meta.max_history and env.is_main:
         log.warning("loader.max_sequence_length=%d, but the data was prepared with --max-history %d: evaluation "
                     "queries hold at most %d items while training chunks hold up to %d (prepare again with a "
                     "larger --max-history)", cfg.loader.max_sequence_length, meta.max_history, meta.max_history,
                     cfg.loader.max_sequence_length)
-    train_loader = open_loader(cfg.data.path, cfg.loader, "train", env.rank, env.world_size, meta, query_tower=tower)
+    train_loader = open_loader(cfg.data.path, cfg.loader, "train", env.rank, env.world_size, meta, layout=layout)
     eval_loaders = {split: open_loader(cfg.data.path, cfg.loader, split, env.rank, env.world_size, meta,
-                                       cfg.eval.batch_size, tower) for split in ("valid", "test")}
+                                       cfg.eval.batch_size, layout) for split in ("valid", "test")}
     return JobData(meta, train_loader, eval_loaders)
 
 
 def build_model(cfg: JobConfig, env: distributed.Env, meta: Metadata, freq: np.ndarray,
                 proposal: np.ndarray) -> ShardedModel:
     """`freq` (training counts) and `proposal` (the negative sampler's q) feed logQ."""
-    sequence = cfg.model.query_tower == "transformer"
-    towers = (SequenceTwoTower if sequence else TwoTower)(meta, cfg.loader, cfg.model, env.device)
+    tower = towers.of(cfg)
+    modules = tower.build(meta, cfg, env.device)
     log_q = None
     if cfg.loss.logq:
         log_q = CandidateLogQ(torch.from_numpy(freq).to(env.device), torch.from_numpy(proposal).to(env.device),
@@ -152,14 +152,14 @@ def build_model(cfg: JobConfig, env: distributed.Env, meta: Metadata, freq: np.n
                               cfg.loss.streaming_buckets, cfg.loss.streaming_alpha)
     common = (cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive, log_q, cfg.loss.max_logits,
               env.world_size, cfg.loss.merge_duplicates)
+    # the loss reads the batch: a query per position of sequence batches, one per row otherwise
+    sequence = tower.layout.sequence
     loss = SequenceRetrievalLoss(*common, mask_seen=cfg.loss.mask_seen) if sequence else RetrievalLoss(*common)
-    model = RetrievalModel(towers, loss)
-    collections = [towers.ebc] if towers.ebc is not None else []
-    collections += [towers.ec] if sequence else []
-    for collection in collections:
+    model = RetrievalModel(modules, loss)
+    for collection in modules.collections():
         _apply_optimizer_in_backward(optimizer_class(cfg.optim.sparse), collection.parameters(),
                                      {"lr": cfg.optim.sparse_lr})
-    tables = towers.tables + (towers.sequence_tables if sequence else [])
+    tables = tower.bag_tables(meta, cfg) + tower.sequence_tables(meta, cfg)
     plan = build_plan(model, tables, cfg.sharding, meta, cfg.loader.batch_size + cfg.loader.num_negatives,
                       env.world_size, env.device, torch.distributed.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, device=env.device, plan=plan,

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+import towers
 from config import CheckpointConfig, ConfigError, JobConfig, flatten, load_config_text, to_dict
 from storage import Location, StorageError, committed, location
 from storage import commit as storage_commit
@@ -194,7 +195,7 @@ def matches(key: str, patterns: tuple[str, ...] | list[str]) -> bool:
 def compatibility(saved: JobConfig, current: JobConfig, saved_world: int, world: int, at_epoch_start: bool,
                   path: Location) -> list[str]:
     """The changes a resume makes, as `key: old -> new` lines; raises ConfigError for any it may not make."""
-    old, new = flatten(to_dict(saved)), flatten(to_dict(current))
+    old, new = flatten(to_dict(towers.resolve(saved))), flatten(to_dict(towers.resolve(current)))
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     allowed = current.checkpoint.allow_changes
     problems, notes = [], []

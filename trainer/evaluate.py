@@ -1,6 +1,6 @@
 """Full-corpus top-K evaluation: every query is scored against the whole catalogue.
 
-Protocol (README "Evaluation protocol"): the pad id is never ranked; with `filter_seen` (the default)
+Protocol (docs/data.md "Evaluation protocol"): the pad id is never ranked; with `filter_seen` (the default)
 the items a user consumed before the query are removed from the ranking, and a target among them,
 which could then never be found, is not counted: a query left with no rankable target is skipped
 and reported as `skipped`, never scored 0. Each relevant item's rank is the number of catalogue
@@ -15,10 +15,8 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 import torch.distributed as dist
-from torchrec import KeyedJaggedTensor
 
-from data.batch import EvalBatch, make_kjt
-from data.catalogue import Catalogue
+from data.batch import EvalBatch
 
 Scorer = Callable[[EvalBatch], torch.Tensor]  # (B, num_items + 1) scores; column 0 is the pad id
 NEVER = float(1 << 40)  # the rank of a target outside every cut-off
@@ -108,17 +106,3 @@ def popularity_scorer(freq: np.ndarray) -> Scorer:
     scores[order] = np.arange(len(freq), 0, -1, dtype=np.float64)
     table = torch.from_numpy(scores)
     return lambda batch: table.expand(len(batch.row_mask), -1)
-
-
-def catalogue_embeddings(encode: Callable[[KeyedJaggedTensor], torch.Tensor], catalogue: Catalogue,
-                         query_keys: list[str], candidate_keys: list[str], chunk: int = 8192) -> torch.Tensor:
-    """(num_items + 1, dim) candidate-tower outputs of every item (row 0 is the padding id), in chunks so a
-    large catalogue never needs one huge batch. `encode` maps a KJT whose query keys are empty to
-    candidate embeddings: the sharded training towers and the exported plain ones both fit."""
-    parts = []
-    with torch.no_grad():
-        for ids in catalogue.chunks(chunk):
-            empty = (np.zeros(len(ids), dtype=np.int64), np.zeros(0, dtype=np.int64))
-            parts.append(encode(make_kjt(query_keys + candidate_keys,
-                                         [empty] * len(query_keys) + catalogue.candidate_arrays(ids))))
-    return torch.cat(parts)

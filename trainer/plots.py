@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+import towers  # noqa: E402
 from data import schema  # noqa: E402
 from data.ragged import list_offsets_values  # noqa: E402
 from serving import index as ann  # noqa: E402
@@ -145,7 +146,7 @@ def plots(cfg, meta: schema.Metadata, summary: dict) -> dict[str, np.ndarray]:
     feature, labels = item_labels(location(cfg.data.path), model.item_ids, meta)
     images["plots/item_embeddings.png"] = figure_rgba(embedding_map(model.embeddings, labels, feature, seed=cfg.seed))
     k = min(cfg.eval.ks)
-    queries, seen = split_queries(model.tower, cfg, "test", MAX_QUERIES)
+    queries, seen = split_queries(towers.of(cfg), model.tower, cfg, "test", MAX_QUERIES)
     counts = recommendation_counts(model, queries, seen, k)
     freq = (model.directory / ITEM_EMBEDDINGS_FILE).read_parquet([schema.FREQ]).column(schema.FREQ).to_numpy()
     images["plots/popularity_bias.png"] = figure_rgba(popularity_vs_recommended(freq, counts, k))

@@ -11,6 +11,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import towers
 from config import JobConfig, dump
 from data import schema
 from data.schema import Metadata
@@ -31,7 +32,7 @@ def run_name(cfg: JobConfig, config_path: str | None) -> str:
     """`<config>-<query tower>-<hash>`: the config file, the query tower and 6 hex digits of the resolved config, so
     two runs of the same config share a name prefix and a changed override shows in the name."""
     stem = Path(config_path).stem if config_path else "cli"
-    return f"{stem}-{cfg.model.query_tower}-{hashlib.sha256(dump(cfg).encode()).hexdigest()[:6]}"
+    return f"{stem}-{towers.of(cfg).name}-{hashlib.sha256(dump(cfg).encode()).hexdigest()[:6]}"
 
 
 def source_tags(config_path: str | None) -> dict[str, str]:
@@ -54,7 +55,7 @@ def source_tags(config_path: str | None) -> dict[str, str]:
 
 
 def description(cfg: JobConfig, meta: Metadata, world_size: int, device: str) -> str:
-    tower = "history-bag" if cfg.model.query_tower == "bags" else "causal-transformer"
+    tower = towers.of(cfg).summary
     return (f"Two-tower retrieval ({tower} query tower) on `{cfg.data.path}`: {meta.num_users:,} users, "
             f"{meta.num_items:,} items, {meta.counts['train_examples']:,} training examples, "
             f"{meta.split['protocol']} split, evaluated on the full catalogue"

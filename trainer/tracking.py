@@ -435,9 +435,14 @@ class SystemMetrics:
         psutil.cpu_percent()  # the first reading is meaningless
         while not self.stopped.wait(self.every_s):
             self.logger.log_metrics(self.sample(), int(time.monotonic() - self.start))
+        # One last reading at the end: a run always has its final CPU and memory, however its sampling was timed.
+        self.logger.log_metrics(self.sample(), int(time.monotonic() - self.start))
 
     def stop(self) -> None:
+        """Ends the sampling after its last reading, which is queued before the run's status."""
         self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
 
 
 def count_records(path: Path) -> int:

@@ -24,6 +24,7 @@ import torch
 import torchrec
 from tqdm import tqdm
 
+import towers
 from config import JobConfig, dump, flatten, to_dict
 from data.schema import Metadata
 from serving.format import RECALL_K
@@ -328,6 +329,7 @@ def build(cfg: JobConfig, env: distributed.Env, logger: MetricsLogger | None = N
 
 def train(cfg: JobConfig, config_path: str | None = None) -> dict:
     """The whole job; `config_path` names the run (and its source tag) after the config file."""
+    towers.resolve(cfg)  # the tower's section typed and checked before any work, and logged as resolved
     env = distributed.init(cfg.train.device, cfg.train.collective_timeout_s)
     resume = resume_point(location(cfg.checkpoint.dir) if cfg.checkpoint.dir else None)
     run_id = read_state(resume)["loop"]["run_id"] if resume else None

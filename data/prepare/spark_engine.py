@@ -32,6 +32,7 @@ from storage.commit import Staging
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ("config", "data", "storage")  # the packages executors import
+LOCAL_DRIVER_MEMORY = 0.25  # of this machine's memory: a local master's driver JVM runs every task in its heap
 ERROR_MARK = "two-tower-error:"  # an executor's one-line error, found again in Spark's exception text
 WRITTEN = "name string, size long, sha256 string, rows long, values long"
 
@@ -127,6 +128,12 @@ def project_zip(directory: str) -> str:
     return path
 
 
+def local_driver_memory() -> str:
+    """LOCAL_DRIVER_MEMORY of this machine's memory, at least Spark's own 1 GB default."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return f"{max(1024, int(total * LOCAL_DRIVER_MEMORY) >> 20)}m"
+
+
 class SparkEngine(Engine):
     dialect = SPARK
 
@@ -148,6 +155,9 @@ class SparkEngine(Engine):
                     "spark.sql.session.timeZone": "UTC", "spark.sql.analyzer.failAmbiguousSelfJoin": "false"}
         if master.startswith("local"):  # Spark's 200 shuffle partitions are for clusters; on one machine they cost
             settings["spark.sql.shuffle.partitions"] = str(2 * (os.cpu_count() or 1))
+            # With Spark's default 1 GB heap the JVM failed at 10^8 events (bench/prepare.py): a local master's
+            # driver is its only executor, so it gets a share of the machine (--spark-conf spark.driver.memory wins).
+            settings["spark.driver.memory"] = local_driver_memory()
         settings.update(conf or {})
         for key, value in settings.items():
             builder = builder.config(key, value)
