@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, is_dataclass
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
 
 class ConfigError(ValueError):
@@ -36,6 +37,31 @@ METRICS = ("hr", "recall", "ndcg", "mrr", "coverage")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+# What a resume from a checkpoint may change (trainer/checkpoint.py:compatibility reads it), marked on each field
+# or section below: SAFE without asking (how long to train, how often to log and save, where to track and export);
+# SHAPE never (it changes what the checkpoint's tensors are); POSITION with checkpoint.allow_changes and only at an
+# epoch boundary (it changes what a saved batch position means). Any other key needs checkpoint.allow_changes.
+SAFE, SHAPE, POSITION = "safe", "shape", "position"
+
+
+def resume(kind: str, default=MISSING, *, factory=MISSING):
+    """A field (or a whole section) with its resume rule."""
+    return field(default=default, default_factory=factory, metadata={"resume": kind})
+
+
+def resume_rules(cls: type, prefix: str = "") -> dict[str, str]:
+    """Key -> SAFE/SHAPE/POSITION for every marked field of a config dataclass; a marked section counts for all
+    its keys, as `section.`."""
+    rules, hints = {}, typing.get_type_hints(cls)
+    for f in fields(cls):
+        key, section = f"{prefix}{f.name}", is_dataclass(hints[f.name])
+        if "resume" in f.metadata:
+            rules[key + ("." if section else "")] = f.metadata["resume"]
+        elif section:
+            rules.update(resume_rules(hints[f.name], f"{key}."))
+    return rules
+
+
 def check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -43,19 +69,19 @@ def check(condition: bool, message: str) -> None:
 
 @dataclass
 class DataConfig:
-    path: str = "prepared/synthetic"
+    path: str = resume(SAFE, "prepared/synthetic")  # the data may move: its checksum is compared instead
 
 
 @dataclass
 class LoaderConfig:
-    batch_size: int = 1024
+    batch_size: int = resume(POSITION, 1024)
     num_negatives: int = 1024
     sampler: str = "unigram"  # "uniform" or "unigram" (freq ** unigram_alpha)
     unigram_alpha: float = 0.75
     # Mean-pooled last-k bags of the history (0 = all of it) in the query; the transformer pools them from its
     # unpooled lookup, at every position ([] for none).
-    history_bags: list[int] = field(default_factory=lambda: [1, 10, 0])
-    use_user_id: bool = False
+    history_bags: list[int] = resume(SHAPE, factory=lambda: [1, 10, 0])
+    use_user_id: bool = resume(SHAPE, False)
     out_of_vocab: str = "error"  # "error", or "hash" (id modulo the vocabulary, for open vocabularies)
     # Transformer tower: the inputs of one training row (a user's sequence is cut into chunks of this many,
     # aligned on its newest item); evaluation queries keep their last this many items.
@@ -65,7 +91,7 @@ class LoaderConfig:
     # trained embedding (cold start).
     feature_dropout: float = 0.1
     shuffle_buffer: int = 65_536  # rows mixed across row groups before batching
-    prefetch_batches: int = 4
+    prefetch_batches: int = resume(SAFE, 4)
     seed: int = 0  # not a config key: the job's top-level seed is copied here
 
     def __post_init__(self) -> None:
@@ -109,11 +135,11 @@ FLOAT32_MAX = 3.4028234663852886e38
 class LossConfig:
     temperature: float = 0.05
     in_batch: bool = True  # in-batch positives of other rows are negatives; mixed ones come from loader.num_negatives
-    logq: bool = True
+    logq: bool = resume(SHAPE, True)
     logq_on_positive: bool = True
-    frequency: str = "exact"  # "exact" catalogue counts, or "streaming" (Yi et al. 2019)
+    frequency: str = resume(SHAPE, "exact")  # "exact" catalogue counts, or "streaming" (Yi et al. 2019)
     streaming_alpha: float = 0.01
-    streaming_buckets: int = 1 << 20
+    streaming_buckets: int = resume(SHAPE, 1 << 20)
     # Logits are computed in row chunks of at most this many (query x candidate) entries, each chunk's gradient
     # at once, which bounds the loss's memory; the result equals one big computation. 2^20 (4 MB of float32)
     # stays in cache: measured fastest on this machine for the transformer's ~14k positions x 3.5k candidates.
@@ -139,9 +165,9 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    sparse: str = "rowwise_adagrad"  # fused into the embedding backward; adam needs a GPU
+    sparse: str = resume(SHAPE, "rowwise_adagrad")  # fused into the embedding backward; adam needs a GPU
     sparse_lr: float = 0.05
-    dense: str = "adam"  # adam, adagrad or sgd, over the MLPs only
+    dense: str = resume(SHAPE, "adam")  # adam, adagrad or sgd, over the MLPs only
     dense_lr: float = 0.001
     # After each epoch without a validation gain, both rates are multiplied by this (1: constant rates).
     plateau_decay: float = 1.0
@@ -155,13 +181,13 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    max_steps: int = 0  # 0 = no cap; handy for smoke runs
-    log_every: int = 20
+    epochs: int = resume(SAFE, 10)
+    max_steps: int = resume(SAFE, 0)  # 0 = no cap; handy for smoke runs
+    log_every: int = resume(SAFE, 20)
     early_stopping_metric: str = "ndcg@10"
-    early_stopping_patience: int = 2  # stop after this many epochs in a row without improvement (as Keras)
-    device: str = "auto"  # auto, cpu or cuda
-    collective_timeout_s: int = 600  # a dead rank fails the job after this long instead of hanging it
+    early_stopping_patience: int = resume(SAFE, 2)  # stop after this many epochs in a row without improvement
+    device: str = resume(SAFE, "auto")  # auto, cpu or cuda
+    collective_timeout_s: int = resume(SAFE, 600)  # a dead rank fails the job after this long instead of hanging
 
     def __post_init__(self) -> None:
         check(self.device in DEVICES, f"train.device must be auto, cpu or cuda, got '{self.device}'")
@@ -174,8 +200,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 50, 200])
-    batch_size: int = 1024
-    popularity_baseline: bool = True
+    batch_size: int = resume(SAFE, 1024)
+    popularity_baseline: bool = resume(SAFE, True)
     # Remove what the user consumed before the query from the ranking; targets among those are left out
     # (docs/data.md "Evaluation protocol"). false: rank everything, for domains where repeats are the point.
     filter_seen: bool = True
@@ -198,11 +224,11 @@ class ShardingConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str = ""  # empty: no checkpoints; otherwise the job resumes from the latest one here
-    every_steps: int = 0  # also checkpoint every N steps (0: only at the end of each epoch)
-    keep_last: int = 3
+    dir: str = resume(SAFE, "")  # empty: no checkpoints; otherwise the job resumes from the latest one here
+    every_steps: int = resume(SAFE, 0)  # also checkpoint every N steps (0: only at the end of each epoch)
+    keep_last: int = resume(SAFE, 3)
     # Config keys a resume may change beyond the always-safe ones (docs/reliability.md), e.g. [optim.sparse_lr].
-    allow_changes: list[str] = field(default_factory=list)
+    allow_changes: list[str] = resume(SAFE, factory=list)
 
     def __post_init__(self) -> None:
         check(self.keep_last >= 1 and self.every_steps >= 0,
@@ -249,15 +275,15 @@ class JobConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = resume(SHAPE, factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = resume(SAFE, factory=ExportConfig)
+    tracking: TrackingConfig = resume(SAFE, factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         self.loader.seed = self.seed

@@ -43,6 +43,17 @@ def test_latest_skips_incomplete_checkpoints(tmp_path):
     assert checkpoint.latest(tmp_path / "nowhere") is None
 
 
+def test_each_config_key_has_the_resume_rule_marked_beside_its_field():
+    """config/job.py marks the rules; a section's mark covers the tower's own keys too."""
+    from config.job import POSITION, SAFE, SHAPE
+
+    expected = {"model.tower.blocks": SHAPE, "model.item_dim": SHAPE, "loader.history_bags": SHAPE,
+                "optim.sparse": SHAPE, "loss.streaming_buckets": SHAPE, "export.dir": SAFE, "tracking.uri": SAFE,
+                "train.epochs": SAFE, "data.path": SAFE, "checkpoint.allow_changes": SAFE,
+                "loader.batch_size": POSITION, "optim.sparse_lr": "", "loss.temperature": ""}
+    assert {key: checkpoint.rule(key) for key in expected} == expected
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tower", sorted(TINY_TOWERS))
 def test_resume_from_a_mid_epoch_checkpoint_is_exact(tiny_data, tmp_path, tower):

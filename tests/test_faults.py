@@ -201,6 +201,8 @@ def test_a_non_finite_loss_stops_training_naming_the_step(tiny_data):
 @pytest.mark.parametrize("override,expected", [
     ({"model.item_dim": 32}, "model.item_dim: 16 -> 32 (changes the checkpoint's tensors"),
     ({"optim.sparse": "sgd"}, "optim.sparse: rowwise_adagrad -> sgd (changes the checkpoint's tensors"),
+    ({"model.tower.share_item_table": "false"},
+     "model.tower.share_item_table: True -> False (changes the checkpoint's tensors"),
     ({"optim.sparse_lr": 0.1},
      "optim.sparse_lr: 0.05 -> 0.1 (allow it with checkpoint.allow_changes=[optim.sparse_lr]"),
 ])

@@ -29,6 +29,7 @@ import torch.distributed.checkpoint as dcp
 
 import towers
 from config import CheckpointConfig, ConfigError, JobConfig, flatten, load_config_text, to_dict
+from config.job import POSITION, SAFE, SHAPE, resume_rules
 from storage import Location, StorageError, committed, location
 from storage import commit as storage_commit
 from storage import verify as verify_files
@@ -38,18 +39,8 @@ STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 PREFIX = "step-"
 BEST_MODEL = "best"  # best-<step>: the selected epoch's weights, under checkpoint.dir: what export reads
-# Config keys a resume may change without asking: how long to train, how often to log and save, where
-# to track and export. (`data.path` may move; the data's checksum is compared instead.)
-SAFE_CHANGES = ("train.epochs", "train.max_steps", "train.log_every", "train.collective_timeout_s",
-                "train.early_stopping_patience", "train.device", "checkpoint.dir", "checkpoint.every_steps",
-                "checkpoint.keep_last",
-                "checkpoint.allow_changes", "eval.batch_size", "eval.popularity_baseline", "loader.prefetch_batches",
-                "data.path", "export.", "tracking.")
-# Keys that change what the checkpoint's tensors are: never allowed.
-SHAPE_CHANGES = ("model.", "loader.history_bags", "loader.use_user_id", "optim.sparse", "optim.dense",
-                 "loss.logq", "loss.frequency", "loss.streaming_buckets")
-# Keys that change what a batch position means: allowed (with checkpoint.allow_changes) at an epoch boundary only.
-POSITION_CHANGES = ("loader.batch_size",)
+# What a resume may change: each config field's rule, marked beside it in config/job.py.
+RESUME_RULES = resume_rules(JobConfig)
 log = logging.getLogger(__name__)
 
 
@@ -188,8 +179,10 @@ def resume_point(root: Location | None) -> Location | None:
     return location(choice[0]) if choice[0] else None
 
 
-def matches(key: str, patterns: tuple[str, ...] | list[str]) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+def rule(key: str) -> str:
+    """The resume rule of a flattened config key (config/job.py), "" for none; `section.` rules cover its keys."""
+    return next((kind for pattern, kind in RESUME_RULES.items()
+                 if key == pattern or (pattern.endswith(".") and key.startswith(pattern))), "")
 
 
 def compatibility(saved: JobConfig, current: JobConfig, saved_world: int, world: int, at_epoch_start: bool,
@@ -201,13 +194,13 @@ def compatibility(saved: JobConfig, current: JobConfig, saved_world: int, world:
     problems, notes = [], []
     for key in changed:
         line = f"{key}: {old.get(key)} -> {new.get(key)}"
-        if matches(key, SAFE_CHANGES):
+        if rule(key) == SAFE:
             notes.append(line)
-        elif matches(key, SHAPE_CHANGES):
+        elif rule(key) == SHAPE:
             problems.append(f"{line} (changes the checkpoint's tensors: start a new checkpoint.dir)")
         elif key not in allowed:
             problems.append(f"{line} (allow it with checkpoint.allow_changes=[{key}])")
-        elif matches(key, POSITION_CHANGES) and not at_epoch_start:
+        elif rule(key) == POSITION and not at_epoch_start:
             problems.append(f"{line} (changes what the saved batch position means: resume from an epoch-end "
                             f"checkpoint)")
         else:
