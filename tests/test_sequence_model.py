@@ -140,6 +140,10 @@ def test_blocks_heads_and_dropout_are_read():
         towers.resolve(load_config(None, transformer + ["model.tower.share_item_table=false"]))
     with pytest.raises(ConfigError, match=r"model.tower.dropout must be in \[0, 1\)"):
         towers.resolve(load_config(None, transformer + ["model.tower.dropout=1.5"]))
+    with pytest.raises(ConfigError, match=r"model.tower.blocks: expected int, got 'x'"):
+        towers.resolve(load_config(None, transformer + ["model.tower.blocks=x"]))
+    with pytest.raises(ConfigError, match=r"model.tower must be a mapping .* got 5"):
+        load_config(None, ["model.tower=5"])
 
 
 def test_the_transformer_pipeline_equals_the_plain_loop_with_both_collections_pipelined(tiny_data):
