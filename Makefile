@@ -6,7 +6,7 @@ DEMO    ?= prepared/synthetic
 ARGS    ?=
 TESTS   ?= tests
 
-.PHONY: setup demo lint test docs ui-screenshot bench-loader bench-quality bench-train-step bench-sequence-step bench-serving bench-faults bench-prepare clean
+.PHONY: setup demo lint test test-unit docs ui-screenshot bench-loader bench-quality bench-train-step bench-sequence-step bench-serving bench-faults bench-prepare clean
 
 setup: $(STAMP)
 
@@ -31,12 +31,16 @@ demo: setup
 lint: setup
 	$(PY) -m ruff check .
 
-# The benchmark tables in README.md and docs/ from bench/results/*.json (tests/test_docs.py fails on a stale page).
+# The benchmark tables in README.md and docs/ from bench/results/*.json (tests/architecture/test_docs.py fails on a stale page).
 docs: setup
 	$(PY) -m bench.tables --write
 
 test: lint
 	$(PY) -m pytest $(TESTS) -q -ra --durations=25
+
+# The unit tests only (tests/<package>/, a few minutes): no end-to-end test under tests/e2e/.
+test-unit: lint
+	$(PY) -m pytest $(TESTS) -q -ra -m "not e2e"
 
 # The MLflow run page in headless Chromium (Debian's package), into docs/.
 ui-screenshot: setup

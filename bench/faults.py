@@ -30,8 +30,8 @@ from mlflow.tracking import MlflowClient
 
 from bench.common import machine
 from tests.conftest import TINY_MODEL
-from tests.test_tracking import Server
-from trainer import checkpoint
+from tests.e2e.test_tracking import Server
+from trainer.checkpointing import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHX = str(Path(sys.executable).with_name("torchx"))

@@ -31,11 +31,12 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from bench.common import machine, peak_rss_mib
-from config import LoaderConfig
+from config import LoaderConfig, NegativesConfig
 from data import schema
 from data.batch import TrainBatch
 from data.keys import ITEM_KEY, candidate_key, history_key
 from data.loader import open_loader
+from data.negatives import Negatives
 from data.prepare import prepare
 from data.sources import read_movielens
 from data.splits import SplitConfig
@@ -71,8 +72,8 @@ class NaiveCollate:
         items = pq.read_table(directory / schema.ITEMS_FILE).to_pylist()
         self.item_features = {row[schema.ITEM]: row for row in items}
         self.feature_names = [f.name for f in meta.item_features]
-        freq = torch.tensor([0] + [row[schema.FREQ] for row in items], dtype=torch.float64)
-        self.probs = freq ** 0.75 / (freq ** 0.75).sum()
+        freq = np.array([0] + [row[schema.FREQ] for row in items], dtype=np.int64)
+        self.probs = torch.from_numpy(Negatives.of(NegativesConfig(num_sampled=NEGATIVES), freq).probs)
 
     def __call__(self, rows: list[dict]) -> TrainBatch:
         negatives = torch.multinomial(self.probs, NEGATIVES, replacement=True).tolist()
@@ -113,7 +114,8 @@ def time_batches(make_iterator, batches: int | None) -> float:
 
 def throughput(directory: Path, runs: int, batches: int) -> dict:
     meta = schema.Metadata.load(directory)
-    loader = open_loader(directory, LoaderConfig(batch_size=BATCH, num_negatives=NEGATIVES), meta=meta)
+    loader = open_loader(directory, LoaderConfig(batch_size=BATCH),
+                         negatives=NegativesConfig(num_sampled=NEGATIVES), meta=meta)
     start = time.perf_counter()
     naive_loader = torch.utils.data.DataLoader(NaiveDataset(directory, meta), batch_size=BATCH, shuffle=True,
                                                collate_fn=NaiveCollate(directory, meta), drop_last=True)
@@ -131,7 +133,8 @@ def throughput(directory: Path, runs: int, batches: int) -> dict:
 
 def rss_child(directory: str) -> None:
     """Streams one epoch; prints peak RSS and the RSS before the first batch, in MiB."""
-    loader = open_loader(directory, LoaderConfig(batch_size=BATCH, num_negatives=NEGATIVES))
+    loader = open_loader(directory, LoaderConfig(batch_size=BATCH),
+                         negatives=NegativesConfig(num_sampled=NEGATIVES))
     import psutil
 
     before = psutil.Process().memory_info().rss / 2**20

@@ -141,7 +141,7 @@ def run_engine(engine: str, log: Path, workdir: Path, baseline: Path | None, tim
 def loader_throughput(directory: str, runs: int) -> list[float]:
     """Examples/s of one epoch through the training loader, each run in a fresh process."""
     code = ("import sys, time; from config import LoaderConfig; from data.loader import open_loader; "
-            "l = open_loader(sys.argv[1], LoaderConfig(batch_size=1024, num_negatives=1024)); t = time.perf_counter(); "
+            "l = open_loader(sys.argv[1], LoaderConfig(batch_size=1024)); t = time.perf_counter(); "
             "n = sum(int(b.row_mask.sum()) for b in l.epoch(0)); print(n / (time.perf_counter() - t))")
     speeds = []
     for _ in range(runs + 1):

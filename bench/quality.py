@@ -48,7 +48,7 @@ PUBLISHED = {
     "HSTU, full softmax, re-implementation (HSTU-Tensorflow README)": {"hr@10": 0.3419, "ndcg@10": 0.1944},
 }
 ABLATION = [
-    ("in_batch_only", ["loader.num_negatives=0", "loss.logq=false"]),
+    ("in_batch_only", ["negatives.kind=in_batch", "loss.logq=false"]),
     ("in_batch_plus_mixed", ["loss.logq=false"]),
     ("in_batch_plus_mixed_plus_logq", []),
 ]

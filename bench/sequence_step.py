@@ -46,9 +46,9 @@ from config import JobConfig, load_config
 from data import schema
 from data.batch import SequenceBatch, TrainBatch, make_kjt
 from data.keys import ITEM_KEY, SEQUENCE_KEY, QueryLayout, candidate_keys
-from data.sampler import NegativeSampler
+from data.negatives import Negatives
 from towers.shared import kjt_features
-from trainer.loss import CandidateLogQ, RetrievalLoss, SequenceRetrievalLoss
+from trainer.loss.modules import build_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQUENCE_CONFIG = "configs/ml1m_transformer.yaml"  # the step benchmark's tower
@@ -64,7 +64,7 @@ def job_config(config: str, data: str | None = None, impl: str = "torchrec") -> 
 
 
 def sequence_batches(cfg: JobConfig, num_items: int, probs: np.ndarray, count: int,
-                     seed: int) -> tuple[list[SequenceBatch], NegativeSampler]:
+                     seed: int) -> tuple[list[SequenceBatch], Negatives]:
     """`count` batches built as `SequenceLoader.make_batch` builds them: rows of 1..max_sequence_length items
     (uniform, so about ML-1M's mean chunk), every position trained, candidates = the distinct targets then
     the sampled negatives."""
@@ -72,8 +72,7 @@ def sequence_batches(cfg: JobConfig, num_items: int, probs: np.ndarray, count: i
     cdf = np.cumsum(probs)
     draw = lambda n: np.minimum(np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right"),
                                 num_items).astype(np.int64)
-    sampler = NegativeSampler((probs * 1e9).astype(np.int64) + (np.arange(len(probs)) > 0), cfg.loader.sampler,
-                              cfg.loader.unigram_alpha)
+    negatives = Negatives.of(cfg.negatives, (probs * 1e9).astype(np.int64) + (np.arange(len(probs)) > 0))
     b, length = cfg.loader.batch_size, cfg.loader.max_sequence_length
     out = []
     for _ in range(count):
@@ -82,7 +81,7 @@ def sequence_batches(cfg: JobConfig, num_items: int, probs: np.ndarray, count: i
         row = np.repeat(np.arange(b), lengths)
         step = np.arange(len(inputs)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         distinct, own = np.unique(targets, return_inverse=True)
-        candidates = np.concatenate([distinct, sampler.sample(cfg.loader.num_negatives, rng)])
+        candidates = np.concatenate([distinct, negatives.sample(rng)])
         c = len(candidates)
         sequence = make_kjt([SEQUENCE_KEY, ITEM_KEY], [(np.r_[lengths, np.zeros(c, np.int64)], inputs),
                                                        (np.r_[np.zeros(b, np.int64), np.ones(c, np.int64)],
@@ -95,15 +94,7 @@ def sequence_batches(cfg: JobConfig, num_items: int, probs: np.ndarray, count: i
                                  candidate_ids=torch.from_numpy(candidates),
                                  num_positives=torch.tensor([len(distinct)]),
                                  row_mask=torch.ones(b, dtype=torch.bool)))
-    return out, sampler
-
-
-def log_q(cfg: JobConfig, freq: np.ndarray, proposal: np.ndarray) -> CandidateLogQ | None:
-    if not cfg.loss.logq:
-        return None
-    return CandidateLogQ(torch.from_numpy(freq.astype(np.float64)), torch.from_numpy(proposal),
-                         cfg.loader.num_negatives, cfg.loss.in_batch, cfg.loss.frequency, cfg.loss.streaming_buckets,
-                         cfg.loss.streaming_alpha)
+    return out, negatives
 
 
 class PlainSequenceModel(torch.nn.Module):
@@ -111,14 +102,13 @@ class PlainSequenceModel(torch.nn.Module):
     `SequenceTwoTower.encode` feeds `SequenceHead` (one item table for history and candidates; feature bags
     pooled over the batch's P + C rows, queries first)."""
 
-    def __init__(self, cfg: JobConfig, meta: schema.Metadata, freq: np.ndarray, proposal: np.ndarray,
+    def __init__(self, cfg: JobConfig, meta: schema.Metadata, freq: np.ndarray, negatives: Negatives,
                  sparse: bool):
         super().__init__()
         self.query_keys = QueryLayout.for_data(meta, (), cfg.loader.use_user_id).keys
         self.candidate_keys = candidate_keys([f.name for f in meta.item_features])[1:]
         self.tower = towers.of(cfg).plain(meta, cfg, sparse=sparse)
-        self.loss_fn = SequenceRetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive,
-                                             log_q(cfg, freq, proposal), cfg.loss.max_logits, merge=False)
+        self.loss_fn = build_loss(cfg, negatives, freq, sequence=True, merge=False)
 
     def forward(self, batch: SequenceBatch) -> torch.Tensor:
         sequence = kjt_features(batch.sequence)
@@ -136,12 +126,11 @@ class PlainSequenceModel(torch.nn.Module):
 class PlainBagModel(torch.nn.Module):
     """The bag tower and its loss in plain PyTorch (`PlainTowers`, as bench/train_step.py's baseline)."""
 
-    def __init__(self, cfg: JobConfig, meta: schema.Metadata, freq: np.ndarray, proposal: np.ndarray,
+    def __init__(self, cfg: JobConfig, meta: schema.Metadata, freq: np.ndarray, negatives: Negatives,
                  sparse: bool):
         super().__init__()
         self.towers = towers.of(cfg).plain(meta, cfg, sparse=sparse)
-        self.loss_fn = RetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive,
-                                     log_q(cfg, freq, proposal), cfg.loss.max_logits, merge=False)
+        self.loss_fn = build_loss(cfg, negatives, freq, sequence=False, merge=False)
 
     def forward(self, batch: TrainBatch) -> torch.Tensor:
         query, candidates = self.towers.towers(kjt_features(batch.sparse), batch.batch_size)
@@ -173,11 +162,11 @@ def plain_step(model: torch.nn.Module, impl: str, lr: float):
     return step, name
 
 
-def project_step(cfg: JobConfig, meta: schema.Metadata, freq: np.ndarray, proposal: np.ndarray):
+def project_step(cfg: JobConfig, meta: schema.Metadata, freq: np.ndarray, negatives: Negatives):
     from trainer import distributed
-    from trainer.build import build_model
+    from trainer.assembly import build_model
 
-    model = build_model(cfg, distributed.init("cpu"), meta, freq, proposal)
+    model = build_model(cfg, distributed.init("cpu"), meta, freq, negatives)
     return (lambda stream: model.pipeline.progress(stream)["loss"]), model, \
         (f"fused {cfg.optim.sparse} (item table) + {cfg.optim.dense} (rest), TrainPipelineSparseDist, "
          f"loss.merge_duplicates={str(cfg.loss.merge_duplicates).lower()}")
@@ -195,13 +184,13 @@ def step_worker(impl: str, items: int, warmup: int, steps: int, profile: str | N
     cfg = job_config(SEQUENCE_CONFIG, impl=impl)
     meta = catalogue_meta(items)
     probs = popularity(items)
-    data, sampler = sequence_batches(cfg, items, probs, warmup + steps + 3, seed=0)  # the pipeline reads ahead
+    data, negatives = sequence_batches(cfg, items, probs, warmup + steps + 3, seed=0)  # the pipeline reads ahead
     freq = (probs * 1e9).astype(np.int64)
     rss_before = peak_rss_mib()
     if impl.startswith("torchrec"):
-        step, _, optimizer = project_step(cfg, meta, freq, sampler.probs)
+        step, _, optimizer = project_step(cfg, meta, freq, negatives)
     else:
-        step, optimizer = plain_step(PlainSequenceModel(cfg, meta, freq, sampler.probs, impl == "sparse_adam"), impl,
+        step, optimizer = plain_step(PlainSequenceModel(cfg, meta, freq, negatives, impl == "sparse_adam"), impl,
                                      cfg.optim.dense_lr)
     stream = iter(data)
     times, positions = [], []
@@ -236,8 +225,8 @@ def epoch_worker(config: str, impl: str, data_path: str) -> dict:
     """One ML-1M training epoch, end to end: the loader, every step and the log lines (no evaluation)."""
     from data.loader import open_loader
     from trainer import distributed
-    from trainer.state import LoopState
-    from trainer.train import build, seed_everything
+    from trainer.checkpointing.state import LoopState
+    from trainer.loop import build, seed_everything
 
     cfg = job_config(config, data_path, impl)
     seed_everything(cfg.seed)
@@ -251,9 +240,9 @@ def epoch_worker(config: str, impl: str, data_path: str) -> dict:
     else:
         meta = schema.Metadata.load(data_path)
         layout = towers.of(cfg).layout
-        loader = open_loader(data_path, cfg.loader, "train", 0, 1, meta, layout=layout)
+        loader = open_loader(data_path, cfg.loader, "train", 0, 1, meta, layout=layout, negatives=cfg.negatives)
         model_class = PlainSequenceModel if layout.sequence else PlainBagModel
-        model = model_class(cfg, meta, loader.catalogue.freq, loader.sampler.probs, impl == "sparse_adam")
+        model = model_class(cfg, meta, loader.catalogue.freq, loader.negatives, impl == "sparse_adam")
         step, optimizer = plain_step(model, impl, cfg.optim.dense_lr)
         examples = meta.counts["train_examples"]
         start = time.perf_counter()
@@ -349,7 +338,7 @@ def main() -> None:
     result = {"machine": machine(),
               "setup": {"config": SEQUENCE_CONFIG, "batch_size": cfg.loader.batch_size,
                         "max_sequence_length": cfg.loader.max_sequence_length,
-                        "negatives": cfg.loader.num_negatives, "sampler": cfg.loader.sampler,
+                        "negatives": cfg.negatives.num_sampled, "sampler": cfg.negatives.kind,
                         "item_dim": cfg.model.item_dim, "blocks": cfg.model.tower.blocks,
                         "hidden_dims": cfg.model.hidden_dims, "history_bags": cfg.loader.history_bags,
                         "popularity": "zipf(1.0)", "warmup_steps": args.warmup, "steps": args.steps,

@@ -4,8 +4,8 @@
     .venv/bin/python -m bench.tables --write                                  # rewrite every page (make docs)
     .venv/bin/python -m bench.tables --check                                  # exit 1 naming stale pages
 
-A page marks each generated table with `<!-- table: NAME -->` ... `<!-- /table -->`; tests/test_docs.py fails
-when a committed page differs from what its JSON generates.
+A page marks each generated table with `<!-- table: NAME -->` ... `<!-- /table -->`;
+tests/architecture/test_docs.py fails when a committed page differs from what its JSON generates.
 """
 
 from __future__ import annotations

@@ -38,9 +38,9 @@ from config import JobConfig, load_config
 from data import schema
 from data.batch import TrainBatch, make_kjt
 from data.keys import QueryLayout, candidate_keys
-from data.sampler import NegativeSampler
-from trainer.export import kjt_features
-from trainer.loss import CandidateLogQ, RetrievalLoss
+from data.negatives import Negatives
+from towers.shared import kjt_features
+from trainer.loss.modules import RetrievalLoss, build_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,43 +61,45 @@ def popularity(num_items: int) -> np.ndarray:
 
 
 def batches(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, count: int,
-            seed: int) -> tuple[list[TrainBatch], NegativeSampler]:
+            seed: int) -> tuple[list[TrainBatch], Negatives]:
     """`count` distinct batches, as the loader would build them (stride B + S, negatives from the sampler):
     the query through the same `QueryLayout` the loader and serving use."""
     rng = np.random.default_rng(seed)
     cdf = np.cumsum(probs)
     draw = lambda n: np.minimum(np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right"),
                                 meta.num_items).astype(np.int64)
-    sampler = NegativeSampler((probs * 1e9).astype(np.int64) + (np.arange(len(probs)) > 0), cfg.loader.sampler,
-                              cfg.loader.unigram_alpha)
+    negatives = Negatives.of(cfg.negatives, counts(probs))
     layout = QueryLayout.for_data(meta, cfg.loader.history_bags, cfg.loader.use_user_id)
-    b, s = cfg.loader.batch_size, cfg.loader.num_negatives
+    b, s = cfg.loader.batch_size, negatives.num_sampled
     out = []
     for _ in range(count):
         lengths = rng.integers(1, MAX_HISTORY + 1, b)
         history = (np.r_[0, np.cumsum(lengths)], draw(int(lengths.sum())))
         queries = layout.arrays(history, np.zeros(b, dtype=np.int64), {}, np.arange(b))
         arrays = [(np.r_[bag, np.zeros(s, dtype=np.int64)], values) for bag, values in queries]
-        candidates = np.r_[draw(b), sampler.sample(s, rng)]
+        candidates = np.r_[draw(b), negatives.sample(rng)]
         arrays.append((np.ones(b + s, dtype=np.int64), candidates))
         out.append(TrainBatch(sparse=make_kjt(layout.keys + candidate_keys([]), arrays),
                               candidate_ids=torch.from_numpy(candidates), row_mask=torch.ones(b, dtype=torch.bool)))
-    return out, sampler
+    return out, negatives
 
 
-def loss_module(cfg: JobConfig, probs: np.ndarray, sampler: NegativeSampler) -> RetrievalLoss:
-    log_q = CandidateLogQ(torch.from_numpy(probs * 1e9), torch.from_numpy(sampler.probs), cfg.loader.num_negatives,
-                          cfg.loss.in_batch, cfg.loss.frequency, cfg.loss.streaming_buckets, cfg.loss.streaming_alpha)
-    return RetrievalLoss(cfg.loss.temperature, cfg.loss.in_batch, cfg.loss.logq_on_positive, log_q, cfg.loss.max_logits,
-                         merge=False)
+def counts(probs: np.ndarray) -> np.ndarray:
+    """Training counts with the popularity `probs` (every real item seen at least once)."""
+    return (probs * 1e9).astype(np.int64) + (np.arange(len(probs)) > 0)
 
 
-def torchrec_step(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, sampler: NegativeSampler):
+def loss_module(cfg: JobConfig, probs: np.ndarray, negatives: Negatives) -> RetrievalLoss:
+    """The trainer's loss (trainer/loss/modules.py:build_loss), one column per copy as plain PyTorch would."""
+    return build_loss(cfg, negatives, counts(probs), sequence=False, merge=False)
+
+
+def torchrec_step(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, negatives: Negatives):
     from trainer import distributed
-    from trainer.build import build_model
+    from trainer.assembly import build_model
 
     env = distributed.init("auto")
-    model = build_model(cfg, env, meta, (probs * 1e9).astype(np.int64), sampler.probs)
+    model = build_model(cfg, env, meta, counts(probs), negatives)
 
     def step(stream) -> None:
         model.pipeline.progress(stream)
@@ -106,9 +108,9 @@ def torchrec_step(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, samp
                   f"loss.merge_duplicates={str(cfg.loss.merge_duplicates).lower()}")
 
 
-def plain_step(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, sampler: NegativeSampler, sparse: bool):
+def plain_step(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, negatives: Negatives, sparse: bool):
     plain = towers.of(cfg).plain(meta, cfg, sparse=sparse)
-    loss_fn = loss_module(cfg, probs, sampler)
+    loss_fn = loss_module(cfg, probs, negatives)
     tables = list(plain.tables.parameters())
     dense = [p for name, p in plain.named_parameters() if not name.startswith("tables.")]
     if sparse:
@@ -138,12 +140,12 @@ def worker(impl: str, items: int, warmup: int, steps: int) -> dict:
                       + (["loss.merge_duplicates=false"] if impl == "torchrec_unmerged" else []))
     meta = catalogue_meta(items)
     probs = popularity(items)
-    data, sampler = batches(cfg, meta, probs, warmup + steps + 2, seed=0)  # the pipeline reads ahead
+    data, negatives = batches(cfg, meta, probs, warmup + steps + 2, seed=0)  # the pipeline reads ahead
     rss_before = peak_rss_mib()
     if impl.startswith("torchrec"):
-        step, optimizer = torchrec_step(cfg, meta, probs, sampler)
+        step, optimizer = torchrec_step(cfg, meta, probs, negatives)
     else:
-        step, optimizer = plain_step(cfg, meta, probs, sampler, sparse=impl == "sparse_adam")
+        step, optimizer = plain_step(cfg, meta, probs, negatives, sparse=impl == "sparse_adam")
     stream = iter(data)
     times = []
     for i in range(warmup + steps):

@@ -15,6 +15,7 @@ from config.job import (
                         LoaderConfig,
                         LossConfig,
                         ModelConfig,
+                        NegativesConfig,
                         OptimConfig,
                         ShardingConfig,
                         TrackingConfig,
@@ -23,5 +24,5 @@ from config.job import (
 from config.loading import dump, flatten, load_config, load_config_text, to_dict
 
 __all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "ExportConfig", "JobConfig", "LoaderConfig",
-           "LossConfig", "ModelConfig", "OptimConfig", "ShardingConfig", "TrackingConfig", "TrainConfig", "dump",
-           "flatten", "load_config", "load_config_text", "to_dict"]
+           "LossConfig", "ModelConfig", "NegativesConfig", "OptimConfig", "ShardingConfig", "TrackingConfig",
+           "TrainConfig", "dump", "flatten", "load_config", "load_config_text", "to_dict"]

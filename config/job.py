@@ -37,8 +37,8 @@ METRICS = ("hr", "recall", "ndcg", "mrr", "coverage")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-# What a resume from a checkpoint may change (trainer/checkpoint.py:compatibility reads it), marked on each field
-# or section below: SAFE without asking (how long to train, how often to log and save, where to track and export);
+# What a resume from a checkpoint may change (trainer/checkpointing/compatibility.py reads it), marked on each
+# field or section below: SAFE without asking (how long to train, how often to log and save, where to track and export);
 # SHAPE never (it changes what the checkpoint's tensors are); POSITION with checkpoint.allow_changes and only at an
 # epoch boundary (it changes what a saved batch position means). Any other key needs checkpoint.allow_changes.
 SAFE, SHAPE, POSITION = "safe", "shape", "position"
@@ -75,9 +75,6 @@ class DataConfig:
 @dataclass
 class LoaderConfig:
     batch_size: int = resume(POSITION, 1024)
-    num_negatives: int = 1024
-    sampler: str = "unigram"  # "uniform" or "unigram" (freq ** unigram_alpha)
-    unigram_alpha: float = 0.75
     # Mean-pooled last-k bags of the history (0 = all of it) in the query; the transformer pools them from its
     # unpooled lookup, at every position ([] for none).
     history_bags: list[int] = resume(SHAPE, factory=lambda: [1, 10, 0])
@@ -95,11 +92,8 @@ class LoaderConfig:
     seed: int = 0  # not a config key: the job's top-level seed is copied here
 
     def __post_init__(self) -> None:
-        check(min(self.batch_size, self.shuffle_buffer, self.prefetch_batches) >= 1 and self.num_negatives >= 0,
-              "loader.batch_size, loader.shuffle_buffer and loader.prefetch_batches must be >= 1, "
-              "loader.num_negatives >= 0")
-        check(self.sampler in ("uniform", "unigram"), f"loader.sampler must be 'uniform' or 'unigram', got "
-                                                      f"'{self.sampler}'")
+        check(min(self.batch_size, self.shuffle_buffer, self.prefetch_batches) >= 1,
+              "loader.batch_size, loader.shuffle_buffer and loader.prefetch_batches must be >= 1")
         check(self.out_of_vocab in ("error", "hash"), f"loader.out_of_vocab must be 'error' or 'hash', got "
                                                       f"'{self.out_of_vocab}'")
         check(self.max_sequence_length >= 1, "loader.max_sequence_length must be >= 1")
@@ -128,13 +122,41 @@ class ModelConfig:
               "model.output_dim and model.hidden_dims must be >= 1")
 
 
+# A query's negatives (data/negatives.py): the other rows' positives (in_batch), items drawn from the catalogue
+# (uniform, or frequency: count ** alpha), or both (mixed: in-batch plus count ** alpha, alpha 0 = uniform).
+NEGATIVE_KINDS = ("mixed", "in_batch", "uniform", "frequency")
+
+
+@dataclass
+class NegativesConfig:
+    kind: str = "mixed"
+    num_sampled: int = 1024  # items drawn per batch (per rank) by the sampling kinds; in_batch draws none
+    alpha: float = 0.75  # frequency and mixed: q(j) is proportional to count(j) ** alpha (0: every item alike)
+
+    def __post_init__(self) -> None:
+        check(self.kind in NEGATIVE_KINDS, f"negatives.kind must be one of {NEGATIVE_KINDS}, got '{self.kind}'")
+        check(self.kind == "in_batch" or self.num_sampled >= 1,
+              f"negatives.kind={self.kind} draws negatives.num_sampled >= 1 items, got {self.num_sampled} "
+              "(negatives.kind=in_batch for none)")
+        check(self.alpha >= 0, f"negatives.alpha must be >= 0, got {self.alpha}")
+
+    @property
+    def in_batch(self) -> bool:
+        """The other rows' positives (of the global batch) are a query's negatives."""
+        return self.kind in ("mixed", "in_batch")
+
+    @property
+    def per_batch(self) -> int:
+        """Items drawn from the catalogue per batch."""
+        return 0 if self.kind == "in_batch" else self.num_sampled
+
+
 FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
 class LossConfig:
     temperature: float = 0.05
-    in_batch: bool = True  # in-batch positives of other rows are negatives; mixed ones come from loader.num_negatives
     logq: bool = resume(SHAPE, True)
     logq_on_positive: bool = True
     frequency: str = resume(SHAPE, "exact")  # "exact" catalogue counts, or "streaming" (Yi et al. 2019)
@@ -145,11 +167,11 @@ class LossConfig:
     # stays in cache: measured fastest on this machine for the transformer's ~14k positions x 3.5k candidates.
     max_logits: int = 1 << 20
     # One logit column per distinct candidate item, its bias raised by log(copies): the same loss and per-item
-    # gradients as one column per copy, with fewer logits (trainer/loss.py). false: one column per copy.
+    # gradients as one column per copy, with fewer logits (trainer/loss/kernel.py). false: one column per copy.
     merge_duplicates: bool = True
     # Sequence towers: a position's negatives leave out the items it has already read (its row up to and
     # including it), its own target excepted. With eval.filter_seen those items are never ranked, so training stops
-    # spending capacity on pushing them down (trainer/loss.py:seen_hits).
+    # spending capacity on pushing them down (trainer/loss/kernel.py:seen_hits).
     mask_seen: bool = False
 
     def __post_init__(self) -> None:
@@ -275,6 +297,7 @@ class JobConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
     model: ModelConfig = resume(SHAPE, factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -287,8 +310,6 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         self.loader.seed = self.seed
-        check(self.loss.in_batch or self.loader.num_negatives > 0,
-              "loss.in_batch=false needs loader.num_negatives > 0: there would be no negatives")
         name, _, k = self.train.early_stopping_metric.partition("@")
         check((name == "mrr" and not k) or (name in METRICS and k.isdigit() and int(k) in self.eval.ks),
               f"train.early_stopping_metric '{self.train.early_stopping_metric}' must be mrr or "

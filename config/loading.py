@@ -12,6 +12,15 @@ import yaml
 from config.job import ConfigError, JobConfig, LoaderConfig
 
 NOT_KEYS = {LoaderConfig: {"seed"}}  # fields a config file may not set (copied from elsewhere)
+# Keys of earlier versions -> what replaced them, named in the unknown-key error.
+MOVED = {
+    "loader.num_negatives": "negatives.num_sampled",
+    "loader.sampler": "negatives.kind (uniform or frequency; mixed adds the in-batch positives)",
+    "loader.unigram_alpha": "negatives.alpha",
+    "loss.in_batch": "negatives.kind (in_batch or mixed keep the in-batch positives; uniform or frequency do not)",
+    "model.blocks": "model.tower.blocks", "model.heads": "model.tower.heads", "model.dropout": "model.tower.dropout",
+    "model.share_item_table": "model.tower.share_item_table",
+}
 
 
 def from_dict(cls, data: dict, where: str = ""):
@@ -22,8 +31,10 @@ def from_dict(cls, data: dict, where: str = ""):
     known = {f.name for f in dataclasses.fields(cls)} - NOT_KEYS.get(cls, set())
     unknown = sorted(set(data) - known)
     if unknown:
+        moved = [f"{where}{k} is now {MOVED[where + k]}" for k in unknown if where + k in MOVED]
         raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}"
-                          f" (allowed in {where.rstrip('.') or 'the top level'}: {', '.join(sorted(known))})")
+                          f" (allowed in {where.rstrip('.') or 'the top level'}: {', '.join(sorted(known))})"
+                          + "".join(f"; {m}" for m in moved))
     kwargs = {key: coerce(hints[key], value, f"{where}{key}") for key, value in data.items()}
     try:
         return cls(**kwargs)

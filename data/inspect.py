@@ -15,7 +15,7 @@ import time
 
 from tqdm import tqdm
 
-from config import ConfigError, LoaderConfig
+from config import ConfigError, LoaderConfig, NegativesConfig
 from data.errors import DataError
 from data.loader import open_loader
 from data.schema import Metadata
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         meta = Metadata.load(args.path)
-        loader = open_loader(args.path, LoaderConfig(batch_size=args.batch_size, num_negatives=args.negatives))
+        loader = open_loader(args.path, LoaderConfig(batch_size=args.batch_size),
+                             negatives=NegativesConfig(num_sampled=args.negatives))
         print(f"{args.path}: {meta.num_users} users, {meta.num_items} items, split {meta.split['protocol']}")
         print("counts: " + ", ".join(f"{k}={v}" for k, v in meta.counts.items()))
         print(f"query keys: {loader.query_keys}\ncandidate keys: {loader.candidate_keys}")

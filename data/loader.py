@@ -2,7 +2,7 @@
 
 `TrainLoader` yields `TrainBatch`es (shuffled, with sampled negatives) and `EvalLoader` yields
 `EvalBatch`es (in order, with targets and seen items); both share the reading, rank splitting and
-batching of `SplitLoader`. Guarantees (tested in tests/test_loader.py):
+batching of `SplitLoader`. Guarantees (tested in tests/data/test_loader.py):
 - every example is yielded exactly once per epoch across ranks, and every rank yields the same
   number of batches of the same size (the last batch is padded; padding rows have row_mask False);
 - Arrow list offsets/values become KJT lengths/values with numpy only, never per-row Python;
@@ -20,18 +20,18 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from config import LoaderConfig
+from config import LoaderConfig, NegativesConfig
 from data import schema
 from data.batch import EvalBatch, SequenceBatch, SequenceEvalBatch, TrainBatch, make_kjt
 from data.catalogue import Catalogue
 from data.errors import DataError
 from data.keys import ITEM_KEY, SEQUENCE_KEY, Jagged, QueryLayout, candidate_keys, last_items
+from data.negatives import Negatives
 from data.parquet import Column, ExampleSource
 from data.prefetch import Prefetcher
 from data.ragged import gather_csr, list_offsets_values, offsets_from_lengths
 from data.ranks import batches_per_rank, rank_slices
 from data.rows import Rows, concat_rows
-from data.sampler import NegativeSampler
 from data.sequences import chunk_counts, chunk_table
 from storage import Location, location
 
@@ -151,13 +151,13 @@ class SplitLoader(ABC):
 
 
 class TrainLoader(SplitLoader):
-    """Training examples, shuffled (row groups per epoch, rows within a buffer), plus S negatives per
-    batch drawn from the proposal `sampler.probs` (which the loss's logQ reads)."""
+    """Training examples, shuffled (row groups per epoch, rows within a buffer), plus the negatives drawn per
+    batch by `negatives` (data/negatives.py; the loss's logQ reads the same object)."""
 
-    def __init__(self, directory: "str | Location", cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
-                 meta: schema.Metadata | None = None):
+    def __init__(self, directory: "str | Location", cfg: LoaderConfig, negatives: NegativesConfig, rank: int = 0,
+                 world_size: int = 1, meta: schema.Metadata | None = None):
         super().__init__(directory, cfg, cfg.batch_size, rank, world_size, meta)
-        self.sampler = NegativeSampler(self.catalogue.freq, cfg.sampler, cfg.unigram_alpha)
+        self.negatives = Negatives.of(negatives, self.catalogue.freq)
 
     def extra_columns(self) -> list[Column]:
         return [Column(schema.TARGET, self.meta.item_vocab, False)]
@@ -174,7 +174,7 @@ class TrainLoader(SplitLoader):
     def make_batch(self, block: Rows, idx: np.ndarray, epoch: int, index: int) -> TrainBatch:
         rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, index])
         targets = block.scalars[schema.TARGET][idx]
-        negatives = self.sampler.sample(self.cfg.num_negatives, rng)
+        negatives = self.negatives.sample(rng)
         candidates = np.concatenate([targets, negatives])
         pad = np.zeros(len(negatives), dtype=np.int64)
         query = self.query_arrays(block, idx)
@@ -229,7 +229,7 @@ class SequenceLoader(TrainLoader):
         real = labels > 0
         positions, targets = (row * width + step)[real], labels[real]
         distinct, own = np.unique(targets, return_inverse=True)
-        candidates = np.concatenate([distinct, self.sampler.sample(self.cfg.num_negatives, rng)])
+        candidates = np.concatenate([distinct, self.negatives.sample(rng)])
         n, p, c = len(idx), len(targets), len(candidates)
         sequence = make_kjt([SEQUENCE_KEY, ITEM_KEY], [(np.r_[lengths, np.zeros(c, np.int64)], inputs),
                                                        (np.r_[np.zeros(n, np.int64), np.ones(c, np.int64)],
@@ -338,9 +338,9 @@ SEQUENCE = BatchLayout(SequenceLoader, SequenceEvalLoader)  # the history unpool
 
 def open_loader(directory: "str | Location", cfg: LoaderConfig, split: str = "train", rank: int = 0,
                 world_size: int = 1, meta: schema.Metadata | None = None, batch_size: int | None = None,
-                layout: BatchLayout = POOLED) -> SplitLoader:
-    """The loader of a split in a tower's batch layout: training batches of `cfg.batch_size`, or evaluation
-    batches of `batch_size`."""
+                layout: BatchLayout = POOLED, negatives: NegativesConfig | None = None) -> SplitLoader:
+    """The loader of a split in a tower's batch layout: training batches of `cfg.batch_size` with `negatives`
+    (default: the config's defaults), or evaluation batches of `batch_size`."""
     if split == "train":
-        return layout.train(directory, cfg, rank, world_size, meta)
+        return layout.train(directory, cfg, negatives or NegativesConfig(), rank, world_size, meta)
     return layout.eval(directory, cfg, split, batch_size or cfg.batch_size, rank, world_size, meta)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from tests.test_tracking import Server
+from tests.e2e.test_tracking import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The export format: what `trainer/export.py` writes and `serving/model.py` reads.
+"""The export format: what `trainer/export/artifact.py` writes and `serving/model.py` reads.
 
     <export>/export.json      the manifest below: architecture, query semantics, provenance, index
     <export>/query_tower.pt   the plain query tower's state dict (torch.load(weights_only=True)), of the serving

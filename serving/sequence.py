@@ -1,4 +1,4 @@
-"""The transformer tower's modules after the lookups, in plain PyTorch: the training model (trainer/model.py)
+"""The transformer tower's modules after the lookups, in plain PyTorch: the training model (trainer/assembly.py)
 runs them behind TorchRec's EmbeddingCollection, and the exported query tower (`PlainSequenceTower`) behind a
 plain `nn.Embedding`, so serving needs neither TorchRec nor fbgemm_gpu and scores exactly as training did.
 """

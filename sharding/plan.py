@@ -40,7 +40,7 @@ from storage import location
 CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
 GPU_SHARDING_TYPES = CPU_SHARDING_TYPES + ("row_wise", "table_row_wise")
 # EmbeddingCollection (unpooled) tables: TorchRec has no table-column-wise sharder for them, and data-parallel
-# fails; row-wise runs on CPU too (tests/test_distributed.py trains each of these on two processes).
+# fails; row-wise runs on CPU too (tests/e2e/test_distributed.py trains each of these on two processes).
 UNPOOLED_SHARDING_TYPES = ("table_wise", "column_wise", "row_wise")
 MAX_WORLD_SIZE = 1 << 16  # the search for a world size that fits gives up beyond this
 
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         if sequences:
             modules["ec"] = EmbeddingCollection(tables=sequences, device=torch.device("meta"))
         module = torch.nn.ModuleDict(modules)
-        batch = cfg.loader.batch_size + cfg.loader.num_negatives
+        batch = cfg.loader.batch_size + cfg.negatives.per_batch
 
         def plan_for(world_size: int, stats: Stats | None = None) -> ShardingPlan:
             return build_plan(module, tables, cfg.sharding, meta, batch, world_size, device, hbm_gb=args.hbm_gb,

@@ -8,11 +8,12 @@
   export is complete only once its manifest (every file, its size and SHA-256) is written, last; readers
   use only committed ones and name what is missing.
 
-Nothing else in the project opens a data, checkpoint or export path itself (tests/test_layers.py).
+Nothing else in the project opens a data, checkpoint or export path itself (tests/architecture/test_layers.py).
 """
 
 from storage.commit import MANIFEST_FILE, CommitError, Manifest, committed, read_manifest, require_committed, verify
-from storage.location import Location, MissingError, StorageError, location
+from storage.filesystems import MissingError, StorageError
+from storage.location import Location, location
 
 __all__ = ["MANIFEST_FILE", "CommitError", "Location", "Manifest", "MissingError", "StorageError", "committed",
            "location", "read_manifest", "require_committed", "verify"]

@@ -24,7 +24,8 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from storage.location import Location, StorageError, location
+from storage.filesystems import StorageError
+from storage.location import Location, location
 
 MANIFEST_FILE = "_manifest.json"
 MANIFEST_FORMAT = 1

@@ -21,7 +21,7 @@ from tests.s3server import S3Server
 ROOT = Path(__file__).resolve().parents[1]
 # A model small enough for multi-process tests on 2 cores. Export is off unless a test turns it on
 # (with a tmp export.dir), so tests never write into the project's exports/.
-TINY_MODEL = ["loader.batch_size=64", "loader.num_negatives=32", "model.hidden_dims=[32]", "model.output_dim=16",
+TINY_MODEL = ["loader.batch_size=64", "negatives.num_sampled=32", "model.hidden_dims=[32]", "model.output_dim=16",
               "model.item_dim=16", "model.feature_dim=8", "eval.batch_size=256", "export.enabled=false"]
 # Each registered query tower (towers.TOWERS) with the overrides that select it for the tiny tests. Adding a tower
 # adds its line here; every test parametrised with `tower_params` then runs for it (test_layers checks the list).
@@ -29,6 +29,15 @@ TINY_TOWERS = {"bags": [], "transformer": ["model.query_tower=transformer", "loa
 DATASETS = Path(os.environ.get("TWO_TOWER_DATASETS", ROOT.parent / "shared" / "datasets"))
 
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+E2E = ROOT / "tests" / "e2e"
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Tests under tests/e2e/ (real processes, servers and commands) are marked `e2e`: `make test-unit` leaves
+    them out; everything else sits beside the package it tests."""
+    for item in items:
+        if E2E in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.e2e)
 
 
 def repository_files() -> set[str]:

@@ -19,11 +19,11 @@ from config import ConfigError, load_config
 from data.errors import DataError
 from sharding.plan import ShardingError
 from storage import StorageError, location
-from trainer.checkpoint import CheckpointError
+from trainer.checkpointing.checkpoint import CheckpointError
 from trainer.distributed import DeviceError, WholeErrorFile
 from trainer.evaluate import EvaluationError
-from trainer.tracking import TrackingError, tracking_uri
-from trainer.train import TrainingError, train
+from trainer.loop import TrainingError, train
+from trainer.tracking.logger import TrackingError, tracking_uri
 
 ERRORS = WholeErrorFile()
 

@@ -28,6 +28,7 @@ from data import schema
 from data.errors import DataError
 from data.prepare.builders import Shape
 from data.prepare.engine import ROWS_PER_FILE, Engine, Output, Written
+from data.prepare.split_sql import empty_split_hints, kth_smallest_time, repeat_counts, time_queries
 from data.sources.raw import PART_BITS, RawSource, coverage_warning
 from data.splits import LEAVE_ONE_OUT, MIN_EVENTS_LEAVE_ONE_OUT, SplitConfig, filters_in_force
 from storage.commit import Staging
@@ -216,43 +217,24 @@ class Plan:
     def quantile(self, n: int, q: float) -> int:
         """numpy's quantile(ts, q, method="lower"): the k-th smallest time, k = floor((n - 1) q), from a histogram
         of times (no global sort of the events)."""
-        k = int(np.floor((n - 1) * q))
-        return int(self.scalar(f"SELECT min(ts) FROM (SELECT ts, sum(c) OVER (ORDER BY ts ROWS BETWEEN UNBOUNDED "
-                                f"PRECEDING AND CURRENT ROW) AS cum FROM (SELECT ts, count(*) AS c FROM events "
-                                f"GROUP BY ts) h) t WHERE cum > {k}"))
+        return int(self.scalar(kth_smallest_time(int(np.floor((n - 1) * q)))))
 
     def time_queries(self, split: str, lo: int, hi: int | None) -> None:
         """A query per user with a relevant event in [lo, hi): their history before their first event at or after
         `lo`, their relevant items in the window as targets (items never seen before the validation window are
         cold and left out, unless kept)."""
-        cfg, e = self.cfg, self.engine
+        cfg = self.cfg
         window = f"ts >= {lo}" + (f" AND ts < {hi}" if hi is not None else "")
-        cold = "" if cfg.keep_cold_items else \
-            f" AND item IN (SELECT DISTINCT item FROM events WHERE ts < {self.valid_start})"
-        history = "" if cfg.keep_cold_users else " WHERE f.cutoff > 0"
-        e.create(f"q_{split}",
-                 f"SELECT DISTINCT c.user, f.cutoff, x.ts AS context_ts, c.item AS target "
-                 f"FROM (SELECT user, item FROM events WHERE {window} AND {self.rating_ok(cfg.min_relevant_rating)}"
-                 f"{cold}) c "
-                 f"JOIN (SELECT user, min(pos) AS cutoff FROM events WHERE ts >= {lo} GROUP BY user) f "
-                 f"ON c.user = f.user JOIN events x ON x.user = f.user AND x.pos = f.cutoff{history}")
+        self.engine.create(f"q_{split}", time_queries(window, lo, self.rating_ok(cfg.min_relevant_rating),
+                                                                cfg.keep_cold_items, cfg.keep_cold_users,
+                                                                self.valid_start))
         active = self.scalar(f"SELECT count(DISTINCT user) FROM events WHERE {window}")
         self.counts[f"{split}_dropped_users"] = active - self.scalar(f"SELECT count(DISTINCT user) FROM q_{split}")
 
     def check_splits(self) -> None:
         """Every split must hold something; otherwise name the split and the filters that emptied it."""
         cfg = self.cfg
-        most = self.scalar("SELECT max(n) FROM events")
-        hints = {
-            "training": (f"leave-one-out trains on each user's events after the first and before the last two, so "
-                         f"users need at least 4 events (the most active has {most})"
-                         if cfg.protocol == LEAVE_ONE_OUT else
-                         "the time split trains on events before the validation cutoff that follow the user's first"),
-            "validation": ("no user's second-last event passed --min-relevant-rating" if cfg.protocol == LEAVE_ONE_OUT
-                           else "no user with history had a relevant event in the validation window"),
-            "test": ("no user's last event passed --min-relevant-rating" if cfg.protocol == LEAVE_ONE_OUT
-                     else "no user with history had a relevant event in the test window"),
-        }
+        hints = empty_split_hints(cfg.protocol == LEAVE_ONE_OUT, self.scalar("SELECT max(n) FROM events"))
         sizes = {"training": self.counts["train_examples"], "validation": self.counts["valid_rows"],
                  "test": self.counts["test_rows"]}
         for name, size in sizes.items():
@@ -262,13 +244,7 @@ class Plan:
 
     def repeat_summary(self, split: str) -> dict:
         """How many targets the user had consumed before the query, and how many queries have nothing else."""
-        reps = (f"SELECT q.user, CASE WHEN f.first_pos < q.cutoff THEN 1 ELSE 0 END AS rep FROM q_{split} q "
-                f"LEFT JOIN (SELECT e.user, e.item, min(e.pos) AS first_pos FROM events e JOIN q_{split} t "
-                f"ON e.user = t.user AND e.item = t.target GROUP BY e.user, e.item) f "
-                f"ON q.user = f.user AND q.target = f.item")
-        targets, repeat, all_repeat = self.engine.rows(
-            f"SELECT coalesce(sum(t), 0), coalesce(sum(r), 0), coalesce(sum(CASE WHEN a = 1 THEN 1 ELSE 0 END), 0) "
-            f"FROM (SELECT user, count(*) AS t, sum(rep) AS r, min(rep) AS a FROM ({reps}) x GROUP BY user) y")[0]
+        targets, repeat, all_repeat = self.engine.rows(repeat_counts(split))[0]
         return {"queries": self.counts[f"{split}_rows"], "targets": int(targets), "repeat_targets": int(repeat),
                 "repeat_share": float(repeat / targets) if targets else 0.0, "queries_all_repeat": int(all_repeat)}
 

@@ -1,0 +1,1 @@
+"""The data layer: preparation (both engines), the loaders, the evaluation protocol, negatives."""

@@ -1,0 +1,170 @@
+"""Sequence batches for the transformer tower, checked against the bag tower's training examples: every
+training target exactly once per epoch across ranks, at the position that sees the true history, with the
+user and context features of its example; no validation or test target is ever a training target."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from config import LoaderConfig, NegativesConfig
+from data.keys import ITEM_KEY, SEQUENCE_KEY, history_key
+from data.loader import POOLED, SEQUENCE, drop_features, open_loader
+from data.prepare.cli import main as prepare_main
+from data.schema import PAD_ID
+from data.sequences import chunk_bounds, chunk_counts
+from tests.data.test_loader import jagged_rows
+
+
+@pytest.fixture(scope="module")
+def events_dir(tmp_path_factory):
+    """9 users with 4 to 17 distinct items each, timestamps hours apart (so context features vary), and one
+    user feature."""
+    tmp = tmp_path_factory.mktemp("seq")
+    rng = np.random.default_rng(0)
+    rows = []
+    for user in range(9):
+        items = rng.choice(40, 4 + 2 * user - (user > 6), replace=False)
+        rows += [(f"u{user}", f"i{item}", 1_000_000 + 5_000 * t + 977 * user) for t, item in enumerate(items)]
+    pd.DataFrame(rows, columns=["user", "item", "ts"]).to_csv(tmp / "events.csv", index=False)
+    pd.DataFrame({"user": [f"u{u}" for u in range(9)], "group": list("xyzxyzxyz")}).to_csv(tmp / "users.csv",
+                                                                                         index=False)
+    out = tmp / "out"
+    assert prepare_main(["interactions", str(tmp / "events.csv"), "--user-col", "user", "--item-col", "item",
+                         "--time-col", "ts", "--user-features", str(tmp / "users.csv"), "--min-user-events", "4",
+                         "--out", str(out)]) == 0
+    return out
+
+
+def bag_examples(path) -> dict[tuple[int, int], dict]:
+    """(user, target) -> the bag tower's training example: whole history and every query feature."""
+    cfg = LoaderConfig(batch_size=8, history_bags=[0], use_user_id=True, feature_dropout=0.0)
+    loader = open_loader(path, cfg, negatives=NegativesConfig(kind="in_batch"))
+    examples = {}
+    for batch in loader.epoch(0):
+        rows = {key: jagged_rows(batch.sparse, key) for key in loader.query_keys}
+        for i in range(batch.batch_size):
+            if batch.row_mask[i]:
+                key = (rows["user_id"][i][0], int(batch.candidate_ids[i]))
+                assert key not in examples, "the synthetic users never repeat an item"
+                examples[key] = {k: v[i] for k, v in rows.items()}
+    return examples
+
+
+def sequence_examples(path, max_length: int, world: int = 1, batch_size: int = 3):
+    """Every position of one epoch over `world` ranks: (user, target, visible inputs, query features)."""
+    cfg = LoaderConfig(batch_size=batch_size, max_sequence_length=max_length, use_user_id=True,
+                       feature_dropout=0.0)
+    out, lengths = [], []
+    for rank in range(world):
+        loader = open_loader(path, cfg, rank=rank, world_size=world, layout=SEQUENCE,
+                             negatives=NegativesConfig(num_sampled=4))
+        batches = list(loader.epoch(0))
+        lengths.append(len(batches))
+        assert len(batches) == len(loader)
+        for batch in batches:
+            inputs = jagged_rows(batch.sequence, SEQUENCE_KEY)
+            b, p = batch.batch_size, len(batch.positions)
+            assert batch.sequence.stride() == b + len(batch.candidate_ids) and batch.sparse.stride() == p + len(
+                batch.candidate_ids)
+            assert jagged_rows(batch.sequence, ITEM_KEY)[b:] == [[c] for c in batch.candidate_ids.tolist()]
+            assert all(len(row) <= max_length for row in inputs)
+            assert torch.equal(batch.row_mask, torch.tensor([len(row) > 0 for row in inputs[:b]]))
+            width = max(len(row) for row in inputs[:b])
+            features = {key: jagged_rows(batch.sparse, key)[:p] for key in loader.query_keys}
+            u = int(batch.num_positives[0])
+            assert len(set(batch.candidate_ids[:u].tolist())) == u, "in-batch targets are distinct"
+            for j, (position, column) in enumerate(zip(batch.positions.tolist(), batch.own_column.tolist())):
+                row, step = divmod(position, width)
+                out.append((features["user_id"][j][0], int(batch.candidate_ids[column]), inputs[row][:step + 1],
+                            {key: rows[j] for key, rows in features.items()}))
+    assert len(set(lengths)) == 1, "every rank runs the same number of steps"
+    return out
+
+
+@pytest.mark.parametrize("max_length,world", [(3, 1), (5, 2), (200, 2)])
+def test_every_training_target_once_at_the_position_that_sees_its_history(events_dir, max_length, world):
+    bags = bag_examples(events_dir)
+    positions = sequence_examples(events_dir, max_length, world)
+    assert Counter((user, target) for user, target, _, _ in positions) == Counter(list(bags)), \
+        "each training target exactly once per epoch across ranks"
+    inputs = Counter()  # per user: inputs of its sequence (every event but the last training target)
+    for user, _ in bags:
+        inputs[user] += 1
+    for user, target, visible, features in positions:
+        example = bags[(user, target)]
+        history = example[history_key(0)]
+        assert visible == history[len(history) - len(visible):] and 1 <= len(visible) <= max_length
+        if len(visible) < len(history):
+            assert inputs[user] > max_length, "a position sees less than its whole history only when chunked"
+        assert {k: v for k, v in features.items()} == {k: example[k] for k in features}, \
+            "user features of the row, context of the target event"
+    assert {"c_hour", "c_dow", "u_group"} <= set(positions[0][3])
+
+
+def test_no_validation_or_test_target_is_a_training_target(events_dir):
+    trained = {(user, target) for user, target, _, _ in sequence_examples(events_dir, 4)}
+    for split in ("valid", "test"):
+        loader = open_loader(events_dir, LoaderConfig(batch_size=4, use_user_id=True), split,
+                             layout=SEQUENCE)
+        held_out = set()
+        for batch in loader.epoch(0):
+            users = jagged_rows(batch.sparse, "user_id")
+            for i in range(batch.batch_size):
+                if batch.row_mask[i]:
+                    start, stop = batch.target_offsets[i], batch.target_offsets[i + 1]
+                    held_out |= {(users[i][0], t) for t in batch.target_values[start:stop].tolist()}
+        assert len(held_out) == 9 and not trained & held_out, split
+
+
+def test_evaluation_queries_read_the_last_items_and_point_at_the_last_position(events_dir):
+    cfg = LoaderConfig(batch_size=4, max_sequence_length=3, history_bags=[0])
+    bags = open_loader(events_dir, cfg, "valid")
+    sequences = open_loader(events_dir, cfg, "valid", layout=SEQUENCE)
+    for bag, seq in zip(bags.epoch(0), sequences.epoch(0)):
+        histories = jagged_rows(bag.sparse, history_key(0))
+        inputs = jagged_rows(seq.sequence, SEQUENCE_KEY)
+        width = max(len(row) for row in inputs)
+        for i in range(bag.batch_size):
+            if bag.row_mask[i]:
+                assert inputs[i] == histories[i][-3:]
+                assert seq.positions[i] == i * width + len(inputs[i]) - 1
+        assert torch.equal(bag.target_values, seq.target_values) and torch.equal(bag.seen_values, seq.seen_values)
+
+
+def test_chunks_are_newest_first_and_cover_each_input_once():
+    offsets = np.array([0, 1, 2, 9, 14])  # rows of 1, 1, 7 and 5 events
+    assert chunk_counts(np.diff(offsets), 3).tolist() == [0, 0, 2, 2]
+    row, start, length = chunk_bounds(offsets, 3)
+    assert row.tolist() == [2, 2, 3, 3]
+    # Row 2 has inputs 2..7 (event 8 is only a target): newest chunk 5..7 first, then 2..4; row 3: 10..12, 9.
+    assert list(zip(start.tolist(), length.tolist())) == [(5, 3), (2, 3), (10, 3), (9, 1)]
+
+
+def test_feature_dropout_replaces_features_by_the_padding_id_at_its_rate():
+    rng = np.random.default_rng(0)
+    n = 20_000
+    scalar = (np.ones(n, dtype=np.int64), rng.integers(1, 9, n))
+    lists = (np.full(n, 2, dtype=np.int64), rng.integers(1, 9, 2 * n))
+    (s_len, s_val), (l_len, l_val) = drop_features([scalar, lists], [False, True], 0.25, rng)
+    assert np.all(s_len == 1) and abs(np.mean(s_val == PAD_ID) - 0.25) < 0.01
+    assert abs(np.mean(l_len == 0) - 0.25) < 0.01 and len(l_val) == l_len.sum()
+    assert np.array_equal(l_val, lists[1].reshape(n, 2)[l_len > 0].reshape(-1)), "kept lists keep their values"
+    assert drop_features([scalar], [False], 0.0, rng)[0] is scalar
+
+
+def test_training_batches_drop_query_features_but_never_history_or_candidates(events_dir):
+    cfg = LoaderConfig(batch_size=64, history_bags=[0], use_user_id=True, feature_dropout=0.5)
+    for layout in (POOLED, SEQUENCE):
+        loader = open_loader(events_dir, cfg, layout=layout, negatives=NegativesConfig(num_sampled=4))
+        batch = next(iter(loader.epoch(0)))
+        rows = batch.positions.numel() if layout.sequence else int(batch.row_mask.sum())
+        dropped = np.mean([row in ([], [PAD_ID]) for row in jagged_rows(batch.sparse, "user_id")[:rows]])
+        assert 0.2 < dropped < 0.8, (layout, dropped)
+        history = batch.sequence if layout.sequence else batch.sparse
+        key = SEQUENCE_KEY if layout.sequence else history_key(0)
+        assert all(jagged_rows(history, key)[i] for i in range(int(batch.row_mask.sum())) if batch.row_mask[i])

@@ -1,0 +1,1 @@
+"""Export and serving: the exported towers score as the training model does."""

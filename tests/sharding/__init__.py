@@ -1,0 +1,1 @@
+"""The planner's plans and the sharding types."""

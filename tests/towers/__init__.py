@@ -1,0 +1,1 @@
+"""The query towers' modules, trained and compared with their plain-PyTorch twins."""

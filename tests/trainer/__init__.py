@@ -1,0 +1,1 @@
+"""The loss against float64 references, evaluation, and the training loop in one process."""
