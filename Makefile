@@ -6,7 +6,7 @@ DEMO    ?= prepared/synthetic
 ARGS    ?=
 TESTS   ?= tests
 
-.PHONY: setup demo lint test test-unit docs ui-screenshot bench-loader bench-quality bench-train-step bench-sequence-step bench-serving bench-faults bench-prepare clean
+.PHONY: setup demo ui serve recommend lint test test-unit docs ui-screenshot bench-loader bench-quality bench-train-step bench-sequence-step bench-serving bench-faults bench-prepare clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,27 @@ $(STAMP): $(REQS)
 demo: setup
 	$(PY) -m data.prepare synthetic --out $(DEMO) --overwrite
 	$(PY) -m trainer --config configs/synthetic.yaml data.path=$(DEMO) $(ARGS)
+
+# After `make demo`: the MLflow UI, the registered model over REST, and top-K from the newest export. Each runs as
+# printed from a shell without the venv activated (mlflow models serve starts uvicorn from PATH).
+TRACKING_URI ?= sqlite:///mlflow.db
+UI_PORT ?= 5000
+SERVE_PORT ?= 5001
+MODEL   ?= models:/two-tower-demo/latest
+RUN     ?= $(shell ls -td exports/*/ 2>/dev/null | head -1)
+HISTORY ?=
+K       ?= 20
+
+ui: setup
+	.venv/bin/mlflow ui --backend-store-uri $(TRACKING_URI) --port $(UI_PORT)
+
+serve: setup
+	PATH="$(CURDIR)/.venv/bin:$$PATH" MLFLOW_TRACKING_URI=$(TRACKING_URI) .venv/bin/mlflow models serve -m $(MODEL) \
+		--env-manager local --port $(SERVE_PORT)
+
+recommend: setup
+	test -n "$(RUN)" || { echo "error: no export under exports/: run make demo, or pass RUN=<export dir>" >&2; exit 2; }
+	$(PY) -m serving.recommend --run $(RUN) --history "$(HISTORY)" -k $(K)
 
 lint: setup
 	$(PY) -m ruff check .

@@ -43,3 +43,18 @@ class Catalogue:
         """Every item id, padding id 0 included, in chunks of `size`: for embedding the whole catalogue."""
         for lo in range(0, self.num_items + 1, size):
             yield np.arange(lo, min(lo + size, self.num_items + 1), dtype=np.int64)
+
+
+def example_history(directory: "str | Location", meta: schema.Metadata, count: int = 3) -> list[str]:
+    """The raw ids of the last `count` items of the first test query with that much history: real ids a printed
+    `recommend` command can use (empty when no query has them)."""
+    directory = location(directory)
+    if not meta.files.get(schema.TEST_DIR):
+        return []
+    histories = (directory / meta.files[schema.TEST_DIR][0]).read_parquet([schema.HISTORY]).column(schema.HISTORY)
+    items = (directory / schema.ITEMS_FILE).read_parquet([schema.ITEM, schema.RAW_ID])
+    raw = dict(zip(items.column(schema.ITEM).to_pylist(), items.column(schema.RAW_ID).to_pylist()))
+    for history in histories.to_pylist():
+        if len(history) >= count:
+            return [str(raw[i]) for i in history[-count:]]
+    return []

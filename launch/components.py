@@ -21,6 +21,7 @@ whole job (local schedulers ignore it).
 """
 
 import os
+import posixpath  # paths inside the containers, never opened here
 import shlex
 import sys
 import warnings
@@ -75,17 +76,21 @@ def is_uri(value: str) -> bool:
     return bool(sep) and scheme.lower() not in ("", "file")
 
 
-def storage_overrides(target: Optional[str], overrides: List[str], flags: Dict[str, str]) -> List[str]:
-    """The storage flags as config overrides; on an image scheduler every storage location must be a URI."""
+def storage_overrides(target: Optional[str], overrides: List[str], flags: Dict[str, str],
+                      mounted: List[str] = ()) -> List[str]:
+    """The storage flags as config overrides; on an image scheduler every storage location must be a URI, or a path
+    under a volume mounted into every replica (`mounted`: the mounts' destinations)."""
     given = {key: value for key, value in flags.items() if value}
     given.update({o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides
                   if "=" in o and o.split("=", 1)[0] in STORAGE_KEYS and o.split("=", 1)[1]})
     if target in IMAGE_SCHEDULERS:
-        local = [f"{key}={value}" for key, value in given.items() if not is_uri(value)]
+        local = [f"{key}={value}" for key, value in given.items()
+                 if not is_uri(value) and not any(posixpath.normpath(value).startswith(posixpath.join(dst, ""))
+                                                  or posixpath.normpath(value) == dst for dst in mounted)]
         if local:
             raise ValueError(f"the {target} scheduler's replicas share no disk, so data, checkpoints and exports need "
-                             f"URIs every replica reaches (s3://, gs://, hdfs://): got {', '.join(local)}; pass "
-                             f"--data, --checkpoint_dir and --export_dir")
+                             f"URIs every replica reaches (s3://, gs://, hdfs://) or paths under a --mounts volume: "
+                             f"got {', '.join(local)}; pass --data, --checkpoint_dir and --export_dir")
     return [f"{key}={value}" for key, value in flags.items() if value]
 
 
@@ -102,6 +107,7 @@ def train(
     memMB: int = 8192,
     image: str = "",
     env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
     max_retries: int = 0,
     max_restarts: int = 0,
     rdzv_port: int = 0,
@@ -125,6 +131,9 @@ def train(
             run in the current (shared) checkout and ignore it
         env: extra environment, e.g. MLFLOW_TRACKING_URI=http://mlflow:5000 (the submitter's MLFLOW_*
             variables are passed on already)
+        mounts: volumes for image schedulers, in torchx's syntax (as its dist.ddp takes them):
+            type=volume,src=<PVC name>,dst=/data[,readonly] or type=bind,src=/host/path,dst=/data or
+            type=device,src=/dev/fuse; a mounted path then works as data.path or checkpoint.dir
         max_retries: scheduler-level retries of the whole job
         max_restarts: torchrun restarts of failed ranks; the trainer resumes from its checkpoint
         rdzv_port: c10d rendezvous port on the first node of a multi-node job, also declared as the
@@ -139,8 +148,10 @@ def train(
     if target in IMAGE_SCHEDULERS and not image:
         raise ValueError(f"the {target} scheduler runs a container image: pass --image <registry>/<image>:<tag> "
                          f"(an image with this project and its requirements installed)")
+    volumes = specs.parse_mounts(mounts) if mounts else []
     storage = storage_overrides(target, list(overrides), {"data.path": data, "checkpoint.dir": checkpoint_dir,
-                                                          "export.dir": export_dir})
+                                                          "export.dir": export_dir},
+                                [posixpath.normpath(v.dst_path) for v in volumes if hasattr(v, "dst_path")])
     job_env = {**mlflow_env(), **storage_env(target), **(env or {})}
     uri = job_env.get("MLFLOW_TRACKING_URI", "")
     if nnodes > 1 and target not in LOCAL_SCHEDULERS and (not uri or uri.startswith(("sqlite:", "file:"))):
@@ -175,5 +186,6 @@ def train(
             env=job_env,
             max_retries=max_retries,
             port_map={"c10d": port},
+            mounts=volumes,
         )],
     )

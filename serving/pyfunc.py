@@ -9,6 +9,8 @@ id) and any user or context feature by name (`value`, or `a|b` for a list featur
 
 from __future__ import annotations
 
+import logging
+from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
@@ -18,11 +20,19 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array
 
+log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"  # the pyfunc model's name in the run (runs:/<run id>/model)
 EXPORT_ARTIFACT_KEY = "export"
 DEFAULT_K = 10
 ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENTS = ("torch", "numpy", "pandas", "pyarrow", "faiss-cpu", "mlflow")
+
+
+def pinned_requirements() -> list[str]:
+    """The serving packages at the versions this process runs (the ones the model was trained and exported with),
+    so `mlflow models serve` builds the same environment rather than whatever is newest. A local build's label
+    (torch's `+cpu`) is not on PyPI: it is left out."""
+    return [f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS]
 
 
 class Recommendations(mlflow.pyfunc.PythonModel):
@@ -55,17 +65,25 @@ def signature(features: list[str]) -> ModelSignature:
                           params=ParamSchema([ParamSpec("k", DataType.long, DEFAULT_K)]))
 
 
-def log_pyfunc(tracking_uri: str, run_id: str, export_dir: str, register_as: str = "") -> None:
-    """Logs `export_dir` as the run's pyfunc model (and registers it as `register_as`, when given)."""
+def log_pyfunc(tracking_uri: str, run_id: str, export_dir: str, register_as: str = "",
+               metrics: dict[str, float] | None = None, step: int = 0) -> None:
+    """Logs `export_dir` as the run's pyfunc model (and registers it as `register_as`, when given), with the
+    evaluation `metrics` linked to the logged model (MLflow's model page lists them)."""
     from serving.model import ExportedModel
 
     model = ExportedModel(export_dir)
     example = pd.DataFrame({"history": [model.raw_ids[:3]]})
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-        mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, python_model=Recommendations(),
+        info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, python_model=Recommendations(),
                                 artifacts={EXPORT_ARTIFACT_KEY: str(export_dir)},
                                 signature=signature(list(model.features)), input_example=example,
                                 code_paths=[str(ROOT / "serving"), str(ROOT / "data")],
-                                pip_requirements=list(REQUIREMENTS),
+                                pip_requirements=pinned_requirements(),
                                 registered_model_name=register_as or None)
+        if metrics:
+            try:  # the model is logged (and registered): a failure here must not have the record sent again
+                mlflow.log_metrics(metrics, step=step, model_id=info.model_id)
+            except Exception as err:  # noqa: BLE001 - the same metrics are on the run; the link is a convenience
+                log.warning("the test metrics could not be linked to the logged model %s: %s", info.model_id,
+                            str(err).splitlines()[0])

@@ -22,6 +22,7 @@ import numpy as np
 
 from data.schema import PAD_ID
 from serving import index as ann
+from serving.console import quiet
 from serving.format import USER_MAP
 from serving.model import ExportedModel
 from serving.runs import resolve
@@ -60,6 +61,10 @@ def parse_features(text: str) -> dict[str, list[str]]:
     return out
 
 
+class UnknownItems(ValueError):
+    """Every item id the command was given is unknown: the answer would be a popularity list or nothing."""
+
+
 class Recommender:
     def __init__(self, model: ExportedModel):
         self.model = model
@@ -71,6 +76,17 @@ class Recommender:
         if unknown:
             self.notes.append(f"unknown item ids, skipped: {', '.join(unknown)}")
         return [int(self.model.item_ids[self.model.row_of_raw[r]]) for r in known]
+
+    def examples(self, count: int = 3) -> str:
+        """The catalogue size and a few of its raw ids, for an error about unknown ones."""
+        return f"{len(self.model.raw_ids)} items, e.g. {', '.join(self.model.raw_ids[:count])}"
+
+    def known_history(self, history: list[str]) -> None:
+        """A history given on the command line must hold at least one known id (an empty one is a cold start)."""
+        if history and not any(r in self.model.row_of_raw for r in history):
+            raise UnknownItems(f"--history: none of its item ids is in the catalogue: {', '.join(history[:5])}"
+                               f"{' ...' if len(history) > 5 else ''} (raw ids as in the source data; "
+                               f"{self.examples()})")
 
     def features(self, raw: dict[str, list[str]]) -> dict[str, list[int]]:
         spec = self.model.features
@@ -118,9 +134,9 @@ class Recommender:
         return self.rank(query, exclude, k, diversity, candidates)
 
     def similar(self, raw_id: str, k: int = 20, diversity: float = 0.0, candidates: int = 200) -> list[Ranked]:
+        if raw_id not in self.model.row_of_raw:
+            raise UnknownItems(f"--similar: item id {raw_id!r} is not in the catalogue ({self.examples()})")
         ids = self.items([raw_id])
-        if not ids:
-            return []
         vector = self.model.embeddings[self.model.row_of_id[ids[0]]]
         return self.rank(vector, set(ids), k, diversity, candidates)
 
@@ -142,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                                                "sqlite:///mlflow.db)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--verbose", action="store_true", help="keep the libraries' known warnings and progress bars")
     args = parser.parse_args(argv)
+    quiet(args.verbose)
     if not 0.0 <= args.mmr <= 1.0 or args.k < 1 or args.candidates < 1:
         parser.error("--mmr must be in [0, 1]; -k and --candidates must be >= 1")
     try:
@@ -151,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             ranked = recommender.similar(args.similar.strip(), args.k, args.mmr, args.candidates)
         else:
             history = [h.strip() for h in args.history.split(",") if h.strip()]
+            recommender.known_history(history)
             ranked = recommender.recommend(history, parse_features(args.user_features), args.user, args.k,
                                            args.mmr, args.candidates)
     except (OSError, ValueError) as err:

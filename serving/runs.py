@@ -15,6 +15,7 @@ from storage import Location, location
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPORT_ARTIFACT = "export"  # where training logs the export in the MLflow run
+LOCAL_EXPORTS = "exports"  # export.dir's default (config/job.py; tests/serving/test_export.py holds them equal)
 
 
 def default_tracking_uri(configured: str = "") -> str:
@@ -22,8 +23,9 @@ def default_tracking_uri(configured: str = "") -> str:
 
 
 def resolve(run: str, tracking_uri: str | None = None) -> Location:
-    """An export directory as given (a local path or a URI), or the `export/` artifacts of an MLflow run
-    (downloaded)."""
+    """An export directory as given (a local path or a URI), or for an MLflow run id the run's export: the local
+    copy the trainer wrote under `exports/<run id>` (export.dir's default) when it is there, else the run's
+    `export/` artifacts, downloaded."""
     path = location(run)
     if (path / MANIFEST_FILE).is_file():
         return path
@@ -36,6 +38,9 @@ def resolve(run: str, tracking_uri: str | None = None) -> Location:
     uri = default_tracking_uri(tracking_uri or "")
     if not re.fullmatch(r"[0-9a-f]{32}", run):
         raise FileNotFoundError(f"'{run}' is neither an export directory (no such directory) nor an MLflow run id")
+    local = location(LOCAL_EXPORTS) / run
+    if (local / MANIFEST_FILE).is_file():
+        return local
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise FileNotFoundError(f"no MLflow store at {uri} to find run {run} in: pass --tracking-uri")
     import mlflow

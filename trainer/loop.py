@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import random
+import re
 import sys
 import time
 from typing import Iterator
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 import towers
 from config import JobConfig, dump, flatten, to_dict
+from data.catalogue import example_history
 from data.schema import Metadata
 from serving.format import RECALL_K
 from serving.runs import EXPORT_ARTIFACT
@@ -44,11 +46,25 @@ from trainer.tracking.mlflow_logger import MlflowLogger
 
 COUNTS = ("users", "skipped")  # evaluation counts, not metrics
 NOTE = "mlflow.note.content"  # the run's description in the UI
+# What gloo and NCCL say when a collective outlives the process group's timeout (train.collective_timeout_s).
+COLLECTIVE_TIMEOUT = re.compile(r"Timed out waiting|Application timeout caused pair closure|Watchdog caught collective "
+                                r"operation timeout|timed out after", re.IGNORECASE)
+log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message names the step."""
-log = logging.getLogger(__name__)
+    """Training cannot go on (a non-finite loss, a collective that timed out); the message names the step or rank."""
+
+
+def collective_timeout(err: BaseException, env: distributed.Env, timeout_s: int) -> TrainingError | None:
+    """A backend's timeout as one line naming this rank and the setting, or None for any other error."""
+    text = str(err).strip()
+    if env.world_size < 2 or not isinstance(err, RuntimeError) or not COLLECTIVE_TIMEOUT.search(text):
+        return None
+    backend = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(err).__name__)
+    return TrainingError(f"rank {env.rank}: a collective operation waited train.collective_timeout_s={timeout_s} s "
+                         f"for the other ranks and gave up: one of them stalled or died (its log says which; raise "
+                         f"train.collective_timeout_s if a step may legitimately take longer) (backend: {backend})")
 
 
 def seed_everything(seed: int) -> None:
@@ -115,6 +131,14 @@ class Window:
                 "train/data_wait_share": (self.data.wait - self.wait) / elapsed}
 
 
+def plan_summary(plan_json: str, world_size: int) -> str:
+    """One line for the console; the whole plan is in the run (sharding_plan.txt) and under --verbose."""
+    tables = json.loads(plan_json)
+    kinds = sorted({spec["sharding_type"] for spec in tables.values()})
+    return (f"sharding plan: {len(tables)} tables, {', '.join(kinds)}, over {world_size} "
+            f"rank{'s' if world_size > 1 else ''} (the whole plan: --verbose, or sharding_plan.txt in the run)")
+
+
 def protocol_summary(cfg: JobConfig, meta: Metadata) -> str:
     """One line saying what the evaluation numbers will mean."""
     filtering = ("seen items filtered (eval.filter_seen=true); queries whose targets were all consumed before "
@@ -172,7 +196,8 @@ class Trainer:
     def start(self, resume: Location | None) -> LoopState:
         """A fresh loop state, or the one of the checkpoint to resume (model and optimizers restored)."""
         if self.env.is_main:
-            print(self.model.plan_text)
+            log.info("sharding plan:\n%s", self.model.plan_text)
+            print(plan_summary(self.model.plan_json, self.env.world_size))
             print(protocol_summary(self.cfg, self.data.meta))
         run_id = [self.logger.run_id]
         torch.distributed.broadcast_object_list(run_id, src=0)  # every rank keeps it with each checkpoint
@@ -274,7 +299,8 @@ class Trainer:
             summary["popularity_test"] = self.evaluate("test", popularity)
         if self.env.is_main and cfg.export.enabled:
             if self.best.current() is not None:
-                summary["export"] = self.export(state.run_id)
+                summary["export"] = self.export(state.run_id, summary["test"])
+                summary["example_history"] = example_history(cfg.data.path, self.data.meta)
             else:
                 log.warning("export skipped: a multi-node job keeps the best model under checkpoint.dir, on storage "
                             "every node shares; set checkpoint.dir to export")
@@ -296,15 +322,18 @@ class Trainer:
         self.logger.set_tags({"best_epoch": state.best_epoch, NOTE: note + run_info.result(summary, metric)})
         self.logger.log_table(eval_table(summary), "eval_table.json")
 
-    def export(self, run_id: str | None) -> dict:
-        """Rank 0: the selected epoch's model -> <export.dir>/<run id>, logged to MLflow under `export/`."""
+    def export(self, run_id: str | None, test: dict[str, float]) -> dict:
+        """Rank 0: the selected epoch's model -> <export.dir>/<run id>, logged to MLflow under `export/` and as the
+        run's model, with its test metrics linked to it."""
         out = location(self.cfg.export.dir) / (run_id or time.strftime("untracked-%Y%m%d-%H%M%S"))
         manifest = export(self.best.current(), out, self.cfg, run_id=run_id)
         recall = manifest.index[f"recall@{RECALL_K}"]
         print(f"exported the epoch-{manifest.source['state']['epoch']} model to {out} "
               f"({self.cfg.export.index} index recall@{RECALL_K} against exact search: {recall:.4f})")
         self.logger.log_artifacts(out, EXPORT_ARTIFACT)
-        self.logger.log_model(out, self.cfg.tracking.register_as)
+        step = manifest.source["state"]["step"]
+        linked = {f"best/test_{k}": v for k, v in test.items() if k not in COUNTS}
+        self.logger.log_model(out, self.cfg.tracking.register_as, linked, step)
         self.logger.log_metrics({f"export/index_recall@{RECALL_K}": recall}, manifest.source["state"]["step"])
         return {"dir": str(out), "index": manifest.index}
 
@@ -343,8 +372,11 @@ def train(cfg: JobConfig, config_path: str | None = None) -> dict:
                               run_info.source_tags(config_path))
     try:
         summary = build(cfg, env, logger).fit(resume)
-    except BaseException:
+    except BaseException as err:
         logger.finish("FAILED")
+        named = collective_timeout(err, env, cfg.train.collective_timeout_s)
+        if named is not None:
+            raise named from None
         raise
     if logger.run_id:
         summary["run_id"], summary["experiment_id"] = logger.run_id, logger.experiment_id

@@ -180,6 +180,8 @@ LOCAL_BY_DESIGN = {  # module: (the names it may use, or "*" for all; why)
     "trainer.tracking.outbox": ("*", "the outbox file and staged artifacts it replays, local to the tracking rank"),
     "trainer.tracking.records": ("*", "the sqlite store's lock file, beside the local store"),
     "trainer.distributed": ({"os.utime"}, "torchelastic's error file, a local path torchrun gives each rank"),
+    "trainer.__main__": ({"os.path.dirname", "os.path.relpath"}, "the interpreter's directory, in the printed "
+                                                                 "commands"),
     "launch.run": ("*", "torchelastic's error files, local to each node's agent"),
     "trainer.export.artifact": ({"torch.save"}, "into a bytes buffer that storage writes"),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from collections import defaultdict
 
@@ -228,7 +229,14 @@ def test_synthetic_is_seeded_and_written_atomically(tmp_path):
     a = pq.read_table(tmp_path / "a" / schema.TRAIN_DIR)
     assert a.equals(pq.read_table(tmp_path / "b" / schema.TRAIN_DIR))
     assert not a.equals(pq.read_table(tmp_path / "c" / schema.TRAIN_DIR))
-    assert Metadata.load(tmp_path / "a").source["kind"] == "synthetic"
+    source = Metadata.load(tmp_path / "a").source
+    assert source["kind"] == "synthetic"
+    generator = {k: v for k, v in source.items() if k not in ("kind", "path", "engine", "checksum", "files")}
+    config = json.dumps({"synthetic": generator}, sort_keys=True).encode()
+    assert source["checksum"] == hashlib.sha256(config).hexdigest()
+    assert source["checksum"] != hashlib.sha256(b"").hexdigest(), "the checksum is of the generator's config"
+    assert source["checksum"] == Metadata.load(tmp_path / "b").source["checksum"]
+    assert source["checksum"] != Metadata.load(tmp_path / "c").source["checksum"], "another seed, another checksum"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"], "no temp directories left behind"
 
 

@@ -49,6 +49,19 @@ def test_kubernetes_dryrun_renders_the_job():
         "a GPU per rank and a tracking server: nothing to warn about"
 
 
+def test_kubernetes_mounts_a_volume_into_every_pod():
+    result = torchx("run", "--dryrun", "-s", "kubernetes", "launch/components.py:train", "--nnodes", "2",
+                    "--image", "registry/two-tower:1", "--mounts", "type=volume,src=prepared-pvc,dst=/data,readonly",
+                    "--data", "/data/prepared/x", "--checkpoint_dir", "s3://bucket/ckpt",
+                    env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+    out = scheduler_request(result)
+    assert out.count("claimName: prepared-pvc") == 2 and out.count("mountPath: /data") == 2, out
+    assert out.count("readOnly: true") >= 2 and "data.path=/data/prepared/x" in out, "a path on the volume is data"
+    elsewhere = torchx("run", "--dryrun", "-s", "kubernetes", "launch/components.py:train", "--image", "r/t:1",
+                       "--mounts", "type=volume,src=prepared-pvc,dst=/data", "--data", "/datasets/x")
+    assert elsewhere.returncode != 0 and "data.path=/datasets/x" in elsewhere.stderr, "not under the mount"
+
+
 def test_kubernetes_needs_an_image_and_warns_about_local_tracking_and_cpu_ranks():
     missing = torchx("run", "--dryrun", "-s", "kubernetes", "launch/components.py:train", "--nnodes", "2")
     assert missing.returncode != 0
@@ -104,7 +117,8 @@ def test_kubernetes_refuses_local_storage_paths():
                     "--data", "prepared/clicks", "checkpoint.dir=/mnt/ckpt")
     assert result.returncode != 0
     assert ("the kubernetes scheduler's replicas share no disk, so data, checkpoints and exports need URIs every "
-            "replica reaches (s3://, gs://, hdfs://): got data.path=prepared/clicks, checkpoint.dir=/mnt/ckpt") \
+            "replica reaches (s3://, gs://, hdfs://) or paths under a --mounts volume: got data.path=prepared/clicks, "
+            "checkpoint.dir=/mnt/ckpt") \
         in result.stderr
 
 

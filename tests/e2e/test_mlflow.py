@@ -4,6 +4,7 @@ evaluation table, and a servable registered model that answers like the recommen
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -129,8 +130,24 @@ def test_the_registered_pyfunc_model_answers_like_recommend_without_torchrec(tra
     items, loaded = result.stdout.strip().splitlines()[-2:]
     assert eval(items) == recommend_cli(tracked.uri, run_id)
     assert loaded == "[]", "the logged model loads without TorchRec or FBGEMM"
-    signature = mlflow.models.get_model_info(f"runs:/{run_id}/model").signature
-    assert signature.inputs.input_names()[:2] == ["history", "user"] and signature.params.params[0].name == "k"
+    info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
+    assert info.signature.inputs.input_names()[:2] == ["history", "user"]
+    assert info.signature.params.params[0].name == "k"
+
+
+def test_the_logged_model_pins_its_requirements_and_links_the_test_metrics(tracked):
+    run_id = tracked.run.info.run_id
+    mlflow.set_tracking_uri(tracked.uri)
+    info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
+    requirements = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model/requirements.txt",
+                                                            dst_path=str(tracked.tmp / "reqs"))).read_text()
+    pinned = dict(line.split("==") for line in requirements.split() if "==" in line)
+    for name in ("torch", "numpy", "pandas", "pyarrow", "faiss-cpu", "mlflow"):
+        assert pinned.get(name) == importlib.metadata.version(name).split("+")[0], (name, requirements)
+    linked = {m.key: m.value for m in tracked.client.get_logged_model(info.model_id).metrics}
+    assert linked["best/test_ndcg_at_10"] == pytest.approx(tracked.summary["test"]["ndcg@10"])
+    assert set(linked) == {f"best/test_{k.replace('@', '_at_')}" for k in tracked.summary["test"]
+                           if k not in ("users", "skipped")}
 
 
 @pytest.mark.slow

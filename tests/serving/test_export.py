@@ -23,6 +23,7 @@ from serving.format import ExportError
 from serving.model import ExportedModel
 from serving.recommend import main as recommend_main
 from serving.recommend import mmr
+from serving.runs import LOCAL_EXPORTS
 from tests.conftest import ROOT, TINY_TOWERS, dataset_dir, recommend_from_raw_ids, tiny_config, tower_overrides
 from trainer import distributed
 from trainer.checkpointing import checkpoint
@@ -160,7 +161,7 @@ def test_every_serving_entry_point_runs_without_torchrec(exported, tmp_path):
     assert fresh_interpreter("import trainer.loop").stdout.strip() != "LOADED []", "the check can see TorchRec"
 
 
-def test_recommend_skips_unknown_and_seen_ids(exported, tmp_path, capsys):
+def test_recommend_skips_unknown_and_seen_ids(exported, tmp_path, capsys, monkeypatch):
     """The CLI as a subprocess once; its other answers in process (the same `main`, without an interpreter's
     start-up each)."""
     model = ExportedModel(exported.dir)
@@ -180,7 +181,14 @@ def test_recommend_skips_unknown_and_seen_ids(exported, tmp_path, capsys):
     no_user_table = in_process(capsys, "--run", str(exported.dir), "--history", history[0], "--user", "3")
     assert no_user_table.returncode == 0 and "--user ignored: this model has no user-id table" in no_user_table.stderr
     unknown = in_process(capsys, "--run", str(exported.dir), "--similar", "no-such-item")
-    assert unknown.returncode == 0 and "unknown item ids, skipped: no-such-item" in unknown.stderr
+    assert unknown.returncode == 2 and unknown.stdout == ""
+    assert f"error: --similar: item id 'no-such-item' is not in the catalogue ({len(model.raw_ids)} items, e.g. " \
+        in unknown.stderr
+    only_unknown = in_process(capsys, "--run", str(exported.dir), "--history", "no-such-item,nor-this")
+    assert only_unknown.returncode == 2 and only_unknown.stdout == ""
+    assert "error: --history: none of its item ids is in the catalogue: no-such-item, nor-this" in only_unknown.stderr
+    cold = in_process(capsys, "--run", str(exported.dir), "--history", "", "-k", "3", "--json")
+    assert cold.returncode == 0 and len(json.loads(cold.stdout)) == 3, "an empty history is a cold start"
     bad = in_process(capsys, "--run", str(exported.dir), "--history", history[0], "--user-features", "u_shoe_size=44")
     assert bad.returncode == 2 and "no feature u_shoe_size" in bad.stderr and "u_gender" in bad.stderr
     missing = in_process(capsys, "--run", str(exported.dir / "nowhere"), "--history", history[0])
@@ -190,6 +198,12 @@ def test_recommend_skips_unknown_and_seen_ids(exported, tmp_path, capsys):
                          "--history", history[0])
     assert no_store.returncode == 2 and f"no MLflow store at sqlite:///{store}" in no_store.stderr
     assert not store.exists(), "looking a run up never creates an empty MLflow store"
+    run_id = "0123456789abcdef0123456789abcdef"
+    shutil.copytree(exported.dir, tmp_path / LOCAL_EXPORTS / run_id)
+    monkeypatch.chdir(tmp_path)
+    local = in_process(capsys, "--run", run_id, "--tracking-uri", f"sqlite:///{store}", "--history", history[0])
+    assert local.returncode == 0 and local.stdout, "a run id whose export is under exports/ reads it, no MLflow"
+    assert ExportConfig().dir == LOCAL_EXPORTS
     broken = tmp_path / "broken"
     shutil.copytree(exported.dir, broken)
     (broken / "items.faiss").unlink()

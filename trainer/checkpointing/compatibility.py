@@ -31,11 +31,11 @@ def compatibility(saved: JobConfig, current: JobConfig, saved_world: int, world:
             notes.append(line)
         elif rule(key) == SHAPE:
             problems.append(f"{line} (changes the checkpoint's tensors: start a new checkpoint.dir)")
-        elif key not in allowed:
-            problems.append(f"{line} (allow it with checkpoint.allow_changes=[{key}])")
         elif rule(key) == POSITION and not at_epoch_start:
             problems.append(f"{line} (changes what the saved batch position means: resume from an epoch-end "
-                            f"checkpoint)")
+                            f"checkpoint, with checkpoint.allow_changes=[{key}])")
+        elif key not in allowed:
+            problems.append(f"{line} (allow it with checkpoint.allow_changes=[{key}])")
         else:
             notes.append(line)
     if world != saved_world:

@@ -10,6 +10,7 @@ import sys
 
 from config import ConfigError
 from data.errors import DataError
+from serving.console import quiet
 from serving.format import (
     RECALL_K,
 )
@@ -26,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
                                                      "exists)")
     parser.add_argument("overrides", nargs="*", help="section.key=value over the checkpoint's config, "
                                                      "e.g. data.path=... or export.hnsw_m=48")
+    parser.add_argument("--verbose", action="store_true", help="keep the libraries' known warnings")
     args = parser.parse_intermixed_args(argv)
+    quiet(args.verbose)
     try:
         manifest = export(args.checkpoint, args.out, overrides=args.overrides)
     except (ConfigError, DataError, StorageError) as err:

@@ -177,9 +177,11 @@ class MlflowLogger:
         """`dataset`: name, digest, source, schema (MLflow schema JSON), profile (JSON-able), context."""
         self._submit({"kind": "dataset", **dataset})
 
-    def log_model(self, export_dir: Location, register_as: str) -> None:
-        """The export as the run's pyfunc model (serving/pyfunc.py), registered as `register_as` if given."""
-        self._submit({"kind": "model", "export": str(self.staged(export_dir)), "register_as": register_as})
+    def log_model(self, export_dir: Location, register_as: str, metrics: dict[str, float], step: int) -> None:
+        """The export as the run's pyfunc model (serving/pyfunc.py), registered as `register_as` if given, with
+        `metrics` linked to it."""
+        self._submit({"kind": "model", "export": str(self.staged(export_dir)), "register_as": register_as,
+                      "metrics": {k.replace("@", "_at_"): float(v) for k, v in metrics.items()}, "step": step})
 
     def finish(self, status: str = "FINISHED") -> str | None:
         """Flushes what is queued (waiting at most tracking.flush_timeout_s) and closes the run. Returns

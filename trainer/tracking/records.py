@@ -109,7 +109,8 @@ def send(client: MlflowClient, run_id: str, record: dict) -> None:
     elif kind == "model":
         from serving.pyfunc import log_pyfunc
 
-        log_pyfunc(client.tracking_uri, run_id, record["export"], record["register_as"])
+        log_pyfunc(client.tracking_uri, run_id, record["export"], record["register_as"], record.get("metrics"),
+                   record.get("step", 0))
     elif kind == "status":
         client.set_terminated(run_id, status=record["status"], end_time=record["timestamp"])
     else:
