@@ -115,11 +115,33 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     return load_config_text(text, str(path), overrides)
 
 
-def load_config_text(text: str, where: str, overrides: typing.Sequence[str] = ()) -> JobConfig:
-    """A config's YAML text (a file's, or one saved in a checkpoint on any storage) plus overrides."""
+def upgraded(data: dict) -> dict:
+    """A config saved by an earlier version (in a checkpoint) in today's keys, with the same meaning: the negatives
+    section from loader.num_negatives/sampler/unigram_alpha and loss.in_batch. A config file a user edits is never
+    rewritten: its old keys are errors naming the new ones."""
+    loader, loss = (dict(data.get(k) or {}) for k in ("loader", "loss"))
+    if {"num_negatives", "sampler", "unigram_alpha"} & set(loader) or "in_batch" in loss:
+        in_batch = loss.pop("in_batch", True)
+        count = loader.pop("num_negatives", 1024)
+        sampler = loader.pop("sampler", "unigram")
+        alpha = loader.pop("unigram_alpha", 0.75)
+        if in_batch:
+            kind = "in_batch" if count == 0 else "mixed"
+            alpha = 0 if sampler == "uniform" else alpha
+        else:
+            kind = "uniform" if sampler == "uniform" else "frequency"
+        data = {**data, "loader": loader, "loss": loss,
+                "negatives": {"kind": kind, "num_sampled": count or 1024, "alpha": alpha}}
+    return data
+
+
+def load_config_text(text: str, where: str, overrides: typing.Sequence[str] = (), saved: bool = False) -> JobConfig:
+    """A config's YAML text (a file's, or with `saved` one a checkpoint holds, `upgraded`) plus overrides."""
     data = parse_yaml(text, where) or {} if text else {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level")
+    if saved:
+        data = upgraded(data)
     for override in overrides:
         apply_override(data, override)
     return from_dict(JobConfig, data)

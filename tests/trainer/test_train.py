@@ -11,8 +11,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from config import ConfigError, load_config
+from config import ConfigError, load_config, load_config_text
 from data.schema import Metadata
 from tests.conftest import ROOT, TINY_MODEL, TINY_TOWERS, tiny_config, tower_overrides
 from trainer import distributed
@@ -244,3 +245,23 @@ def test_a_missing_gpu_is_a_one_line_error(capsys):
     assert trainer_main(["train.device=cuda", "tracking.enabled=false"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: train.device=cuda but no GPU is visible; use train.device=cpu or auto"
+
+
+@pytest.mark.parametrize("old,kind,count,alpha", [
+    ({"loader": {"num_negatives": 1024, "sampler": "unigram", "unigram_alpha": 0.5}, "loss": {"in_batch": True}},
+     "mixed", 1024, 0.5),
+    ({"loader": {"num_negatives": 4096, "sampler": "uniform"}, "loss": {"in_batch": True}}, "mixed", 4096, 0.0),
+    ({"loader": {"num_negatives": 0}, "loss": {"in_batch": True}}, "in_batch", 1024, 0.75),
+    ({"loader": {"num_negatives": 64, "sampler": "uniform"}, "loss": {"in_batch": False}}, "uniform", 64, 0.75),
+    ({"loader": {"num_negatives": 64, "sampler": "unigram", "unigram_alpha": 1.0}, "loss": {"in_batch": False}},
+     "frequency", 64, 1.0),
+])
+def test_a_config_saved_before_the_negatives_section_resumes_with_the_same_negatives(old, kind, count, alpha):
+    """A checkpoint's config.yaml from before `negatives:` is read in today's keys (the same draws); a config
+    file with the old keys is an error naming the new ones."""
+    text = yaml.safe_dump({**old, "loader": {**old["loader"], "batch_size": 32}})
+    cfg = load_config_text(text, "step-000000010/config.yaml", saved=True)
+    assert (cfg.negatives.kind, cfg.negatives.num_sampled, cfg.negatives.alpha) == (kind, count, alpha)
+    assert cfg.loader.batch_size == 32
+    with pytest.raises(ConfigError, match="is now negatives"):
+        load_config_text(text, "configs/old.yaml")

@@ -57,7 +57,7 @@ class CheckpointManager:
         if state["data"] != self.data:
             raise ConfigError(f"cannot resume from {path}: the prepared data at {cfg.data.path} is not the data it was "
                               f"trained on (checksum and size {self.data} against {state['data']})")
-        saved = load_config_text((path / CONFIG_FILE).read_text(), str(path / CONFIG_FILE))
+        saved = load_config_text((path / CONFIG_FILE).read_text(), str(path / CONFIG_FILE), saved=True)
         loop = LoopState.from_dict(state["loop"])
         return compatibility(saved, cfg, state["world_size"], self.world_size, loop.batch == 0, path)
 

@@ -71,7 +71,7 @@ def export(path: "str | Location", out: "str | Location", cfg: JobConfig | None 
         raise DataError(err.uri, None, "a complete checkpoint directory (step-N or best-N under checkpoint.dir)",
                         err.problem) from None
     config_file = path / checkpoint.CONFIG_FILE
-    cfg = cfg or load_config_text(config_file.read_text(), str(config_file), overrides)
+    cfg = cfg or load_config_text(config_file.read_text(), str(config_file), overrides, saved=True)
     tower = towers.of(cfg)
     state = checkpoint.read_state(path)
     meta = schema.Metadata.load(cfg.data.path)
