@@ -123,8 +123,9 @@ class ModelConfig:
 
 
 # A query's negatives (data/negatives.py): the other rows' positives (in_batch), items drawn from the catalogue
-# (uniform, or frequency: count ** alpha), or both (mixed: in-batch plus count ** alpha, alpha 0 = uniform).
-NEGATIVE_KINDS = ("mixed", "in_batch", "uniform", "frequency")
+# (uniform, or frequency: count ** alpha), or both (mixed: in-batch plus count ** alpha, alpha 0 = uniform); or
+# every item of the catalogue at every step (catalogue: the exact full softmax, for catalogues up to ~10^5 items).
+NEGATIVE_KINDS = ("mixed", "in_batch", "uniform", "frequency", "catalogue")
 
 
 @dataclass
@@ -135,7 +136,7 @@ class NegativesConfig:
 
     def __post_init__(self) -> None:
         check(self.kind in NEGATIVE_KINDS, f"negatives.kind must be one of {NEGATIVE_KINDS}, got '{self.kind}'")
-        check(self.kind == "in_batch" or self.num_sampled >= 1,
+        check(self.kind in ("in_batch", "catalogue") or self.num_sampled >= 1,
               f"negatives.kind={self.kind} draws negatives.num_sampled >= 1 items, got {self.num_sampled} "
               "(negatives.kind=in_batch for none)")
         check(self.alpha >= 0, f"negatives.alpha must be >= 0, got {self.alpha}")
@@ -145,10 +146,9 @@ class NegativesConfig:
         """The other rows' positives (of the global batch) are a query's negatives."""
         return self.kind in ("mixed", "in_batch")
 
-    @property
-    def per_batch(self) -> int:
-        """Items drawn from the catalogue per batch."""
-        return 0 if self.kind == "in_batch" else self.num_sampled
+    def per_batch(self, num_items: int) -> int:
+        """Items drawn from a catalogue of `num_items` per batch."""
+        return {"in_batch": 0, "catalogue": num_items}.get(self.kind, self.num_sampled)
 
 
 FLOAT32_MAX = 3.4028234663852886e38

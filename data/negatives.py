@@ -7,6 +7,9 @@ Kinds (`negatives.kind`):
 - frequency: `num_sampled` items drawn with q(j) proportional to count(j) ** alpha; no in-batch columns.
 - mixed: in-batch plus `num_sampled` drawn as `frequency` (Yang et al. 2020, "Mixed negative sampling"); alpha 0
   draws uniformly.
+- catalogue: every item of the catalogue, once, at every step: the exact full softmax. Each item is then a
+  candidate exactly once per batch (Q = 1, log Q = 0, so logQ changes nothing), and a row's own item is its
+  positive, never a negative (the loss masks or merges its other copy). No in-batch columns.
 
 Items never seen in training have count 0, so alpha > 0 never draws them; alpha 0 draws every item (0 ** 0 = 1).
 The pad id 0 is never drawn. With S drawn per batch, item j is among them S q(j) times in expectation, which
@@ -26,7 +29,7 @@ def proposal(freq: np.ndarray, kind: str, alpha: float) -> np.ndarray:
     """q over dense item ids (`freq` is indexed by them): zeros for in_batch, which draws nothing."""
     if kind == "in_batch":
         return np.zeros(len(freq), dtype=np.float64)
-    weights = np.ones(len(freq)) if kind == "uniform" else freq.astype(np.float64) ** alpha
+    weights = np.ones(len(freq)) if kind in ("uniform", "catalogue") else freq.astype(np.float64) ** alpha
     weights[0] = 0.0
     if weights.sum() <= 0:
         raise ValueError(f"negatives.kind={kind}: every item has zero weight (no training frequencies?)")
@@ -46,12 +49,14 @@ class Negatives:
 
     @classmethod
     def of(cls, cfg: NegativesConfig, freq: np.ndarray) -> Negatives:
-        return cls(cfg.kind, cfg.in_batch, cfg.per_batch, proposal(freq, cfg.kind, cfg.alpha))
+        return cls(cfg.kind, cfg.in_batch, cfg.per_batch(len(freq) - 1), proposal(freq, cfg.kind, cfg.alpha))
 
     def sample(self, rng: np.random.Generator) -> np.ndarray:
         """This batch's `num_sampled` ids, drawn with replacement from `probs`."""
         if not self.num_sampled:
             return np.zeros(0, dtype=np.int64)
+        if self.kind == "catalogue":
+            return np.arange(1, len(self.probs), dtype=np.int64)
         ids = np.searchsorted(self.cdf, rng.random(self.num_sampled) * self.cdf[-1], side="right")
         return np.minimum(ids, len(self.cdf) - 1).astype(np.int64)
 

@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         if sequences:
             modules["ec"] = EmbeddingCollection(tables=sequences, device=torch.device("meta"))
         module = torch.nn.ModuleDict(modules)
-        batch = cfg.loader.batch_size + cfg.negatives.per_batch
+        batch = cfg.loader.batch_size + cfg.negatives.per_batch(meta.num_items)
 
         def plan_for(world_size: int, stats: Stats | None = None) -> ShardingPlan:
             return build_plan(module, tables, cfg.sharding, meta, batch, world_size, device, hbm_gb=args.hbm_gb,

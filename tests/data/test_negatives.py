@@ -34,6 +34,16 @@ def test_each_kind_has_its_proposal_and_in_batch_flag(kind, alpha, in_batch, wei
     assert len(drawn) == negatives.num_sampled and np.all(negatives.probs[drawn] > 0), "never pad, never q = 0"
 
 
+def test_catalogue_negatives_are_every_item_once_with_log_q_zero():
+    negatives = Negatives.of(NegativesConfig("catalogue", num_sampled=7), FREQ)
+    assert (negatives.in_batch, negatives.num_sampled) == (False, 4), "every item, whatever num_sampled says"
+    for seed in (0, 1):
+        np.testing.assert_array_equal(negatives.sample(np.random.default_rng(seed)), [1, 2, 3, 4])
+    np.testing.assert_allclose(negatives.expected_sampled()[1:], 1.0)
+    log_q = CandidateLogQ(torch.tensor(FREQ, dtype=torch.float64), negatives, "exact", 16, 0.1)
+    np.testing.assert_allclose(log_q(torch.tensor([1, 3, 4]), torch.tensor([1, 2])).numpy(), 0.0, atol=1e-7)
+
+
 def test_sampling_is_seeded_and_follows_the_proposal():
     negatives = Negatives.of(NegativesConfig("frequency", 20_000, 1.0), FREQ)
     first, again = (negatives.sample(np.random.default_rng(3)) for _ in range(2))

@@ -237,3 +237,43 @@ def test_streaming_estimator_converges_on_a_stationary_stream():
     restored = StreamingFrequency(buckets=1 << 16, alpha=0.01, device=torch.device("cpu"))
     restored.load_state_dict(state)
     assert torch.equal(restored.per_step_count(ids), est.per_step_count(ids)) and restored.step == 4000
+
+
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("use_logq", [False, True])
+def test_catalogue_negatives_are_the_exact_full_softmax(merge, use_logq):
+    """negatives.kind=catalogue: the module the trainer builds, fed a batch as the loader makes it (targets, then
+    every item), equals the full-catalogue cross-entropy computed directly, value and gradients, in float64.
+    With the in-batch columns left live (kind mixed) it would differ: the check is sharp."""
+    from types import SimpleNamespace
+
+    from config import load_config
+    from trainer.loss.modules import build_loss
+
+    gen = torch.Generator().manual_seed(3)
+    items, b, d, temperature = 12, 6, 4, 0.2
+    table = torch.randn(items + 1, d, generator=gen, dtype=torch.float64)
+    query = torch.randn(b, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([3, 7, 3, 12, 1, 0])  # a repeated target, and a padding row
+    freq = np.r_[0, np.arange(1, items + 1)]
+    results = {}
+    for kind in ("catalogue", "mixed"):
+        cfg = load_config(None, [f"negatives.kind={kind}", f"loss.temperature={temperature}",
+                                 f"loss.logq={str(use_logq).lower()}", f"loss.merge_duplicates={str(merge).lower()}"])
+        negatives = Negatives.of(cfg.negatives, freq)
+        ids = torch.cat([targets, torch.from_numpy(negatives.sample(np.random.default_rng(0)))])
+        embeddings = table.clone().requires_grad_()
+        batch = SimpleNamespace(candidate_ids=ids, row_mask=targets > 0)
+        loss = build_loss(cfg, negatives, freq, sequence=False)(query, embeddings[ids], batch)
+        grads = torch.autograd.grad(loss, [query, embeddings])
+        results[kind] = (loss, grads)
+    real = targets > 0
+    embeddings = table.clone().requires_grad_()
+    logits = query[real] @ embeddings[1:].T / temperature
+    expected = torch.nn.functional.cross_entropy(logits, targets[real] - 1)
+    expected_grads = torch.autograd.grad(expected, [query, embeddings])
+    loss, grads = results["catalogue"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert abs(results["mixed"][0].item() - expected.item()) > 1e-3, "the in-batch columns would change it"

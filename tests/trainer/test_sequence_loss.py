@@ -308,3 +308,32 @@ def test_far_from_unit_vectors_the_kernel_falls_back_to_row_maxima(norm):
     assert torch.isfinite(ours) and ours.item() == pytest.approx(want.item(), rel=1e-10)
     for got, ref in zip(torch.autograd.grad(ours, (query, candidates)), torch.autograd.grad(want, (query, candidates))):
         torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_catalogue_negatives_make_the_sequence_loss_the_exact_full_softmax(merge):
+    """negatives.kind=catalogue for the transformer: every position against every item once, in float64."""
+    from config import load_config
+    from trainer.loss.modules import build_loss
+
+    gen = torch.Generator().manual_seed(5)
+    items, d, temperature = 10, 4, 0.3
+    table = torch.randn(items + 1, d, generator=gen, dtype=torch.float64)
+    query = torch.randn(7, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([4, 2, 4, 9, 1, 2, 10])
+    distinct, own = torch.unique(targets, return_inverse=True)
+    cfg = load_config(None, ["negatives.kind=catalogue", f"loss.temperature={temperature}",
+                             f"loss.merge_duplicates={str(merge).lower()}"])
+    freq = np.r_[0, np.full(items, 5)]
+    negatives = Negatives.of(cfg.negatives, freq)
+    ids = torch.cat([distinct, torch.from_numpy(negatives.sample(np.random.default_rng(0)))])
+    batch = SimpleNamespace(num_positives=torch.tensor([len(distinct)]), candidate_ids=ids, own_column=own)
+    embeddings = table.clone().requires_grad_()
+    loss = build_loss(cfg, negatives, freq, sequence=True)(query, embeddings[ids], batch)
+    grads = torch.autograd.grad(loss, [query, embeddings])
+    reference = table.clone().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(query @ reference[1:].T / temperature, targets - 1)
+    expected_grads = torch.autograd.grad(expected, [query, reference])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)

@@ -265,3 +265,16 @@ def test_a_config_saved_before_the_negatives_section_resumes_with_the_same_negat
     assert cfg.loader.batch_size == 32
     with pytest.raises(ConfigError, match="is now negatives"):
         load_config_text(text, "configs/old.yaml")
+
+
+@pytest.mark.parametrize("tower", sorted(TINY_TOWERS))
+def test_each_tower_trains_against_the_whole_catalogue(tiny_data, tower):
+    """negatives.kind=catalogue end to end: every item is a candidate of every batch, and the loss falls."""
+    cfg = tiny_config(tiny_data, **tower_overrides(tower), **{"negatives.kind": "catalogue"})
+    job = build(cfg, distributed.init("cpu"))
+    iterator = iter(job.data.train_loader.epoch(0))
+    batch = next(iter(job.data.train_loader.epoch(0)))
+    items = set(range(1, job.data.meta.num_items + 1))
+    assert items <= set(batch.candidate_ids.tolist()), "every item is a candidate"
+    losses = [float(job.model.pipeline.progress(iterator)["loss"]) for _ in range(8)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
