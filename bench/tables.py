@@ -90,6 +90,34 @@ def prepare_table(result: dict) -> list[str]:
     return lines
 
 
+def short_history_table(result: dict) -> list[str]:
+    """bench/short_history.py: each dataset's recipes side by side, test means over seeds."""
+    lines = ["| dataset | recipe | seeds | test HR@10 | test NDCG@10 | HR@200 | best epoch | minutes a run (max) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, entry in result["datasets"].items():
+        for recipe in ("bag-tower", "sequences-previous", "sequences"):
+            if recipe not in entry:
+                continue
+            s = entry[recipe]["summary"]
+            mean, std = s["test_mean"], s["test_std"]
+            lines.append(f"| {name} | {recipe} | {len(s['seeds'])} | {mean['hr@10']:.4f} ± {std['hr@10']:.4f} | "
+                         f"{mean['ndcg@10']:.4f} ± {std['ndcg@10']:.4f} | {mean['hr@200']:.4f} | "
+                         f"{s['best_epoch_mean']:g} | {s['seconds_mean'] / 60:.1f} ({s['seconds_max'] / 60:.1f}) |")
+    return lines
+
+
+def search_table(result: dict) -> list[str]:
+    """The one-seed recipe search on the development set (bench/results/short_history_search.json)."""
+    lines = ["| run | overrides | epochs seen | best validation HR@10 / NDCG@10 (epoch) | train s / epoch |",
+             "| --- | --- | --- | --- | --- |"]
+    for run in result["runs"]:
+        best = run["best_valid"]
+        overrides = " ".join(f"`{o}`" for o in run["overrides"]) or run["config"]
+        lines.append(f"| {run['name']} | {overrides} | {run['epochs_seen']} | {best['hr@10']:.4f} / "
+                     f"{best['ndcg@10']:.4f} ({best['epoch']}) | {run['train_seconds_per_epoch_median']} |")
+    return lines
+
+
 def provenance(result: dict) -> str:
     """When and where the numbers were measured: the results' date and machine."""
     m = result.get("machine", {})
@@ -104,6 +132,10 @@ def table(name: str) -> list[str]:
         lines = prepare_table(result)
     elif name == "train_step":
         lines = step_table(result, "examples/s")
+    elif name == "short_history":
+        lines = short_history_table(result)
+    elif name == "short_history_search":
+        lines = search_table(result)
     else:
         lines = step_table(result, "positions/s")
         if result.get("epoch"):

@@ -19,7 +19,10 @@ from data.keys import Jagged
 
 
 def make_kjt(keys: list[str], arrays: list[Jagged]) -> KeyedJaggedTensor:
-    """One KJT from (lengths, values) per key, in key order."""
+    """One KJT from (lengths, values) per key, in key order. No keys (a sequence file without features) gives an
+    empty KJT, which the towers never read."""
+    if not keys:
+        return KeyedJaggedTensor.empty()
     lengths = np.concatenate([a[0] for a in arrays], dtype=np.int32)
     values = np.concatenate([a[1] for a in arrays], dtype=np.int64)
     return KeyedJaggedTensor(keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths))

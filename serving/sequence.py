@@ -26,6 +26,8 @@ class SequenceShape:
     dropout: float
     hidden_dims: list[int]
     output_dim: int
+    input_norm: bool = False  # LayerNorm on item + position embeddings before the input dropout
+    candidate: str = "mlp"  # "mlp": candidate MLP over the item embedding and features; "tied": the item embedding
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -121,9 +123,21 @@ class SequenceHead(nn.Module):
         self.blocks = nn.ModuleList(CausalBlock(cfg.item_dim, cfg.heads, cfg.dropout, device)
                                     for _ in range(cfg.blocks))
         self.norm = nn.LayerNorm(cfg.item_dim, device=device)
+        self.input_norm = nn.LayerNorm(cfg.item_dim, device=device) if cfg.input_norm else nn.Identity()
         self.query_mlp = mlp(cfg.item_dim * (1 + len(self.bags)) + query_dim, cfg.hidden_dims, cfg.output_dim,
                              device)
-        self.candidate_mlp = mlp(cfg.item_dim + candidate_dim, cfg.hidden_dims, cfg.output_dim, device)
+        self.candidate_dim = candidate_dim
+        self.tied = cfg.candidate == "tied"
+        if self.tied:
+            # The candidate is its item embedding, the table the history reads (SASRec's tied output). Item
+            # features, where the data has them, are added through a projection that starts at zero.
+            self.candidate_mlp = None
+            self.feature_projection = nn.Linear(candidate_dim, cfg.item_dim, device=device) if candidate_dim else None
+            if self.feature_projection is not None:
+                nn.init.zeros_(self.feature_projection.weight)
+                nn.init.zeros_(self.feature_projection.bias)
+        else:
+            self.candidate_mlp = mlp(cfg.item_dim + candidate_dim, cfg.hidden_dims, cfg.output_dim, device)
         nn.init.normal_(self.position.weight, std=0.02)
 
     def encode(self, history: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -137,7 +151,7 @@ class SequenceHead(nn.Module):
         lengths = lengths.long()
         width = max(int(lengths.max()), 1)
         items = padded(history, lengths, width)
-        x = self.input_dropout(items * self.scale + self.position.weight[:width])
+        x = self.input_dropout(self.input_norm(items * self.scale + self.position.weight[:width]))
         for block in self.blocks:
             x = block(x)
         parts = [self.norm(x)] + causal_bags(items, self.bags)
@@ -150,7 +164,11 @@ class SequenceHead(nn.Module):
         return F.normalize(self.query_mlp(torch.cat([encoded] + query_features, dim=1)), dim=-1)
 
     def candidate(self, items: torch.Tensor, item_features: list[torch.Tensor]) -> torch.Tensor:
-        return F.normalize(self.candidate_mlp(torch.cat([items] + item_features, dim=1)), dim=-1)
+        if self.candidate_mlp is not None:
+            return F.normalize(self.candidate_mlp(torch.cat([items] + item_features, dim=1)), dim=-1)
+        if self.feature_projection is not None:
+            items = items + self.feature_projection(torch.cat(item_features, dim=1))
+        return F.normalize(items, dim=-1)
 
     def forward(self, history: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
                 query_features: list[torch.Tensor], items: torch.Tensor, item_features: list[torch.Tensor],

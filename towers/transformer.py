@@ -34,14 +34,23 @@ from towers.shared import (
     tables_read_by,
 )
 
+CANDIDATES = ("mlp", "tied")
+
 
 @dataclass
 class TransformerConfig:
     blocks: int = 2  # pre-norm self-attention blocks
     heads: int = 1  # attention heads (model.item_dim must divide by it)
     dropout: float = 0.2  # on the input embeddings, attention and feed-forward outputs
+    input_norm: bool = False  # LayerNorm on item + position embeddings, before the input dropout
+    # "mlp": candidates through their own MLP (item id and features); "tied": a candidate is its row of the item
+    # table the history reads (its features added through a zero-initialised projection); needs
+    # model.output_dim == model.item_dim.
+    candidate: str = "mlp"
 
     def __post_init__(self) -> None:
+        if self.candidate not in CANDIDATES:
+            raise ConfigError(f"model.tower.candidate must be one of {CANDIDATES}, got '{self.candidate}'")
         if not (self.blocks >= 1 and self.heads >= 1):
             raise ConfigError("model.tower.blocks and model.tower.heads must be >= 1")
         if not 0 <= self.dropout < 1:
@@ -50,7 +59,8 @@ class TransformerConfig:
 
 def shape(cfg: JobConfig) -> SequenceShape:
     m, t = cfg.model, cfg.model.tower
-    return SequenceShape(m.item_dim, t.blocks, t.heads, t.dropout, list(m.hidden_dims), m.output_dim)
+    return SequenceShape(m.item_dim, t.blocks, t.heads, t.dropout, list(m.hidden_dims), m.output_dim, t.input_norm,
+                         t.candidate)
 
 
 class SequenceTwoTower(nn.Module):
@@ -137,10 +147,13 @@ class Transformer(Tower):
     layout = SEQUENCE
 
     def check(self, cfg: JobConfig) -> None:
-        heads = self.section(cfg).heads
-        if cfg.model.item_dim % heads:
+        section = self.section(cfg)
+        if cfg.model.item_dim % section.heads:
             raise ConfigError(f"model.item_dim ({cfg.model.item_dim}) must be divisible by model.tower.heads "
-                              f"({heads})")
+                              f"({section.heads})")
+        if section.candidate == "tied" and cfg.model.output_dim != cfg.model.item_dim:
+            raise ConfigError(f"model.tower.candidate=tied scores queries against the item table: model.output_dim "
+                              f"({cfg.model.output_dim}) must equal model.item_dim ({cfg.model.item_dim})")
 
     def bag_tables(self, meta: Metadata, cfg: JobConfig) -> list[EmbeddingBagConfig]:
         """The feature tables only: the items are in the EmbeddingCollection."""
@@ -178,7 +191,7 @@ class Transformer(Tower):
         tower = self.plain(meta, cfg, query_only=True)
         tower.load_state_dict({k: v for k, v in model.state_dict().items() if k in tower.state_dict()})
         tower.eval()
-        candidate_dim = model.head.candidate_mlp[0].in_features - cfg.model.item_dim
+        candidate_dim = model.head.candidate_dim
         return Exported(tower, items, {"shape": shape(cfg).as_dict(), "item_vocab": meta.item_vocab,
                                        "max_length": cfg.loader.max_sequence_length,
                                        "candidate_dim": candidate_dim})

@@ -51,15 +51,19 @@ def tower_queries(model: ExportedModel, batch) -> np.ndarray:
 
 
 BOTH_TOWERS = pytest.mark.parametrize("exported", sorted(TINY_TOWERS), indirect=True)
+# The short-history recipe's transformer: candidates tied to the item table, their item features projected in.
+TIED = {"model.tower.candidate": "tied", "model.tower.input_norm": "true", "model.hidden_dims": "[]",
+        "model.output_dim": "16"}
 
 
 @pytest.fixture(scope="module")
 def exported(request, tiny_data, tmp_path_factory):
     """A dev-mode model trained for a few steps, its model snapshot, and the export written from it: the bag
     tower's, or with `BOTH_TOWERS` each tower's."""
-    tower = getattr(request, "param", "bags")
+    variant = getattr(request, "param", "bags")
+    tower, tied = variant.removesuffix("-tied"), variant.endswith("-tied")
     tmp = tmp_path_factory.mktemp("export")
-    cfg = tiny_config(tiny_data, **tower_overrides(tower))
+    cfg = tiny_config(tiny_data, **tower_overrides(tower), **(TIED if tied else {}))
     job = build(cfg, distributed.init("cpu"))
     batches = iter(job.data.train_loader.epoch(0))
     for _ in range(8):
@@ -74,7 +78,7 @@ def exported(request, tiny_data, tmp_path_factory):
                            checkpoint=tmp / "best", tower=tower)
 
 
-@BOTH_TOWERS
+@pytest.mark.parametrize("exported", sorted(TINY_TOWERS) + ["transformer-tied"], indirect=True)
 def test_exported_towers_score_like_the_training_model(exported):
     model = ExportedModel(exported.dir)
     assert model.manifest.query_tower.kind == exported.tower

@@ -129,14 +129,18 @@ def test_blocks_heads_and_dropout_are_read():
     assert torch.equal(Dropout(0.5).eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
     transformer = ["model.query_tower=transformer"]
     resolved = towers.resolve(load_config(None, transformer + ["model.tower.blocks=3", "model.tower.heads=2",
-                                                               "model.tower.dropout=0.5"]))
-    assert dataclasses.astuple(resolved.model.tower) == (3, 2, 0.5), "the file's values reach the typed section"
+                                                               "model.tower.dropout=0.5", "model.tower.input_norm=true",
+                                                               "model.tower.candidate=tied"]))
+    assert dataclasses.astuple(resolved.model.tower) == (3, 2, 0.5, True, "tied"), \
+        "the file's values reach the typed section"
+    with pytest.raises(ConfigError, match=r"model.tower.candidate must be one of \('mlp', 'tied'\), got 'dot'"):
+        towers.resolve(load_config(None, transformer + ["model.tower.candidate=dot"]))
     with pytest.raises(ConfigError, match=r"model.item_dim \(12\) must be divisible by model.tower.heads \(5\)"):
         towers.resolve(load_config(None, transformer + ["model.item_dim=12", "model.tower.heads=5"]))
     with pytest.raises(ConfigError, match=r"unknown tower 'lstm' \(registered: bags, transformer\)"):
         towers.resolve(load_config(None, ["model.query_tower=lstm"]))
     with pytest.raises(ConfigError, match=r"unknown key model.tower.share_item_table \(allowed in model.tower: "
-                                          r"blocks, dropout, heads\)"):
+                                          r"blocks, candidate, dropout, heads, input_norm\)"):
         towers.resolve(load_config(None, transformer + ["model.tower.share_item_table=false"]))
     with pytest.raises(ConfigError, match=r"model.tower.dropout must be in \[0, 1\)"):
         towers.resolve(load_config(None, transformer + ["model.tower.dropout=1.5"]))
@@ -277,3 +281,20 @@ def test_mask_seen_reaches_the_loss_and_lowers_the_first_step(tiny_data):
     assert losses["true"] < losses["false"] - 1e-4, losses
     with pytest.raises(ConfigError, match="loss.mask_seen=true needs a tower trained on sequences; the bags tower"):
         towers.resolve(tiny_config(tiny_data, **{"loss.mask_seen": "true"}))
+
+
+def test_tied_candidates_are_the_item_embeddings_plus_projected_features():
+    """candidate=tied: no candidate MLP; a candidate is its normalised item row, and item features enter through a
+    projection that starts at zero (so at initialisation the score is against the item table itself)."""
+    items, features = torch.randn(5, 8, dtype=torch.float64), [torch.randn(5, 3, dtype=torch.float64)]
+    tied = SequenceShape(item_dim=8, blocks=1, heads=1, dropout=0.0, hidden_dims=[], output_dim=8, candidate="tied")
+    head = SequenceHead(tied, 6, 0, 3, torch.device("cpu")).double()
+    assert head.candidate_mlp is None
+    torch.testing.assert_close(head.candidate(items, features), items / items.norm(dim=1, keepdim=True))
+    with torch.no_grad():
+        head.feature_projection.weight.normal_()
+    expected = items + features[0] @ head.feature_projection.weight.T + head.feature_projection.bias
+    torch.testing.assert_close(head.candidate(items, features), expected / expected.norm(dim=1, keepdim=True))
+    normed = SequenceHead(dataclasses.replace(tied, input_norm=True), 6, 0, 0, torch.device("cpu"))
+    plain = SequenceHead(dataclasses.replace(tied, input_norm=False), 6, 0, 0, torch.device("cpu"))
+    assert isinstance(normed.input_norm, torch.nn.LayerNorm) and isinstance(plain.input_norm, torch.nn.Identity)

@@ -278,3 +278,47 @@ def test_each_tower_trains_against_the_whole_catalogue(tiny_data, tower):
     assert items <= set(batch.candidate_ids.tolist()), "every item is a candidate"
     losses = [float(job.model.pipeline.progress(iterator)["loss"]) for _ in range(8)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+@pytest.fixture(scope="module")
+def featureless_data(tmp_path_factory):
+    """A bare sequence file (`user item item ...`, no attributes): what most users bring. 300 users walk a ring of
+    60 items, so the next item is learnable."""
+    from data.prepare.cli import main as prepare_main
+
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("featureless")
+    lines = []
+    for user in range(300):
+        start, n = int(rng.integers(60)), int(rng.integers(5, 15))
+        lines.append(" ".join([str(user)] + [str((start + 2 * t) % 60 + 1) for t in range(n)]))
+    (root / "seq.txt").write_text("\n".join(lines) + "\n")
+    assert prepare_main(["sequences", str(root / "seq.txt"), "--out", str(root / "prepared")]) == 0
+    return root / "prepared"
+
+
+@pytest.mark.parametrize("tower", sorted(TINY_TOWERS))
+def test_a_sequence_file_without_features_trains(featureless_data, tower):
+    """No user, context or item features: the feature KJT has no keys (it used to fail building the batch)."""
+    meta = Metadata.load(featureless_data)
+    assert not (meta.user_features or meta.context_features or meta.item_features)
+    cfg = tiny_config(featureless_data, **tower_overrides(tower), **{"train.epochs": 2})
+    result = train(cfg)
+    assert result["test"]["hr@10"] > 2 * result["popularity_test"]["hr@10"], result["test"]
+
+
+def test_the_short_history_recipe_trains_tied_with_input_norm(featureless_data):
+    """model.tower.candidate=tied scores against the item table itself, and model.tower.input_norm adds the
+    LayerNorm: both reach the model, train, and learn the ring."""
+    cfg = tiny_config(featureless_data, **tower_overrides("transformer"),
+                      **{"model.tower.candidate": "tied", "model.tower.input_norm": "true", "model.hidden_dims": "[]",
+                         "model.output_dim": "16", "negatives.kind": "catalogue", "train.epochs": 3})
+    job = build(cfg, distributed.init("cpu"))
+    head = job.model.towers.head
+    assert head.candidate_mlp is None and head.feature_projection is None and head.tied
+    assert isinstance(head.input_norm, torch.nn.LayerNorm)
+    result = train(cfg)
+    assert result["test"]["hr@10"] > 2 * result["popularity_test"]["hr@10"], result["test"]
+    with pytest.raises(ConfigError, match="must equal model.item_dim"):
+        build(tiny_config(featureless_data, **tower_overrides("transformer"),
+                          **{"model.tower.candidate": "tied", "model.output_dim": "8"}), distributed.init("cpu"))
