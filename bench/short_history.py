@@ -84,6 +84,11 @@ def prepare_args(name: str, tmp: Path) -> list[str]:
     return ["sequences", str(ml1m / "sequences.txt.gz"), "--item-attributes", str(attributes), "--max-history", "200"]
 
 
+def source(name: str) -> Path:
+    """The licensed file a dataset is made from (read from ../shared/datasets or $TWO_TOWER_DATASETS, never shipped)."""
+    return DATASETS / ("amazon-games" if name == "games" else "ml-1m") / "sequences.txt.gz"
+
+
 def prepare(name: str, out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "data.prepare", *prepare_args(name, Path(tmp)), "--out", str(out),
@@ -142,6 +147,10 @@ def main() -> None:
     for name in args.datasets:
         data = Path(args.prepared) / f"short-history-{name}"
         if not (data / "metadata.json").exists():
+            if not source(name).exists():
+                print(f"skipping {name}: {source(name)} not found (licensed data is read from ../shared/datasets or "
+                      f"$TWO_TOWER_DATASETS, never shipped)", file=sys.stderr)
+                continue
             prepare(name, data)
         meta = json.loads((data / "metadata.json").read_text())
         entry = results.setdefault(name, {})
