@@ -83,7 +83,7 @@ bench-quality: setup
 bench-train-step: setup
 	$(PY) -m bench.train_step
 
-bench-sequence-step: setup  # the transformer step; with the ML-1M epoch end to end and a profile
+bench-sequence-step: setup  # the sequence towers' steps; with the ML-1M epochs end to end and a profile
 	$(PY) -m bench.sequence_step --epoch prepared/ml-1m --profile
 
 bench-short-history: setup  # bags and both transformer recipes on short histories, 3 seeds (about an hour a dataset)

@@ -1,14 +1,14 @@
-"""Quality on ML-1M (leave-one-out, full-corpus ranking, seen items filtered): both query towers, each with
+"""Quality on ML-1M (leave-one-out, full-corpus ranking, seen items filtered): every query tower, each with
 the loss ablation.
 
     python -m bench.quality [--towers bags transformer] [--runs NAME ...] [--seeds N] [--jobs N] [--ml1m DIR]
                             [--prepared DIR] [--note TEXT]
 
-For each tower, its committed config (`configs/ml1m.yaml` for the bags, `configs/ml1m_transformer.yaml` for
-the transformer) is trained as committed (in-batch + mixed negatives + logQ) and, on the same data with the
-same epoch budget and early-stopping rule, with two ablations: in-batch negatives only, and in-batch + mixed
-negatives without logQ. Each run is a real `python -m trainer` job in a fresh process, tracked in MLflow like
-any other, with its wall time. `--seeds N` also trains the committed config with seeds 1 .. N-1 and
+For each tower, its committed config (`configs/ml1m.yaml` for the bags, `configs/ml1m_transformer.yaml` for the
+transformer, `configs/ml1m_hstu.yaml` for HSTU) is trained as committed (in-batch + mixed negatives + logQ) and, on
+the same data with the same epoch budget and early-stopping rule, with two ablations: in-batch negatives only, and
+in-batch + mixed negatives without logQ. Each run is a real `python -m trainer` job in a fresh process, tracked in
+MLflow like any other, with its wall time. `--seeds N` also trains the committed config with seeds 1 .. N-1 and
 records the spread of the test metrics over the N seeds: what a difference between two runs must exceed to
 mean anything. Results go to bench/results/quality_ml1m.json; a run already there is kept unless named with
 --runs, so the runs (hours on 2 CPU cores) can be spread over several invocations. `--jobs N` trains N runs at
@@ -33,7 +33,7 @@ from pathlib import Path
 from bench.common import machine, tower_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMITTED = ("configs/ml1m.yaml", "configs/ml1m_transformer.yaml")  # one per query tower
+COMMITTED = ("configs/ml1m.yaml", "configs/ml1m_transformer.yaml", "configs/ml1m_hstu.yaml")  # one per query tower
 
 CONFIGS = tower_configs(COMMITTED)
 # The published rows on the same protocol (issue 14 and ../shared/datasets/README.md).

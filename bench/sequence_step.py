@@ -1,27 +1,35 @@
-"""Transformer training-step throughput: the project against plain PyTorch, same model, loss and batches.
+"""Sequence-tower training-step throughput (transformer and HSTU): the project against plain PyTorch, same
+model, loss and rows.
 
-    torchrec           what `python -m trainer` runs with model.query_tower=transformer: the EmbeddingCollection
-                       with fused rowwise Adagrad in the backward, TrainPipelineSparseDist, fused dense Adam, the loss
-                       with one logit column per distinct candidate item (loss.merge_duplicates)
-    torchrec_unmerged  the same with loss.merge_duplicates=false (one column per candidate copy, as the plain
-                       baselines compute it): the difference is what merging buys
-    sparse_adam        the same `SequenceHead` behind nn.Embedding(sparse=True) + SparseAdam, fused Adam on the rest:
-                       what an expert writes in plain PyTorch
-    dense_adam         nn.Embedding + one Adam over every parameter: the tutorials' way
+    torchrec              what `python -m trainer` runs with the tower's committed config: the EmbeddingCollection
+                          with fused rowwise Adagrad in the backward, TrainPipelineSparseDist, fused dense Adam, the
+                          loss with one logit column per distinct candidate item (loss.merge_duplicates), and the
+                          loader's batches (rows bucketed by length where the config sets loader.bucket_by_length)
+    torchrec_random       the same over batches of random rows (loader.bucket_by_length=false), or
+    torchrec_bucketed     over bucketed ones (loader.bucket_by_length=true), whichever the config does not do:
+                          what bucketing buys
+    torchrec_unmerged     the same with loss.merge_duplicates=false (one column per candidate copy, as the plain
+                          baselines compute it): the difference is what merging buys
+    sparse_adam           the same `SequenceHead` behind nn.Embedding(sparse=True) + SparseAdam, fused Adam on the
+                          rest, over batches of random rows: what an expert writes in plain PyTorch
+    sparse_adam_bucketed  the same over the project's bucketed batches: how much of the difference is the batching
+    dense_adam            nn.Embedding + one Adam over every parameter, random rows: the tutorials' way
 
-Every implementation runs the same `SequenceHead` (serving/sequence.py) and `SequenceRetrievalLoss`, so the
-comparison is the lookup, the optimizer, the step's plumbing and the merged columns. The model is
-configs/ml1m_transformer.yaml's (32 chunks of up to 200 items, about 3,200 positions a step, 4,096 uniform
-negatives, 2 blocks, history bags, MLP [512]) over a synthetic catalogue of N items with Zipf(1) popularity and
-no features.
+Every implementation runs the same `SequenceHead` (serving/sequence.py) and `SequenceRetrievalLoss` on batches
+cut from the same shuffle buffer of rows (random or bucketed), so the comparison is the batching, the lookup, the
+optimizer, the step's plumbing and the merged columns.
+The model is each tower's committed ML-1M config (32 chunks of up to 200 items, about 3,200 positions a step,
+4,096 uniform negatives, 2 blocks, history bags, MLP [512]) over a synthetic catalogue of N items with Zipf(1)
+popularity and no features. Throughput counts real positions; each row reports the share of the positions its
+causal stack computed that were padding.
 
-Steps: every (implementation, catalogue size) runs in a fresh subprocess (its peak RSS its own) on the same
-batches, `--warmup` steps then `--steps` timed; each configuration runs in `--repeats` processes, interleaved
+Steps: every (tower, implementation, catalogue size) runs in a fresh subprocess (its peak RSS its own) on the same
+rows, `--warmup` steps then `--steps` timed; each configuration runs in `--repeats` processes, interleaved
 across implementations, and the table reports the median. `--epoch` adds the ML-1M training epoch end to end
-(the project's loader, step and log lines, no evaluation) for both towers, the project's Trainer against a plain
+(the project's loader, step and log lines, no evaluation) for every tower, the project's Trainer against a plain
 loop over the same loader. `--profile` writes a Chrome trace of one project step at 10^6 items.
 
-    .venv/bin/python -m bench.sequence_step [--sizes ...] [--epoch prepared/ml-1m] [--profile]
+    .venv/bin/python -m bench.sequence_step [--towers ...] [--sizes ...] [--epoch prepared/ml-1m] [--profile]
 """
 
 from __future__ import annotations
@@ -40,20 +48,24 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 import towers
-from bench.common import machine, peak_rss_mib
+from bench.common import machine, peak_rss_mib, tower_configs
 from bench.train_step import catalogue_meta, popularity
 from config import JobConfig, load_config
 from data import schema
 from data.batch import SequenceBatch, TrainBatch, make_kjt
 from data.keys import ITEM_KEY, SEQUENCE_KEY, QueryLayout, candidate_keys
+from data.loader import bucketed
 from data.negatives import Negatives
 from towers.shared import kjt_features
 from trainer.loss.modules import build_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-SEQUENCE_CONFIG = "configs/ml1m_transformer.yaml"  # the step benchmark's tower
-EPOCH_CONFIGS = ("configs/ml1m.yaml", SEQUENCE_CONFIG)  # the ML-1M epochs: each tower's committed config
-IMPLS = ("torchrec", "torchrec_unmerged", "sparse_adam", "dense_adam")
+# Tower name -> its committed ML-1M config, for each sequence tower.
+SEQUENCE_CONFIGS = tower_configs(("configs/ml1m_transformer.yaml", "configs/ml1m_hstu.yaml"))
+# The ML-1M epochs: each tower's committed config, by tower name.
+EPOCH_CONFIGS = tower_configs(("configs/ml1m.yaml", *SEQUENCE_CONFIGS.values()))
+IMPLS = ("torchrec", "torchrec_random", "torchrec_bucketed", "torchrec_unmerged", "sparse_adam", "sparse_adam_bucketed",
+         "dense_adam")
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -63,21 +75,40 @@ def job_config(config: str, data: str | None = None, impl: str = "torchrec") -> 
     return towers.resolve(load_config(str(ROOT / config), overrides))
 
 
-def sequence_batches(cfg: JobConfig, num_items: int, probs: np.ndarray, count: int,
-                     seed: int) -> tuple[list[SequenceBatch], Negatives]:
-    """`count` batches built as `SequenceLoader.make_batch` builds them: rows of 1..max_sequence_length items
-    (uniform, so about ML-1M's mean chunk), every position trained, candidates = the distinct targets then
-    the sampled negatives."""
+def batch_rows(cfg: JobConfig, count: int, bucket: bool, rng: np.random.Generator,
+               pool: int = 270) -> tuple[np.ndarray, np.ndarray]:
+    """(row lengths, the rows of `count` batches (count, batch_size)): rows of 1..max_sequence_length items
+    (uniform, so about ML-1M's mean chunk), cut from a shuffle buffer of max(count, pool) batches (ML-1M's epoch
+    is 270 batches of 32 chunks, one buffer) into random batches, or bucketed as the loader does. Either way the
+    batches come from the same buffer, so their rows follow the same length distribution; throughput is counted
+    in real positions, which makes the two comparable."""
+    b, total = cfg.loader.batch_size, max(count, pool) * cfg.loader.batch_size
+    lengths = rng.integers(1, cfg.loader.max_sequence_length + 1, total)
+    order = rng.permutation(total)
+    return lengths, (bucketed(order, lengths, b, rng) if bucket else order)[:count * b].reshape(count, b)
+
+
+def sequence_batches(cfg: JobConfig, num_items: int, probs: np.ndarray, count: int, seed: int,
+                     bucket: bool) -> tuple[list[SequenceBatch], Negatives]:
+    """`count` batches built as `SequenceLoader.make_batch` builds them from `batch_rows`' rows, every position
+    trained, candidates = the distinct targets then the sampled negatives. A row's items depend on the row
+    alone (its index in the buffer)."""
     rng = np.random.default_rng(seed)
+    lengths_of, batches = batch_rows(cfg, count, bucket, rng)
     cdf = np.cumsum(probs)
-    draw = lambda n: np.minimum(np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right"),
-                                num_items).astype(np.int64)
+
+    def draw(row: int, n: int) -> np.ndarray:
+        u = np.random.default_rng([seed, row]).random(n)
+        return np.minimum(np.searchsorted(cdf, u * cdf[-1], side="right"), num_items).astype(np.int64)
+
     negatives = Negatives.of(cfg.negatives, (probs * 1e9).astype(np.int64) + (np.arange(len(probs)) > 0))
-    b, length = cfg.loader.batch_size, cfg.loader.max_sequence_length
+    b = cfg.loader.batch_size
     out = []
-    for _ in range(count):
-        lengths = rng.integers(1, length + 1, b)
-        inputs, targets = draw(int(lengths.sum())), draw(int(lengths.sum()))
+    for rows in batches:
+        lengths = lengths_of[rows]
+        drawn = [draw(int(r), 2 * int(n)) for r, n in zip(rows, lengths)]
+        inputs = np.concatenate([d[:len(d) // 2] for d in drawn])
+        targets = np.concatenate([d[len(d) // 2:] for d in drawn])
         row = np.repeat(np.arange(b), lengths)
         step = np.arange(len(inputs)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         distinct, own = np.unique(targets, return_inverse=True)
@@ -140,7 +171,7 @@ class PlainBagModel(torch.nn.Module):
 def plain_step(model: torch.nn.Module, impl: str, lr: float):
     """One optimizer step of a plain model: SparseAdam on the sparse item table(s) and Adam on the rest, or one
     Adam over everything."""
-    if impl == "sparse_adam":
+    if impl.startswith("sparse_adam"):
         sparse = [m.weight for m in model.modules() if getattr(m, "sparse", False)]
         ids = {id(p) for p in sparse}
         optimizers = [torch.optim.SparseAdam(sparse, lr=lr),
@@ -179,19 +210,35 @@ def top_ops(prof, count: int = 10) -> list[dict]:
              "calls": e.count} for e in rows]
 
 
-def step_worker(impl: str, items: int, warmup: int, steps: int, profile: str | None) -> dict:
+def tower_impls(cfg: JobConfig, impls: list[str]) -> list[str]:
+    """`impls` less the project variant whose batching is the config's own (it would repeat `torchrec`)."""
+    same = "torchrec_bucketed" if cfg.loader.bucket_by_length else "torchrec_random"
+    return [impl for impl in impls if impl != same]
+
+
+def bucketed_batches(cfg: JobConfig, impl: str) -> bool:
+    """The project batches as its config's loader would, the plain loops over random rows; a name ending in
+    _random or _bucketed says otherwise."""
+    if impl.endswith(("_random", "_bucketed")):
+        return impl.endswith("_bucketed")
+    return cfg.loader.bucket_by_length and impl.startswith("torchrec")
+
+
+def step_worker(tower: str, impl: str, items: int, warmup: int, steps: int, profile: str | None) -> dict:
     torch.manual_seed(0)
-    cfg = job_config(SEQUENCE_CONFIG, impl=impl)
+    cfg = job_config(SEQUENCE_CONFIGS[tower], impl=impl)
     meta = catalogue_meta(items)
     probs = popularity(items)
-    data, negatives = sequence_batches(cfg, items, probs, warmup + steps + 3, seed=0)  # the pipeline reads ahead
+    bucket = bucketed_batches(cfg, impl)
+    # The pipeline reads ahead: three batches more than it trains.
+    data, negatives = sequence_batches(cfg, items, probs, warmup + steps + 3, seed=0, bucket=bucket)
     freq = (probs * 1e9).astype(np.int64)
     rss_before = peak_rss_mib()
     if impl.startswith("torchrec"):
         step, _, optimizer = project_step(cfg, meta, freq, negatives)
     else:
-        step, optimizer = plain_step(PlainSequenceModel(cfg, meta, freq, negatives, impl == "sparse_adam"), impl,
-                                     cfg.optim.dense_lr)
+        step, optimizer = plain_step(PlainSequenceModel(cfg, meta, freq, negatives, impl.startswith("sparse_adam")),
+                                     impl, cfg.optim.dense_lr)
     stream = iter(data)
     times, positions = [], []
     for i in range(warmup + steps):
@@ -201,7 +248,9 @@ def step_worker(impl: str, items: int, warmup: int, steps: int, profile: str | N
             times.append(time.perf_counter() - start)
             positions.append(data[i].positions.numel())  # the pipeline trains batch i at step i
     median = statistics.median(times)
-    result = {"impl": impl, "items": items, "optimizer": optimizer,
+    computed, real = np.array([data[i].stack_positions() for i in range(warmup, warmup + steps)]).sum(0)
+    result = {"tower": tower, "impl": impl, "items": items, "optimizer": optimizer,
+              "batches": "bucketed by length" if bucket else "random rows", "padding_share": 1 - real / computed,
               "positions_per_s": statistics.median(p / t for p, t in zip(positions, times)),
               "step_ms_median": 1000 * median, "step_ms": [1000 * t for t in times],
               "positions_per_step": statistics.mean(positions), "peak_rss_mib": peak_rss_mib(),
@@ -229,6 +278,7 @@ def epoch_worker(config: str, impl: str, data_path: str) -> dict:
     from trainer.loop import build, seed_everything
 
     cfg = job_config(config, data_path, impl)
+    cfg.loader.bucket_by_length = bucketed_batches(cfg, impl)
     seed_everything(cfg.seed)
     if impl.startswith("torchrec"):
         trainer = build(cfg, distributed.init("cpu"))
@@ -242,7 +292,7 @@ def epoch_worker(config: str, impl: str, data_path: str) -> dict:
         layout = towers.of(cfg).layout
         loader = open_loader(data_path, cfg.loader, "train", 0, 1, meta, layout=layout, negatives=cfg.negatives)
         model_class = PlainSequenceModel if layout.sequence else PlainBagModel
-        model = model_class(cfg, meta, loader.catalogue.freq, loader.negatives, impl == "sparse_adam")
+        model = model_class(cfg, meta, loader.catalogue.freq, loader.negatives, impl.startswith("sparse_adam"))
         step, optimizer = plain_step(model, impl, cfg.optim.dense_lr)
         examples = meta.counts["train_examples"]
         start = time.perf_counter()
@@ -258,6 +308,7 @@ def epoch_worker(config: str, impl: str, data_path: str) -> dict:
                 losses = []
     seconds = time.perf_counter() - start
     return {"tower": cfg.model.query_tower, "impl": impl, "optimizer": optimizer, "seconds": seconds,
+            "batches": "bucketed by length" if cfg.loader.bucket_by_length else "random rows",
             "examples": examples, "examples_per_s": examples / seconds, "peak_rss_mib": peak_rss_mib()}
 
 
@@ -281,67 +332,81 @@ def median_row(done: list[dict], key: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--towers", nargs="+", default=list(SEQUENCE_CONFIGS), choices=list(SEQUENCE_CONFIGS))
     parser.add_argument("--sizes", type=int, nargs="+", default=[10**4, 10**5, 10**6, 10**7])
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per configuration")
-    parser.add_argument("--epoch", metavar="PREPARED", help="also time the ML-1M epoch end to end (both towers)")
+    parser.add_argument("--epoch", metavar="PREPARED", help="also time the ML-1M epoch end to end (every tower)")
     parser.add_argument("--epoch-repeats", type=int, default=3)
+    parser.add_argument("--epoch-towers", nargs="+", default=list(EPOCH_CONFIGS), choices=list(EPOCH_CONFIGS))
     parser.add_argument("--profile", action="store_true", help="Chrome trace of one project step at 10^6 items")
     parser.add_argument("--out", default=str(RESULTS / "sequence_step.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--items", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--tower", help=argparse.SUPPRESS)  # an epoch worker: the config of its tower
+    parser.add_argument("--tower", help=argparse.SUPPRESS)  # a worker's tower (an epoch worker: its config)
     parser.add_argument("--trace", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = (epoch_worker(args.tower, args.worker, args.epoch) if args.tower
-                  else step_worker(args.worker, args.items, args.warmup, args.steps, args.trace))
+        result = (epoch_worker(args.tower, args.worker, args.epoch) if args.epoch
+                  else step_worker(args.tower, args.worker, args.items, args.warmup, args.steps, args.trace))
         print(json.dumps(result))
         return
     rows, epochs, profile = [], [], None
-    for items in args.sizes:
-        runs: dict[str, list[dict]] = {impl: [] for impl in args.impls}
-        for _ in range(args.repeats):
-            for impl in args.impls:  # interleaved, so drift on the machine hits every implementation alike
-                warmup, steps = args.warmup, args.steps
-                if impl == "dense_adam" and items >= 10**7:  # rewrites 10^7 rows and two moments a step
-                    warmup, steps = min(warmup, 1), min(steps, 3)
-                runs[impl].append(run(["--worker", impl, "--items", str(items), "--warmup", str(warmup),
-                                       "--steps", str(steps)]))
-        for impl, done in runs.items():
-            rows.append(median_row(done, "positions_per_s"))
-            print(f"{items:>10,} items  {impl:<12} {rows[-1]['positions_per_s']:>9,.0f} positions/s (runs "
-                  f"{', '.join(f'{v:,.0f}' for v in rows[-1]['positions_per_s_runs'])})  peak RSS "
-                  f"{rows[-1]['peak_rss_mib']:8,.0f} MiB", flush=True)
+    for tower in args.towers:
+        impls = tower_impls(job_config(SEQUENCE_CONFIGS[tower]), args.impls)
+        for items in args.sizes:
+            runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+            for _ in range(args.repeats):
+                for impl in impls:  # interleaved, so drift on the machine hits every implementation alike
+                    warmup, steps = args.warmup, args.steps
+                    if impl == "dense_adam" and items >= 10**7:  # rewrites 10^7 rows and two moments a step
+                        warmup, steps = min(warmup, 1), min(steps, 3)
+                    runs[impl].append(run(["--worker", impl, "--tower", tower, "--items", str(items),
+                                           "--warmup", str(warmup), "--steps", str(steps)]))
+            for impl, done in runs.items():
+                rows.append(median_row(done, "positions_per_s"))
+                print(f"{tower:<12} {items:>10,} items  {impl:<20} {rows[-1]['positions_per_s']:>9,.0f} positions/s "
+                      f"(runs {', '.join(f'{v:,.0f}' for v in rows[-1]['positions_per_s_runs'])}), padding "
+                      f"{rows[-1]['padding_share']:.0%}, peak RSS {rows[-1]['peak_rss_mib']:8,.0f} MiB", flush=True)
     if args.profile:
-        profile = run(["--worker", "torchrec", "--items", str(10**6), "--warmup", str(args.warmup), "--steps", "1",
-                       "--trace", str(RESULTS / "sequence_step_trace.json.gz")])
-        profile = {"items": 10**6, "trace": profile["trace"], "top_ops": profile["top_ops"]}
+        profile = run(["--worker", "torchrec", "--tower", args.towers[0], "--items", str(10**6),
+                       "--warmup", str(args.warmup), "--steps", "1", "--trace",
+                       str(RESULTS / "sequence_step_trace.json.gz")])
+        profile = {"tower": args.towers[0], "items": 10**6, "trace": profile["trace"], "top_ops": profile["top_ops"]}
     if args.epoch:
-        for config in EPOCH_CONFIGS:
-            tower = job_config(config).model.query_tower
-            runs = {impl: [] for impl in args.impls}
+        for tower in args.epoch_towers:
+            config = EPOCH_CONFIGS[tower]
+            impls = tower_impls(job_config(config), args.impls) if tower in SEQUENCE_CONFIGS else args.impls
+            runs = {impl: [] for impl in impls}
             for _ in range(args.epoch_repeats):
                 for impl in runs:
                     runs[impl].append(run(["--worker", impl, "--tower", config, "--epoch", args.epoch]))
             for impl, done in runs.items():
                 epochs.append(median_row(done, "examples_per_s"))
-                print(f"ML-1M epoch  {tower:<12} {impl:<12} {epochs[-1]['examples_per_s']:>9,.0f} examples/s "
+                print(f"ML-1M epoch  {tower:<12} {impl:<20} {epochs[-1]['examples_per_s']:>9,.0f} examples/s "
                       f"({statistics.median(r['seconds'] for r in done):.1f} s)", flush=True)
-    speed = {(r["impl"], r["items"]): r["positions_per_s"] for r in rows}
-    ratios = {str(items): {f"torchrec_over_{impl}": speed["torchrec", items] / speed[impl, items]
-                           for impl in args.impls if impl != "torchrec" and ("torchrec", items) in speed}
-              for items in args.sizes}
-    cfg = job_config(SEQUENCE_CONFIG)
-    result = {"machine": machine(),
-              "setup": {"config": SEQUENCE_CONFIG, "batch_size": cfg.loader.batch_size,
+    if args.epoch and Path(args.out).exists():  # epochs of towers not rerun keep their rows, dated
+        before = json.loads(Path(args.out).read_text())
+        date = before.get("date") or before.get("machine", {}).get("date") or "on an unrecorded date"
+        epochs += [r | {"measured": r.get("measured", date)} for r in before.get("epoch", [])
+                   if r["tower"] not in args.epoch_towers]
+    speed = {(r["tower"], r["impl"], r["items"]): r["positions_per_s"] for r in rows}
+    ratios = {tower: {str(items): {f"torchrec_over_{impl}": speed[tower, "torchrec", items] / speed[tower, impl, items]
+                                   for impl in args.impls if impl != "torchrec" and (tower, impl, items) in speed}
+                      for items in args.sizes} for tower in args.towers}
+    setup = {}
+    for tower in args.towers:
+        cfg = job_config(SEQUENCE_CONFIGS[tower])
+        setup[tower] = {"config": SEQUENCE_CONFIGS[tower], "batch_size": cfg.loader.batch_size,
                         "max_sequence_length": cfg.loader.max_sequence_length,
+                        "bucket_by_length": cfg.loader.bucket_by_length,
                         "negatives": cfg.negatives.num_sampled, "sampler": cfg.negatives.kind,
                         "item_dim": cfg.model.item_dim, "blocks": cfg.model.tower.blocks,
-                        "hidden_dims": cfg.model.hidden_dims, "history_bags": cfg.loader.history_bags,
-                        "popularity": "zipf(1.0)", "warmup_steps": args.warmup, "steps": args.steps,
+                        "hidden_dims": cfg.model.hidden_dims, "history_bags": cfg.loader.history_bags}
+    result = {"machine": machine(),
+              "setup": {"towers": setup, "popularity": "zipf(1.0)", "warmup_steps": args.warmup, "steps": args.steps,
                         "repeats": args.repeats, "epoch_repeats": args.epoch_repeats if args.epoch else 0,
                         "timing": "per process: median positions/s over the timed steps; reported: the median "
                                   "over `repeats` fresh processes, run interleaved across implementations"},

@@ -1,5 +1,5 @@
 """Does the committed sequence recipe win on short histories, as most users' data is? Three datasets, each
-prepared the way a user would (`python -m data.prepare sequences FILE`), and three recipes with only `data.path`
+prepared the way a user would (`python -m data.prepare sequences FILE`), and four recipes with only `data.path`
 changed, several seeds each:
 
     python -m bench.short_history [--datasets games ml1m-short ml1m] [--recipes ...] [--seeds 0 1 2] [--jobs 2]
@@ -14,7 +14,9 @@ Datasets:
 Recipes:
 - `bag-tower`: configs/ml1m.yaml (the bag tower);
 - `sequences`: configs/sequences.yaml, the transformer's short-history recipe;
-- `sequences-previous`: configs/sequences.yaml with the overrides in PREVIOUS, the recipe before it.
+- `sequences-previous`: configs/sequences.yaml with the overrides in PREVIOUS, the recipe before it;
+- `ml1m-hstu-config`: configs/ml1m_hstu.yaml (the HSTU tower) as committed, the way the held-out sets are rerun
+  with it (only `data.path` changed).
 
 Every run is a fresh `python -m trainer` process with OMP_NUM_THREADS=1; `--jobs 2` runs two at a time on the
 two cores. Results (test and best-validation metrics, epochs, wall seconds per run, and the means over seeds)
@@ -44,7 +46,8 @@ REPORTED = ("hr@10", "ndcg@10", "hr@50", "hr@200", "mrr", "coverage@10")
 # The transformer recipe of configs/sequences.yaml before the short-history work (issue 33), as overrides.
 PREVIOUS = ["loader.history_bags=[1,10,0]", "model.hidden_dims=[]", "loss.temperature=0.05"]
 RECIPES = {"bag-tower": ("configs/ml1m.yaml", []), "sequences": ("configs/sequences.yaml", []),
-           "sequences-previous": ("configs/sequences.yaml", PREVIOUS)}
+           "sequences-previous": ("configs/sequences.yaml", PREVIOUS),
+           "ml1m-hstu-config": ("configs/ml1m_hstu.yaml", [])}
 
 
 def write_ml1m_short(ml1m: Path, out: Path, seed: int = 0) -> tuple[Path, Path]:

@@ -18,41 +18,54 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 BLOCK = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
-NAMES = {"torchrec": "project", "torchrec_unmerged": "project unmerged",
-         "sparse_adam": "SparseAdam", "dense_adam": "dense Adam"}
+NAMES = {"torchrec": "project", "torchrec_random": "project, random rows",
+         "torchrec_bucketed": "project, bucketed rows", "torchrec_unmerged": "project unmerged",
+         "sparse_adam": "SparseAdam", "sparse_adam_bucketed": "SparseAdam, bucketed rows", "dense_adam": "dense Adam"}
 
 
 def step_table(result: dict, unit: str) -> list[str]:
-    impls = list(dict.fromkeys(r["impl"] for r in result["results"]))
-    rows = {(r["impl"], r["items"]): r for r in result["results"]}
-    sizes = sorted({r["items"] for r in result["results"]})
-    others = [i for i in impls if i != "torchrec"]
-    head = (["items"] + [f"{NAMES[i]} ({unit})" for i in impls] + [f"project / {NAMES[i]}" for i in others]
-            + ["peak RSS MiB (" + " / ".join(NAMES[i] for i in impls) + ")"])
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    key = "examples_per_s" if unit == "examples/s" else "positions_per_s"
-    for n in sizes:
-        speed = [rows[i, n][key] for i in impls]
-        ratios = [rows["torchrec", n][key] / rows[i, n][key] for i in others]
-        rss = " / ".join(f"{rows[i, n]['peak_rss_mib']:,.0f}" for i in impls)
-        lines.append("| " + " | ".join([f"{n:,}"] + [f"{v:,.0f}" for v in speed] + [f"x{r:.2f}" for r in ratios]
-                                       + [rss]) + " |")
+    """One table per tower (the sequence benchmark's rows name theirs), catalogue sizes down, implementations
+    across."""
+    lines: list[str] = []
+    for tower in dict.fromkeys(r.get("tower") for r in result["results"]):
+        results = [r for r in result["results"] if r.get("tower") == tower]
+        impls = list(dict.fromkeys(r["impl"] for r in results))
+        rows = {(r["impl"], r["items"]): r for r in results}
+        sizes = sorted({r["items"] for r in results})
+        others = [i for i in impls if i != "torchrec"]
+        padding = "padding_share" in results[0]
+        head = ([f"{tower}: items" if tower else "items"] + [f"{NAMES[i]} ({unit})" for i in impls]
+                + [f"project / {NAMES[i]}" for i in others]
+                + (["padding (" + " / ".join(NAMES[i] for i in impls) + ")"] if padding else [])
+                + ["peak RSS MiB (" + " / ".join(NAMES[i] for i in impls) + ")"])
+        lines += ([""] if lines else []) + ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        key = "examples_per_s" if unit == "examples/s" else "positions_per_s"
+        for n in sizes:
+            speed = [rows[i, n][key] for i in impls]
+            ratios = [rows["torchrec", n][key] / rows[i, n][key] for i in others]
+            pads = [" / ".join(f"{rows[i, n]['padding_share']:.0%}" for i in impls)] if padding else []
+            rss = " / ".join(f"{rows[i, n]['peak_rss_mib']:,.0f}" for i in impls)
+            lines.append("| " + " | ".join([f"{n:,}"] + [f"{v:,.0f}" for v in speed]
+                                           + [f"x{r:.2f}" for r in ratios] + pads + [rss]) + " |")
     return lines
 
 
 def epoch_table(result: dict) -> list[str]:
-    lines = ["| ML-1M epoch | implementation | seconds | examples/s | project / this | peak RSS MiB |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| ML-1M epoch | implementation | batches | seconds | examples/s | project / this | peak RSS MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     project = {r["tower"]: r["examples_per_s"] for r in result["epoch"] if r["impl"] == "torchrec"}
     for r in result["epoch"]:
-        lines.append(f"| {r['tower']} | {NAMES[r['impl']]} | {r['seconds']:,.1f} | {r['examples_per_s']:,.0f} | "
-                     f"x{project[r['tower']] / r['examples_per_s']:.2f} | {r['peak_rss_mib']:,.0f} |")
+        ratio = project[r["tower"]] / r["examples_per_s"]
+        when = f" (measured {r['measured']})" if "measured" in r else ""
+        lines.append(f"| {r['tower']}{when} | {NAMES[r['impl']]} | {r.get('batches', 'random rows')} | "
+                     f"{r['seconds']:,.1f} | {r['examples_per_s']:,.0f} | x{ratio:.2f} | {r['peak_rss_mib']:,.0f} |")
     return lines
 
 
 def profile_table(result: dict) -> list[str]:
     profile = result["profile"]
-    lines = [f"| op (one project step, {profile['items']:,} items) | self CPU ms | share | calls |",
+    tower = f"{profile['tower']}, " if profile.get("tower") else ""
+    lines = [f"| op (one project step, {tower}{profile['items']:,} items) | self CPU ms | share | calls |",
              "| --- | --- | --- | --- |"]
     for op in profile["top_ops"]:
         lines.append(f"| `{op['op']}` | {op['self_cpu_ms']:.1f} | {op['share']:.1%} | {op['calls']} |")
@@ -95,7 +108,7 @@ def short_history_table(result: dict) -> list[str]:
     lines = ["| dataset | recipe | seeds | test HR@10 | test NDCG@10 | HR@200 | best epoch | minutes a run (max) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, entry in result["datasets"].items():
-        for recipe in ("bag-tower", "sequences-previous", "sequences"):
+        for recipe in ("bag-tower", "sequences-previous", "sequences", "ml1m-hstu-config"):
             if recipe not in entry:
                 continue
             s = entry[recipe]["summary"]

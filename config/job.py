@@ -88,6 +88,9 @@ class LoaderConfig:
     # trained embedding (cold start).
     feature_dropout: float = 0.1
     shuffle_buffer: int = 65_536  # rows mixed across row groups before batching
+    # Sequence towers: each shuffle buffer's batches are cut from its rows sorted by length (then sent in random
+    # order), so the padded causal stack computes little padding. false: batches of random rows.
+    bucket_by_length: bool = resume(POSITION, False)
     prefetch_batches: int = resume(SAFE, 4)
     seed: int = 0  # not a config key: the job's top-level seed is copied here
 

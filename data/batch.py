@@ -102,6 +102,12 @@ class SequenceBatch(TensorFields):
         """Trained targets: every position."""
         return self.positions.numel()
 
+    def stack_positions(self) -> tuple[int, int]:
+        """(computed, real): the positions the causal stack runs on (rows x the longest row, as it pads them) and
+        the items among them; the rest is padding."""
+        lengths = self.sequence.lengths()[:self.row_mask.numel()]
+        return lengths.numel() * int(lengths.max()) if lengths.numel() else 0, int(lengths.sum())
+
 
 @dataclass
 class SequenceEvalBatch(EvalBatch):

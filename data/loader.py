@@ -91,9 +91,10 @@ class SplitLoader(ABC):
         """The order row groups are read in."""
         return np.arange(len(self.source.units))
 
-    def row_order(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """The order of a block's rows."""
-        return np.arange(n)
+    def row_order(self, block: Rows, rng: np.random.Generator) -> np.ndarray:
+        """The order of a block's rows: its first `block.n // batch_size` batches are cut from it in this order,
+        the rest is carried into the next block."""
+        return np.arange(block.n)
 
     def buffer_rows(self) -> int:
         """How many rows are gathered before a block is ordered and cut into batches."""
@@ -128,14 +129,14 @@ class SplitLoader(ABC):
             if buffered < self.buffer_rows():
                 continue
             block = concat_rows(carry, Rows.from_tables(pending, self.columns))
-            idx = self.row_order(block.n, rng)
+            idx = self.row_order(block, rng)
             full = block.n // b * b
             for lo in range(0, full, b):
                 yield block, idx[lo:lo + b]
             emitted += full // b
             carry, pending, buffered = block.take(idx[full:]), [], block.n - full
         block = concat_rows(carry, Rows.from_tables(pending, self.columns))
-        idx = self.row_order(block.n, rng)
+        idx = self.row_order(block, rng)
         for lo in range(0, b * (len(self) - emitted), b):
             rows = idx[lo:lo + b]
             yield block, np.r_[rows, np.full(b - len(rows), block.pad)]
@@ -165,8 +166,8 @@ class TrainLoader(SplitLoader):
     def unit_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.source.units))
 
-    def row_order(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        return rng.permutation(n)
+    def row_order(self, block: Rows, rng: np.random.Generator) -> np.ndarray:
+        return rng.permutation(block.n)
 
     def buffer_rows(self) -> int:
         return self.cfg.shuffle_buffer
@@ -209,6 +210,15 @@ class SequenceLoader(TrainLoader):
             offsets, _ = list_offsets_values(items)
             sizes.append(int(chunk_counts(np.diff(offsets), self.cfg.max_sequence_length).sum()))
         return np.array(sizes, dtype=np.int64)
+
+    def row_order(self, block: Rows, rng: np.random.Generator) -> np.ndarray:
+        """Shuffled; with `loader.bucket_by_length`, the block's full batches are then cut from its rows sorted by
+        length and sent in random order, so a batch's rows have about one length and its padded stack computes
+        little padding. Still a permutation: every row once per epoch, the remainder carried at random."""
+        order = rng.permutation(block.n)
+        if not self.cfg.bucket_by_length:
+            return order
+        return bucketed(order, np.diff(block.lists[schema.SEQUENCE_ITEMS][0])[:block.n], self.batch_size, rng)
 
     def read_unit(self, unit: int) -> pa.Table:
         aligned = [schema.SEQUENCE_TARGETS] + [f.name for f in self.meta.context_features]
@@ -257,6 +267,15 @@ class SequenceLoader(TrainLoader):
             columns[spec.name] = block.ragged(spec.name, idx)[1][real]
         empty = (np.zeros(len(rows) + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
         return self.layout.arrays(empty, block.scalars[schema.USER][rows], columns, np.arange(len(rows)))
+
+
+def bucketed(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """`order` with its first len(order) // batch_size full batches regrouped by row length (a stable sort of
+    those rows, cut into batches, the batches shuffled); the remainder keeps its place and order."""
+    full = len(order) // batch_size * batch_size
+    head = order[:full]
+    head = head[np.argsort(lengths[head], kind="stable")].reshape(-1, batch_size)
+    return np.concatenate([head[rng.permutation(len(head))].reshape(-1), order[full:]])
 
 
 def drop_features(arrays: list[Jagged], multi: list[bool], rate: float, rng: np.random.Generator) -> list[Jagged]:

@@ -1,6 +1,7 @@
-"""The transformer tower's modules after the lookups, in plain PyTorch: the training model (trainer/assembly.py)
-runs them behind TorchRec's EmbeddingCollection, and the exported query tower (`PlainSequenceTower`) behind a
-plain `nn.Embedding`, so serving needs neither TorchRec nor fbgemm_gpu and scores exactly as training did.
+"""The sequence towers' modules after the lookups (transformer and HSTU), in plain PyTorch: the training model
+(trainer/assembly.py) runs them behind TorchRec's EmbeddingCollection, and the exported query tower
+(`PlainSequenceTower`) behind a plain `nn.Embedding`, so serving needs neither TorchRec nor fbgemm_gpu and scores
+exactly as training did.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.layers import BLOCK_KINDS, Dropout, make_block
 from serving.plain import Features, TableSpec, first_copies, mlp
 
 
@@ -28,60 +30,14 @@ class SequenceShape:
     output_dim: int
     input_norm: bool = False  # LayerNorm on item + position embeddings before the input dropout
     candidate: str = "mlp"  # "mlp": candidate MLP over the item embedding and features; "tied": the item embedding
+    block: str = "softmax"  # serving.layers.BLOCK_KINDS: the transformer's block, or "silu" for HSTU's
+
+    def __post_init__(self) -> None:
+        if self.block not in BLOCK_KINDS:
+            raise ValueError(f"SequenceShape.block must be one of {BLOCK_KINDS}, got '{self.block}'")
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-class Dropout(nn.Module):
-    """Inverted dropout drawn as uniform >= p: the distribution of nn.Dropout, about 2.5x faster on CPU, where
-    torch's bernoulli_ is the slowest op of the transformer step."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        return x * ((torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p)))
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: Dropout) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + causal mask) v, with dropout on the attention weights. torch's
-    scaled_dot_product_attention does this, except where it would draw the dropout with bernoulli_ on the
-    CPU (about 40 ms per call on ML-1M batches): there the weights are formed here and `dropout` applied."""
-    if not (dropout.training and dropout.p > 0 and q.device.type == "cpu"):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                              dropout_p=dropout.p if dropout.training else 0.0)
-    n = q.shape[-2]
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
-    return dropout(scores.masked_fill(future, float("-inf")).softmax(dim=-1)) @ v
-
-
-class CausalBlock(nn.Module):
-    """Pre-norm transformer block: x + attention(norm(x)), then x + feed-forward(norm(x)); causal attention
-    (a position sees itself and the positions before it)."""
-
-    def __init__(self, dim: int, heads: int, dropout: float, device: torch.device | None = None):
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.attention_norm = nn.LayerNorm(dim, device=device)
-        self.qkv = nn.Linear(dim, 3 * dim, device=device)
-        self.out = nn.Linear(dim, dim, device=device)
-        self.ff_norm = nn.LayerNorm(dim, device=device)
-        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim, device=device), nn.GELU(), Dropout(dropout),
-                                nn.Linear(4 * dim, dim, device=device))
-        self.drop = Dropout(dropout)
-        self.attention_dropout = Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(self.attention_norm(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attended = causal_attention(q, k, v, self.attention_dropout)
-        x = x + self.drop(self.out(attended.transpose(1, 2).reshape(b, n, d)))
-        return x + self.drop(self.ff(self.ff_norm(x)))
 
 
 def padded(values: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -120,7 +76,7 @@ class SequenceHead(nn.Module):
         self.scale = math.sqrt(cfg.item_dim)
         self.position = nn.Embedding(max_length, cfg.item_dim, device=device)
         self.input_dropout = Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(CausalBlock(cfg.item_dim, cfg.heads, cfg.dropout, device)
+        self.blocks = nn.ModuleList(make_block(cfg.block, cfg.item_dim, cfg.heads, cfg.dropout, max_length, device)
                                     for _ in range(cfg.blocks))
         self.norm = nn.LayerNorm(cfg.item_dim, device=device)
         self.input_norm = nn.LayerNorm(cfg.item_dim, device=device) if cfg.input_norm else nn.Identity()

@@ -25,7 +25,8 @@ TINY_MODEL = ["loader.batch_size=64", "negatives.num_sampled=32", "model.hidden_
               "model.item_dim=16", "model.feature_dim=8", "eval.batch_size=256", "export.enabled=false"]
 # Each registered query tower (towers.TOWERS) with the overrides that select it for the tiny tests. Adding a tower
 # adds its line here; every test parametrised with `tower_params` then runs for it (test_layers checks the list).
-TINY_TOWERS = {"bags": [], "transformer": ["model.query_tower=transformer", "loader.max_sequence_length=20"]}
+TINY_TOWERS = {"bags": [], "transformer": ["model.query_tower=transformer", "loader.max_sequence_length=20"],
+               "hstu": ["model.query_tower=hstu", "loader.max_sequence_length=20"]}
 DATASETS = Path(os.environ.get("TWO_TOWER_DATASETS", ROOT.parent / "shared" / "datasets"))
 
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

@@ -13,10 +13,11 @@ from config import ConfigError, JobConfig
 from config.loading import from_dict
 from towers.bags import TOWER as BAGS
 from towers.base import Exported, Tower, typed_section
+from towers.hstu import TOWER as HSTU
 from towers.transformer import TOWER as TRANSFORMER
 
 # The registry: one line per tower module.
-TOWERS: dict[str, Tower] = {t.name: t for t in (BAGS, TRANSFORMER)}
+TOWERS: dict[str, Tower] = {t.name: t for t in (BAGS, TRANSFORMER, HSTU)}
 DEFAULT = BAGS.name  # model.query_tower when a config names none
 
 __all__ = ["DEFAULT", "TOWERS", "Exported", "Tower", "get", "of", "resolve"]

@@ -57,17 +57,18 @@ class TransformerConfig:
             raise ConfigError(f"model.tower.dropout must be in [0, 1), got {self.dropout}")
 
 
-def shape(cfg: JobConfig) -> SequenceShape:
+def shape(cfg: JobConfig, block: str) -> SequenceShape:
+    """The head's shape from the job's model section and its tower's (a TransformerConfig or a subclass)."""
     m, t = cfg.model, cfg.model.tower
     return SequenceShape(m.item_dim, t.blocks, t.heads, t.dropout, list(m.hidden_dims), m.output_dim, t.input_norm,
-                         t.candidate)
+                         t.candidate, block)
 
 
 class SequenceTwoTower(nn.Module):
     """The EmbeddingCollection (history and candidates share its item table), the EBC for user, context and
     item features (absent when the data has none), and `SequenceHead`."""
 
-    def __init__(self, meta: Metadata, cfg: JobConfig, sequence_tables: list[EmbeddingConfig],
+    def __init__(self, meta: Metadata, cfg: JobConfig, head: SequenceShape, sequence_tables: list[EmbeddingConfig],
                  tables: list[EmbeddingBagConfig], device: torch.device):
         super().__init__()
         loader = cfg.loader
@@ -78,7 +79,7 @@ class SequenceTwoTower(nn.Module):
         self.query_keys = QueryLayout.for_data(meta, (), loader.use_user_id).keys
         self.candidate_keys = candidate_keys([f.name for f in meta.item_features])[1:]
         self.max_length = loader.max_sequence_length
-        self.head = SequenceHead(shape(cfg), loader.max_sequence_length, sum(dims[k] for k in self.query_keys),
+        self.head = SequenceHead(head, loader.max_sequence_length, sum(dims[k] for k in self.query_keys),
                                  sum(dims[k] for k in self.candidate_keys), device, tuple(loader.history_bags))
 
     def collections(self) -> list[nn.Module]:
@@ -145,6 +146,7 @@ class Transformer(Tower):
     summary = "causal-transformer"
     Config = TransformerConfig
     layout = SEQUENCE
+    block = "softmax"  # serving.layers.BLOCK_KINDS: the causal stack's block
 
     def check(self, cfg: JobConfig) -> None:
         section = self.section(cfg)
@@ -165,7 +167,8 @@ class Transformer(Tower):
                                 num_embeddings=meta.item_vocab, feature_names=[SEQUENCE_KEY, ITEM_KEY])]
 
     def build(self, meta: Metadata, cfg: JobConfig, device: torch.device) -> SequenceTwoTower:
-        return SequenceTwoTower(meta, cfg, self.sequence_tables(meta, cfg), self.bag_tables(meta, cfg), device)
+        return SequenceTwoTower(meta, cfg, shape(cfg, self.block), self.sequence_tables(meta, cfg),
+                                self.bag_tables(meta, cfg), device)
 
     def plain(self, meta: Metadata, cfg: JobConfig, query_only: bool = False,
               sparse: bool = False) -> PlainSequenceTower:
@@ -178,8 +181,8 @@ class Transformer(Tower):
         features = candidate_keys([f.name for f in meta.item_features])[1:]
         if query_only:
             tables = tables_read_by(tables, layout.keys)
-        return PlainSequenceTower(shape(cfg), meta.item_vocab, cfg.loader.max_sequence_length, tables, layout.keys,
-                                  sum(dims[k] for k in features), tuple(cfg.loader.history_bags), sparse)
+        return PlainSequenceTower(shape(cfg, self.block), meta.item_vocab, cfg.loader.max_sequence_length, tables,
+                                  layout.keys, sum(dims[k] for k in features), tuple(cfg.loader.history_bags), sparse)
 
     def export(self, cfg: JobConfig, meta: Metadata, catalogue: Catalogue, load: Callable[[Any], None]) -> Exported:
         model = self.plain(meta, cfg)
@@ -192,7 +195,7 @@ class Transformer(Tower):
         tower.load_state_dict({k: v for k, v in model.state_dict().items() if k in tower.state_dict()})
         tower.eval()
         candidate_dim = model.head.candidate_dim
-        return Exported(tower, items, {"shape": shape(cfg).as_dict(), "item_vocab": meta.item_vocab,
+        return Exported(tower, items, {"shape": shape(cfg, self.block).as_dict(), "item_vocab": meta.item_vocab,
                                        "max_length": cfg.loader.max_sequence_length,
                                        "candidate_dim": candidate_dim})
 

@@ -74,11 +74,13 @@ def seed_everything(seed: int) -> None:
 
 
 class TimedIterator:
-    """Counts the time the training loop spends waiting for data."""
+    """Counts the time the training loop spends waiting for data, and the padding of sequence batches (the
+    positions their causal stack computes, and the real items among them)."""
 
     def __init__(self, source: Iterator):
         self.source = source
         self.wait = 0.0
+        self.computed = self.real = 0
 
     def __iter__(self) -> "TimedIterator":
         return self
@@ -86,9 +88,14 @@ class TimedIterator:
     def __next__(self):
         start = time.perf_counter()
         try:
-            return next(self.source)
+            batch = next(self.source)
         finally:
             self.wait += time.perf_counter() - start
+        if hasattr(batch, "stack_positions"):
+            computed, real = batch.stack_positions()
+            self.computed += computed
+            self.real += real
+        return batch
 
 
 class Window:
@@ -99,6 +106,7 @@ class Window:
 
     def __init__(self, data: TimedIterator):
         self.data, self.start, self.wait = data, time.perf_counter(), data.wait
+        self.computed, self.real = data.computed, data.real
         self.losses: list[torch.Tensor] = []
         self.examples: list[torch.Tensor] = []
         self.steps: list[tuple[int, int, int]] = []  # (step, epoch, batch) of each loss
@@ -126,9 +134,13 @@ class Window:
         losses = self.checked_losses(rank)
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         examples = float(torch.stack(self.examples).sum()) if self.examples else 0.0
-        return {"train/loss": float(np.mean(losses)) if len(losses) else float("nan"),
-                "train/examples_per_s": examples * world_size / elapsed,
-                "train/data_wait_share": (self.data.wait - self.wait) / elapsed}
+        values = {"train/loss": float(np.mean(losses)) if len(losses) else float("nan"),
+                  "train/examples_per_s": examples * world_size / elapsed,
+                  "train/data_wait_share": (self.data.wait - self.wait) / elapsed}
+        computed = self.data.computed - self.computed
+        if computed:  # sequence batches: the share of the stack's positions that were padding (this rank's)
+            values["train/padding_share"] = 1.0 - (self.data.real - self.real) / computed
+        return values
 
 
 def plan_summary(plan_json: str, world_size: int) -> str:
@@ -242,8 +254,9 @@ class Trainer:
                 if state.step % cfg.train.log_every == 0:
                     values = window.metrics(self.env.world_size, self.env.rank)
                     self.throughput.append(values["train/examples_per_s"])
+                    padding = {"pad": f"{values['train/padding_share']:.0%}"} if "train/padding_share" in values else {}
                     bar.set_postfix(loss=f"{values['train/loss']:.3f}", ex_s=f"{values['train/examples_per_s']:,.0f}",
-                                    wait=f"{values['train/data_wait_share']:.0%}", refresh=False)
+                                    wait=f"{values['train/data_wait_share']:.0%}", **padding, refresh=False)
                     self.logger.log_metrics(values, state.step)
                     window = Window(data)
                 if self.checkpoints.due(state.step):

@@ -13,7 +13,7 @@ import torch
 
 from config import LoaderConfig, NegativesConfig
 from data.keys import ITEM_KEY, SEQUENCE_KEY, history_key
-from data.loader import POOLED, SEQUENCE, drop_features, open_loader
+from data.loader import POOLED, SEQUENCE, bucketed, drop_features, open_loader
 from data.prepare.cli import main as prepare_main
 from data.schema import PAD_ID
 from data.sequences import chunk_bounds, chunk_counts
@@ -55,10 +55,10 @@ def bag_examples(path) -> dict[tuple[int, int], dict]:
     return examples
 
 
-def sequence_examples(path, max_length: int, world: int = 1, batch_size: int = 3):
+def sequence_examples(path, max_length: int, world: int = 1, batch_size: int = 3, bucket: bool = False):
     """Every position of one epoch over `world` ranks: (user, target, visible inputs, query features)."""
     cfg = LoaderConfig(batch_size=batch_size, max_sequence_length=max_length, use_user_id=True,
-                       feature_dropout=0.0)
+                       feature_dropout=0.0, bucket_by_length=bucket)
     out, lengths = [], []
     for rank in range(world):
         loader = open_loader(path, cfg, rank=rank, world_size=world, layout=SEQUENCE,
@@ -86,10 +86,11 @@ def sequence_examples(path, max_length: int, world: int = 1, batch_size: int = 3
     return out
 
 
-@pytest.mark.parametrize("max_length,world", [(3, 1), (5, 2), (200, 2)])
-def test_every_training_target_once_at_the_position_that_sees_its_history(events_dir, max_length, world):
+@pytest.mark.parametrize("max_length,world,bucket", [(3, 1, False), (5, 2, False), (200, 2, False), (3, 1, True),
+                                                     (5, 2, True), (200, 2, True)])
+def test_every_training_target_once_at_the_position_that_sees_its_history(events_dir, max_length, world, bucket):
     bags = bag_examples(events_dir)
-    positions = sequence_examples(events_dir, max_length, world)
+    positions = sequence_examples(events_dir, max_length, world, bucket=bucket)
     assert Counter((user, target) for user, target, _, _ in positions) == Counter(list(bags)), \
         "each training target exactly once per epoch across ranks"
     inputs = Counter()  # per user: inputs of its sequence (every event but the last training target)
@@ -104,6 +105,33 @@ def test_every_training_target_once_at_the_position_that_sees_its_history(events
         assert {k: v for k, v in features.items()} == {k: example[k] for k in features}, \
             "user features of the row, context of the target event"
     assert {"c_hour", "c_dow", "u_group"} <= set(positions[0][3])
+
+
+def test_bucketing_is_a_permutation_cut_into_batches_of_about_one_length():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 201, 1000)
+    order = rng.permutation(1000)
+    out = bucketed(order, lengths, 64, np.random.default_rng(1))
+    assert sorted(out.tolist()) == list(range(1000)) and out[960:].tolist() == order[960:].tolist(), \
+        "every row once; the remainder (carried to the next block) keeps its order"
+    assert set(out[:960].tolist()) == set(order[:960].tolist())
+    spans = [np.ptp(lengths[batch]) for batch in out[:960].reshape(-1, 64)]
+    assert max(spans) <= 20, "a batch's rows have about one length"
+    firsts = [lengths[batch].min() for batch in out[:960].reshape(-1, 64)]
+    assert firsts != sorted(firsts), "the batches go out in random order, not shortest first"
+
+
+def padding_share(path, bucket: bool) -> float:
+    cfg = LoaderConfig(batch_size=2, max_sequence_length=200, bucket_by_length=bucket)
+    loader = open_loader(path, cfg, layout=SEQUENCE, negatives=NegativesConfig(num_sampled=4))
+    counts = np.array([batch.stack_positions() for batch in loader.epoch(0)]).sum(0)
+    real = sum(len(row) for batch in loader.epoch(0) for row in jagged_rows(batch.sequence, SEQUENCE_KEY))
+    assert counts[1] == real, "stack_positions counts the batch's real items"
+    return 1 - counts[1] / counts[0]
+
+
+def test_bucketing_by_length_cuts_the_padding_the_stack_computes(events_dir):
+    assert padding_share(events_dir, True) < 0.5 * padding_share(events_dir, False)
 
 
 def test_no_validation_or_test_target_is_a_training_target(events_dir):
@@ -168,3 +196,23 @@ def test_training_batches_drop_query_features_but_never_history_or_candidates(ev
         history = batch.sequence if layout.sequence else batch.sparse
         key = SEQUENCE_KEY if layout.sequence else history_key(0)
         assert all(jagged_rows(history, key)[i] for i in range(int(batch.row_mask.sum())) if batch.row_mask[i])
+
+
+def test_the_training_window_reports_the_padding_share_of_sequence_batches(events_dir):
+    from trainer.loop import TimedIterator, Window
+
+    cfg = LoaderConfig(batch_size=2, max_sequence_length=200)
+    loader = open_loader(events_dir, cfg, layout=SEQUENCE, negatives=NegativesConfig(num_sampled=4))
+    data = TimedIterator(iter(loader.epoch(0)))
+    window = Window(data)
+    batches = list(data)
+    for _ in batches:
+        window.add({"loss": torch.tensor(1.0), "examples": torch.tensor(1)}, 0, 0, 0)
+    computed = sum(b.batch_size * max(len(r) for r in jagged_rows(b.sequence, SEQUENCE_KEY)) for b in batches)
+    real = sum(len(r) for b in batches for r in jagged_rows(b.sequence, SEQUENCE_KEY))
+    assert window.metrics(1, 0)["train/padding_share"] == pytest.approx(1 - real / computed)
+    bags = TimedIterator(iter(open_loader(events_dir, cfg, negatives=NegativesConfig()).epoch(0)))
+    window = Window(bags)
+    for _ in bags:
+        window.add({"loss": torch.tensor(1.0), "examples": torch.tensor(1)}, 0, 0, 0)
+    assert "train/padding_share" not in window.metrics(1, 0), "bag batches have no padded stack"

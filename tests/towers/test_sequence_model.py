@@ -16,7 +16,8 @@ from config import ConfigError, load_config
 from data.batch import make_kjt
 from data.keys import ITEM_KEY, SEQUENCE_KEY
 from data.schema import Metadata
-from serving.sequence import CausalBlock, Dropout, SequenceHead, SequenceShape, causal_attention, causal_bags, padded
+from serving.layers import CausalBlock, Dropout, causal_attention
+from serving.sequence import SequenceHead, SequenceShape, causal_bags, padded
 from tests.conftest import TINY_TOWERS, tiny_config, tower_overrides
 from tests.trainer.test_train import pipelined_and_plain_losses
 from trainer import distributed
@@ -137,7 +138,7 @@ def test_blocks_heads_and_dropout_are_read():
         towers.resolve(load_config(None, transformer + ["model.tower.candidate=dot"]))
     with pytest.raises(ConfigError, match=r"model.item_dim \(12\) must be divisible by model.tower.heads \(5\)"):
         towers.resolve(load_config(None, transformer + ["model.item_dim=12", "model.tower.heads=5"]))
-    with pytest.raises(ConfigError, match=r"unknown tower 'lstm' \(registered: bags, transformer\)"):
+    with pytest.raises(ConfigError, match=r"unknown tower 'lstm' \(registered: bags, transformer, hstu\)"):
         towers.resolve(load_config(None, ["model.query_tower=lstm"]))
     with pytest.raises(ConfigError, match=r"unknown key model.tower.share_item_table \(allowed in model.tower: "
                                           r"blocks, candidate, dropout, heads, input_norm\)"):
@@ -171,9 +172,10 @@ def test_the_item_table_is_one_collection_shared_by_history_and_candidates(tiny_
 
 
 @pytest.mark.slow
-def test_transformer_training_beats_popularity_and_is_reproducible(tiny_data):
-    cfg = tiny_config(tiny_data, **TRANSFORMER, **{"train.epochs": 3, "train.early_stopping_metric": "hr@50",
-                                                   "optim.dense_lr": 0.005})
+@pytest.mark.parametrize("tower", ["transformer", "hstu"])
+def test_sequence_training_beats_popularity_and_is_reproducible(tiny_data, tower):
+    cfg = tiny_config(tiny_data, **(TRANSFORMER | {"model.query_tower": tower, "train.epochs": 3,
+                                                   "train.early_stopping_metric": "hr@50", "optim.dense_lr": 0.005}))
     first = train(cfg)
     assert first["test"]["hr@50"] > 1.5 * first["popularity_test"]["hr@50"], (first["test"], first["popularity_test"])
     assert first["test"]["users"] == Metadata.load(tiny_data).counts["test_rows"]
