@@ -378,7 +378,8 @@ def main() -> None:
     if args.epoch:
         for tower in args.epoch_towers:
             config = EPOCH_CONFIGS[tower]
-            impls = tower_impls(job_config(config), args.impls) if tower in SEQUENCE_CONFIGS else args.impls
+            impls = (tower_impls(job_config(config), args.impls) if tower in SEQUENCE_CONFIGS
+                     else [impl for impl in args.impls if not impl.endswith(("_random", "_bucketed"))])
             runs = {impl: [] for impl in impls}
             for _ in range(args.epoch_repeats):
                 for impl in runs:

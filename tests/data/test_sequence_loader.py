@@ -134,6 +134,15 @@ def test_bucketing_by_length_cuts_the_padding_the_stack_computes(events_dir):
     assert padding_share(events_dir, True) < 0.5 * padding_share(events_dir, False)
 
 
+def test_bucketing_is_refused_for_a_tower_without_sequences():
+    import towers
+    from config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="loader.bucket_by_length=true batches sequence rows by length; the bags "):
+        towers.resolve(load_config(None, ["loader.bucket_by_length=true"]))
+    assert towers.resolve(load_config(None, ["loader.bucket_by_length=true", "model.query_tower=hstu"]))
+
+
 def test_no_validation_or_test_target_is_a_training_target(events_dir):
     trained = {(user, target) for user, target, _, _ in sequence_examples(events_dir, 4)}
     for split in ("valid", "test"):
