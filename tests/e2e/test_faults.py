@@ -42,6 +42,23 @@ def torchx_job(tmp_path: Path, data: Path, max_restarts: int, *extra: str) -> su
                             start_new_session=True)
 
 
+def end_job(job: subprocess.Popen) -> None:
+    """SIGKILLs the job and every process it started. torchx's local scheduler starts each node's agent in its own
+    process group, so killing torchx's group alone left an agent (and a stopped worker) running after the test."""
+    try:
+        tree = psutil.Process(job.pid).children(recursive=True)
+    except psutil.Error:
+        tree = []
+    if job.poll() is None:
+        os.killpg(job.pid, signal.SIGKILL)
+    for process in tree:
+        try:
+            process.kill()
+        except psutil.Error:
+            continue
+    job.wait(timeout=60)
+
+
 def kill_rank_after_first_checkpoint(job: subprocess.Popen, ckpt: Path, rank: int,
                                      sig: signal.Signals = signal.SIGKILL) -> float:
     """SIGKILLs (or sends `sig` to) the worker of `rank` once a checkpoint exists; returns when it did."""
@@ -74,8 +91,7 @@ def test_a_two_node_job_survives_a_killed_rank_on_either_node(tiny_data, tmp_pat
         job.wait(timeout=300)
         seconds = time.monotonic() - killed
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+        end_job(job)
     log = (tmp_path / "job.log").read_text()
     assert job.returncode == 0, log[-4000:]
     assert "resumed from" in log and seconds < 120, f"recovered in {seconds:.0f} s"
@@ -92,8 +108,7 @@ def test_a_killed_rank_is_the_reported_root_cause(tiny_data, tmp_path):
         kill_rank_after_first_checkpoint(job, tmp_path / "ckpt", 1)
         job.wait(timeout=300)
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+        end_job(job)
     log = (tmp_path / "job.log").read_text()
     assert job.returncode != 0
     status = log[log.index("AppStatus"):]
@@ -116,9 +131,7 @@ def test_a_stalled_rank_fails_the_job_naming_the_rank_and_the_timeout(tiny_data,
         while f"error: {expected}" not in log.read_text() and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-        job.wait(timeout=60)
+        end_job(job)
     text = log.read_text()
     line = next((x for x in text.splitlines() if f"error: {expected}" in x), None)
     assert line is not None, text[-3000:]
