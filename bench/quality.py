@@ -2,7 +2,7 @@
 the loss ablation.
 
     python -m bench.quality [--towers bags transformer] [--runs NAME ...] [--seeds N] [--jobs N] [--ml1m DIR]
-                            [--prepared DIR] [--note TEXT]
+                            [--prepared DIR] [--note TEXT] [--blocks N ...]
 
 For each tower, its committed config (`configs/ml1m.yaml` for the bags, `configs/ml1m_transformer.yaml` for the
 transformer, `configs/ml1m_hstu.yaml` for HSTU) is trained as committed (in-batch + mixed negatives + logQ) and, on
@@ -14,6 +14,8 @@ mean anything. Results go to bench/results/quality_ml1m.json; a run already ther
 --runs, so the runs (hours on 2 CPU cores) can be spread over several invocations. `--jobs N` trains N runs at
 a time, each with cores / N threads: on 2 cores two one-thread runs take about 45 minutes where one after the
 other took 80; each such row says so in its `note`, since its wall time is then not a measurement alone.
+`--blocks N ...` trains only the named sequence towers' committed configs with `model.tower.blocks=N` (seed 0),
+into the tower's `depths`: how deep a stack trains to early stopping, and in how long, here.
 """
 
 from __future__ import annotations
@@ -112,6 +114,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at a time (default 1)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality_ml1m.json"))
     parser.add_argument("--note", help="recorded with each run of this invocation, e.g. that it shared the cores")
+    parser.add_argument("--blocks", nargs="+", type=int, default=[],
+                        help="only train the committed config with these stack depths (sequence towers)")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -136,6 +140,8 @@ def main() -> None:
                     entry.pop("seeds", None), entry.pop("seed_spread", None)
         seeds = entry.setdefault("seeds", {})
         tasks += [(tower, COMMITTED, seed, [f"seed={seed}"]) for seed in range(1, args.seeds) if str(seed) not in seeds]
+    if args.blocks:
+        tasks = [(tower, f"blocks={n}", 0, [f"model.tower.blocks={n}"]) for tower in args.towers for n in args.blocks]
     note = " ".join(filter(None, [args.note, f"{args.jobs} runs at a time, {threads(args.jobs)} thread(s) each"
                                   if args.jobs > 1 else None])) or None
     saving = threading.Lock()
@@ -145,7 +151,9 @@ def main() -> None:
         result = row(name, overrides, run(CONFIGS[tower], prepared, overrides, threads(args.jobs)), note)
         with saving:
             entry = towers[tower]
-            if seed:
+            if name.startswith("blocks="):
+                entry.setdefault("depths", {})[name.removeprefix("blocks=")] = result
+            elif seed:
                 entry["seeds"][str(seed)] = result
             else:
                 entry["ablation"][name] = result

@@ -150,7 +150,8 @@ class PlainSequenceModel(torch.nn.Module):
         query, candidates = self.tower.head(self.tower.items(history), lengths[:batch.row_mask.shape[0]],
                                             batch.positions, [pooled[k][:p] for k in self.query_keys],
                                             self.tower.items(sequence[ITEM_KEY][1]),
-                                            [pooled[k][p:] for k in self.candidate_keys])
+                                            [pooled[k][p:] for k in self.candidate_keys],
+                                            times=batch.times if self.tower.reads_times else None)
         return self.loss_fn(query, candidates, batch)
 
 

@@ -1,5 +1,5 @@
-"""Does the committed sequence recipe win on short histories, as most users' data is? Three datasets, each
-prepared the way a user would (`python -m data.prepare sequences FILE`), and four recipes with only `data.path`
+"""Does the committed sequence recipe win on short histories, as most users' data is? Four datasets, each
+prepared the way a user would (`python -m data.prepare`), and five recipes with only `data.path`
 changed, several seeds each:
 
     python -m bench.short_history [--datasets games ml1m-short ml1m] [--recipes ...] [--seeds 0 1 2] [--jobs 2]
@@ -9,14 +9,18 @@ Datasets:
   5-event filter, 23k items, 9.6 events a user, no features), from ../shared/datasets/amazon-games;
 - `ml1m-short`: every ML-1M user cut to their last n events, n = 5 + Geometric(1/6) capped at 50 (mean about 10,
   like the held-out review sets), genres as item attributes;
-- `ml1m`: ML-1M's full histories (165 events a user), for contrast.
+- `ml1m`: ML-1M's full histories (165 events a user), for contrast;
+- `ml100k`: MovieLens 100K as `python -m data.prepare movielens` reads it (106 events a user), the one set here
+  with event times: HSTU's time-gap bias against positions only.
 
 Recipes:
 - `bag-tower`: configs/ml1m.yaml (the bag tower);
 - `sequences`: configs/sequences.yaml, the transformer's short-history recipe;
 - `sequences-previous`: configs/sequences.yaml with the overrides in PREVIOUS, the recipe before it;
 - `ml1m-hstu-config`: configs/ml1m_hstu.yaml (the HSTU tower) as committed, the way the held-out sets are rerun
-  with it (only `data.path` changed).
+  with it (only `data.path` changed);
+- `ml1m-hstu-positions`: the same without the time-gap bias (`model.tower.time_gaps=false`), which only changes
+  anything on data with event times.
 
 Every run is a fresh `python -m trainer` process with OMP_NUM_THREADS=1; `--jobs 2` runs two at a time on the
 two cores. Results (test and best-validation metrics, epochs, wall seconds per run, and the means over seeds)
@@ -47,7 +51,8 @@ REPORTED = ("hr@10", "ndcg@10", "hr@50", "hr@200", "mrr", "coverage@10")
 PREVIOUS = ["loader.history_bags=[1,10,0]", "model.hidden_dims=[]", "loss.temperature=0.05"]
 RECIPES = {"bag-tower": ("configs/ml1m.yaml", []), "sequences": ("configs/sequences.yaml", []),
            "sequences-previous": ("configs/sequences.yaml", PREVIOUS),
-           "ml1m-hstu-config": ("configs/ml1m_hstu.yaml", [])}
+           "ml1m-hstu-config": ("configs/ml1m_hstu.yaml", []),
+           "ml1m-hstu-positions": ("configs/ml1m_hstu.yaml", ["model.tower.time_gaps=false"])}
 
 
 def write_ml1m_short(ml1m: Path, out: Path, seed: int = 0) -> tuple[Path, Path]:
@@ -78,6 +83,8 @@ def prepare_args(name: str, tmp: Path) -> list[str]:
     """`python -m data.prepare` arguments of a dataset, as a user would prepare it."""
     if name == "games":
         return ["sequences", str(DATASETS / "amazon-games" / "sequences.txt.gz")]
+    if name == "ml100k":
+        return ["movielens", str(DATASETS / "ml-100k"), "--max-history", "200"]
     ml1m = DATASETS / "ml-1m"
     if name == "ml1m-short":
         sequences, attributes = write_ml1m_short(ml1m, tmp)
@@ -89,6 +96,8 @@ def prepare_args(name: str, tmp: Path) -> list[str]:
 
 def source(name: str) -> Path:
     """The licensed file a dataset is made from (read from ../shared/datasets or $TWO_TOWER_DATASETS, never shipped)."""
+    if name == "ml100k":
+        return DATASETS / "ml-100k" / "u.data"
     return DATASETS / ("amazon-games" if name == "games" else "ml-1m") / "sequences.txt.gz"
 
 
@@ -130,7 +139,7 @@ def summarise(runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", choices=["games", "ml1m-short", "ml1m"],
+    parser.add_argument("--datasets", nargs="+", choices=["games", "ml1m-short", "ml1m", "ml100k"],
                         default=["games", "ml1m-short"])
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=sorted(RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -108,7 +108,7 @@ def short_history_table(result: dict) -> list[str]:
     lines = ["| dataset | recipe | seeds | test HR@10 | test NDCG@10 | HR@200 | best epoch | minutes a run (max) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, entry in result["datasets"].items():
-        for recipe in ("bag-tower", "sequences-previous", "sequences", "ml1m-hstu-config"):
+        for recipe in ("bag-tower", "sequences-previous", "sequences", "ml1m-hstu-config", "ml1m-hstu-positions"):
             if recipe not in entry:
                 continue
             s = entry[recipe]["summary"]

@@ -8,7 +8,7 @@ table), which is what lets the pipeline prefetch the whole lookup.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -26,6 +26,13 @@ def make_kjt(keys: list[str], arrays: list[Jagged]) -> KeyedJaggedTensor:
     lengths = np.concatenate([a[0] for a in arrays], dtype=np.int32)
     values = np.concatenate([a[1] for a in arrays], dtype=np.int64)
     return KeyedJaggedTensor(keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths))
+
+
+def no_times() -> torch.Tensor:
+    """The `times` of a sequence batch whose data has no event times. Where it has them, `times` is (B, width + 1)
+    int64 seconds, width the longest row: row i's inputs' times, then the time of the event its last input
+    predicts (the target's in training, the query's in evaluation), left-aligned, zeros after."""
+    return torch.zeros(0, dtype=torch.long)
 
 
 class TensorFields(Pipelineable):
@@ -92,6 +99,7 @@ class SequenceBatch(TensorFields):
     candidate_ids: torch.Tensor  # (C,) distinct targets, then negatives
     num_positives: torch.Tensor  # (1,) how many of the candidates are the distinct targets
     row_mask: torch.Tensor  # (B,) False on padding rows
+    times: torch.Tensor = field(default_factory=lambda: no_times())  # see `no_times`
 
     @property
     def batch_size(self) -> int:
@@ -116,3 +124,4 @@ class SequenceEvalBatch(EvalBatch):
 
     sequence: KeyedJaggedTensor
     positions: torch.Tensor
+    times: torch.Tensor = field(default_factory=lambda: no_times())

@@ -29,7 +29,7 @@ from data.keys import ITEM_KEY, SEQUENCE_KEY, Jagged, QueryLayout, candidate_key
 from data.negatives import Negatives
 from data.parquet import Column, ExampleSource
 from data.prefetch import Prefetcher
-from data.ragged import gather_csr, list_offsets_values, offsets_from_lengths
+from data.ragged import gather_csr, list_offsets_values, offsets_from_lengths, padded_rows
 from data.ranks import batches_per_rank, rank_slices
 from data.rows import Rows, concat_rows
 from data.sequences import chunk_counts, chunk_table
@@ -201,6 +201,7 @@ class SequenceLoader(TrainLoader):
         columns = [Column(schema.USER, self.meta.user_vocab, False), Column(schema.SEQUENCE_ITEMS, vocab, True),
                    Column(schema.SEQUENCE_TARGETS, vocab, True)]
         columns += [Column(f.name, f.vocab_size, f.multi) for f in self.meta.user_features]
+        columns += [Column(schema.SEQUENCE_TIMES, None, True)] if self.meta.event_times else []
         return columns + [Column(f.name, f.vocab_size, True) for f in self.meta.context_features]
 
     def unit_sizes(self) -> np.ndarray:
@@ -222,9 +223,10 @@ class SequenceLoader(TrainLoader):
 
     def read_unit(self, unit: int) -> pa.Table:
         aligned = [schema.SEQUENCE_TARGETS] + [f.name for f in self.meta.context_features]
+        spans = (schema.SEQUENCE_TIMES,) if self.meta.event_times else ()
         table = self.source.read(unit)
         try:
-            return chunk_table(table, schema.SEQUENCE_ITEMS, aligned, self.cfg.max_sequence_length)
+            return chunk_table(table, schema.SEQUENCE_ITEMS, aligned, self.cfg.max_sequence_length, spans)
         except ValueError as err:
             expected = f"list columns aligned with {schema.SEQUENCE_ITEMS} (one value per event)"
             raise DataError(self.source.readers[self.source.units[unit][0]].path, None, expected, str(err)) from err
@@ -249,10 +251,12 @@ class SequenceLoader(TrainLoader):
         arrays = [(np.r_[lengths_, np.zeros(c, np.int64)], values) for lengths_, values in query]
         arrays += [(np.r_[np.zeros(p, np.int64), lengths_], values)
                    for lengths_, values in self.catalogue.candidate_arrays(candidates)[1:]]
+        times = padded_rows(*block.ragged(schema.SEQUENCE_TIMES, idx), width + 1) if self.meta.event_times else None
         return SequenceBatch(sparse=make_kjt(self.query_keys + self.candidate_keys, arrays), sequence=sequence,
                              positions=torch.from_numpy(positions), own_column=torch.from_numpy(own.reshape(-1)),
                              candidate_ids=torch.from_numpy(candidates),
-                             num_positives=torch.tensor([len(distinct)]), row_mask=torch.from_numpy(lengths > 0))
+                             num_positives=torch.tensor([len(distinct)]), row_mask=torch.from_numpy(lengths > 0),
+                             **({} if times is None else {"times": torch.from_numpy(times)}))
 
     def position_features(self, block: Rows, rows: np.ndarray, idx: np.ndarray, real: np.ndarray) -> list[Jagged]:
         """Query features of each real position: its row's user features, and the context of its target event."""
@@ -327,6 +331,10 @@ class SequenceEvalLoader(EvalLoader):
 
     sequence = True
 
+    def extra_columns(self) -> list[Column]:
+        times = [Column(schema.HISTORY_TIMES, None, True), Column(schema.TIMESTAMP, None, False)]
+        return super().extra_columns() + (times if self.meta.event_times else [])
+
     def make_batch(self, block: Rows, idx: np.ndarray, epoch: int, index: int) -> SequenceEvalBatch:
         base = super().make_batch(block, idx, epoch, index)
         lengths, values = last_items(block.lists[schema.HISTORY], idx, self.cfg.max_sequence_length)
@@ -334,8 +342,14 @@ class SequenceEvalLoader(EvalLoader):
         sequence = make_kjt([SEQUENCE_KEY, ITEM_KEY], [(lengths, values), (np.zeros(len(idx), np.int64),
                                                                          np.zeros(0, np.int64))])
         positions = np.arange(len(idx)) * width + np.maximum(lengths - 1, 0)
+        extra = {}
+        if self.meta.event_times:
+            times = padded_rows(*last_items(block.lists[schema.HISTORY_TIMES], idx, self.cfg.max_sequence_length),
+                                width + 1)
+            times[np.arange(len(idx)), lengths] = block.scalars[schema.TIMESTAMP][idx]
+            extra["times"] = torch.from_numpy(times)
         return SequenceEvalBatch(**{f: getattr(base, f) for f in base.__dataclass_fields__}, sequence=sequence,
-                                 positions=torch.from_numpy(positions))
+                                 positions=torch.from_numpy(positions), **extra)
 
 
 @dataclass(frozen=True)

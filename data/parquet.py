@@ -19,7 +19,7 @@ from storage import Location, StorageError
 @dataclass(frozen=True)
 class Column:
     name: str
-    vocab: int
+    vocab: int | None  # ids lie in [0, vocab); None: values that are not ids (event times), not range-checked
     multi: bool
 
 
@@ -29,9 +29,9 @@ def require_column(table: pa.Table, name: str, path: Location) -> pa.ChunkedArra
     return table.column(name)
 
 
-def check_ids(values: np.ndarray, vocab: int, path: Location, column: str, out_of_vocab: str) -> np.ndarray:
-    """Ids must lie in [0, vocab); 'hash' folds larger ones into range instead of failing."""
-    if len(values) == 0:
+def check_ids(values: np.ndarray, vocab: int | None, path: Location, column: str, out_of_vocab: str) -> np.ndarray:
+    """Ids must lie in [0, vocab); 'hash' folds larger ones into range instead of failing. No vocab: not ids."""
+    if len(values) == 0 or vocab is None:
         return values
     low, high = values.min(), values.max()
     if low < 0:

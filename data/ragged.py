@@ -28,6 +28,15 @@ def offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
     return offsets
 
 
+def padded_rows(lengths: np.ndarray, values: np.ndarray, width: int) -> np.ndarray:
+    """(rows, width) int64: CSR row i (lengths[i] <= width values) left-aligned, zeros after it."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    out = np.zeros((len(lengths), width), dtype=np.int64)
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    out[row, np.arange(len(values)) - np.repeat(offsets_from_lengths(lengths)[:-1], lengths)] = values
+    return out
+
+
 def list_array(lengths: np.ndarray, values: np.ndarray) -> pa.ListArray:
     """An Arrow list<int64> column from lengths and flat values (zero-copy for the values)."""
     offsets = pa.array(offsets_from_lengths(lengths).astype(np.int32), type=pa.int32())

@@ -41,9 +41,11 @@ TIMESTAMP = "ts"
 # first; the user's user features; each context feature as a list aligned with the events).
 SEQUENCE_ITEMS = "seq_items"
 SEQUENCE_TARGETS = "seq_targets"  # per event: its item where the event is a training target, else 0
+SEQUENCE_TIMES = "seq_ts"  # per event: its time in seconds (only where the source has event times)
 # Extra columns of validation/test rows (one row = one user query).
 TARGETS = "targets"
 SEEN = "seen"
+HISTORY_TIMES = "history_ts"  # per history item: its time; with TIMESTAMP, the query's (where the source has times)
 # Catalogue columns.
 ITEM = "item"
 RAW_ID = "raw_id"
@@ -83,6 +85,9 @@ class Metadata:
     # Per eval split: queries, targets, repeat_targets (consumed earlier by the same user), repeat_share,
     # queries_all_repeat (every target is a repeat: a seen-filtering evaluator cannot rank any).
     repeats: dict = field(default_factory=dict)
+    # The sequences carry SEQUENCE_TIMES and the evaluation rows HISTORY_TIMES and TIMESTAMP (HSTU's time-gap
+    # bias reads them); False for a source without a clock, and for data prepared before these columns.
+    event_times: bool = False
 
     @property
     def item_vocab(self) -> int:

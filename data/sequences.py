@@ -31,21 +31,23 @@ def chunk_bounds(offsets: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndar
     return row, start, stop - start
 
 
-def chunk_table(table: pa.Table, items: str, aligned: list[str], max_len: int) -> pa.Table:
+def chunk_table(table: pa.Table, items: str, aligned: list[str], max_len: int, spans: tuple[str, ...] = ()) -> pa.Table:
     """The chunk rows of a sequence table: `items` becomes each chunk's inputs, each column of `aligned` (lists
-    aligned with the events: the targets, per-event context) its values at the inputs' targets; every other
-    column is repeated per chunk."""
+    aligned with the events: the targets, per-event context) its values at the inputs' targets, each column of
+    `spans` (aligned too: the event times) its values at the inputs and then the last input's target (one more
+    than the inputs); every other column is repeated per chunk."""
     offsets, values = list_offsets_values(table.column(items))
     row, start, length = chunk_bounds(offsets, max_len)
     columns = {}
     for name in table.column_names:
         if name == items:
             columns[name] = list_array(length, gather_ragged(values, start, length))
-        elif name in aligned:
+        elif name in aligned or name in spans:
             column_offsets, column_values = list_offsets_values(table.column(name))
             if not np.array_equal(column_offsets, offsets):
                 raise ValueError(f"column {name} is not aligned with {items}")
-            columns[name] = list_array(length, gather_ragged(column_values, start + 1, length))
+            first, count = (start, length + 1) if name in spans else (start + 1, length)
+            columns[name] = list_array(count, gather_ragged(column_values, first, count))
         else:
             columns[name] = table.column(name).take(pa.array(row, type=pa.int64()))
     return pa.table(columns)

@@ -1,6 +1,7 @@
 """The blocks of the sequence towers' causal stacks, in plain PyTorch (training and serving run the same
 modules): the pre-norm softmax-attention block of the transformer tower and HSTU's gated pointwise-attention
-unit. `make_block(kind, ...)` builds either from `SequenceShape.block`.
+unit. `make_block(kind, ...)` builds either from `SequenceShape.block`. Every block takes `(x, gaps)`: `gaps` are
+the time-gap buckets of `time_gap_buckets`, which only HSTU's unit reads.
 """
 
 from __future__ import annotations
@@ -55,12 +56,27 @@ class CausalBlock(nn.Module):
         self.drop = Dropout(dropout)
         self.attention_dropout = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gaps: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(self.attention_norm(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         attended = causal_attention(q, k, v, self.attention_dropout)
         x = x + self.drop(self.out(attended.transpose(1, 2).reshape(b, n, d)))
         return x + self.drop(self.ff(self.ff_norm(x)))
+
+
+# HSTU's log-scaled time-gap buckets: bucket floor(ln(max(|gap|, 1)) / TIME_BUCKET_WIDTH) of a gap in seconds, so a
+# bucket spans a factor of e^0.301 = 1.35 (the constant of generative-recommenders), capped at TIME_BUCKETS: 128
+# buckets reach e^38.5 s, far beyond any real gap.
+TIME_BUCKETS = 128
+TIME_BUCKET_WIDTH = 0.301
+
+
+def time_gap_buckets(times: torch.Tensor, buckets: int = TIME_BUCKETS) -> torch.Tensor:
+    """(B, n, n) bucket of the gap between the event that step i predicts (times[:, i + 1]) and step j's event
+    (times[:, j]), from `times` (B, n + 1) in seconds. Step i's query is made at the time of the event it
+    predicts, as serving makes it at the request's time."""
+    gaps = (times[:, 1:, None] - times[:, None, :-1]).abs().clamp(min=1).double()
+    return (gaps.log() / TIME_BUCKET_WIDTH).long().clamp(max=buckets)
 
 
 class HSTUBlock(nn.Module):
@@ -70,10 +86,11 @@ class HSTUBlock(nn.Module):
     history); the output is x + W_o(dropout(U * LayerNorm(A V))).
 
     Dividing by the configured `max_length` rather than the batch's width keeps a row's output independent of the
-    rows it is batched with. The bias is one learnt scalar per distance i - j in [0, max_length), shared by the
-    heads."""
+    rows it is batched with. The bias is one learnt scalar per distance i - j in [0, max_length), plus, with
+    `time_buckets`, one per time-gap bucket (`time_gap_buckets`), shared by the heads."""
 
-    def __init__(self, dim: int, heads: int, dropout: float, max_length: int, device: torch.device | None = None):
+    def __init__(self, dim: int, heads: int, dropout: float, max_length: int, time_buckets: int = 0,
+                 device: torch.device | None = None):
         super().__init__()
         self.heads, self.dropout, self.max_length = heads, dropout, max_length
         self.input_norm = nn.LayerNorm(dim, device=device)
@@ -82,22 +99,29 @@ class HSTUBlock(nn.Module):
         self.out = nn.Linear(dim, dim, device=device)
         self.position_bias = nn.Parameter(torch.empty(max_length, device=device))
         nn.init.normal_(self.position_bias, std=0.02)
+        self.time_bias = nn.Parameter(torch.empty(time_buckets + 1, device=device)) if time_buckets else None
+        if self.time_bias is not None:
+            nn.init.normal_(self.time_bias, std=0.02)
         self.drop = Dropout(dropout)
 
-    def weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """(..., n, n) attention weights of query step i on key step j, zero where j > i."""
+    def weights(self, q: torch.Tensor, k: torch.Tensor, gaps: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, heads, n, n) attention weights of query step i on key step j, zero where j > i."""
         n = q.shape[-2]
         steps = torch.arange(n, device=q.device)
         distance = steps[:, None] - steps[None, :]
         bias = self.position_bias[distance.clamp(min=0, max=self.max_length - 1)]
+        if self.time_bias is not None:
+            if gaps is None:
+                raise ValueError("this HSTU unit was built with a time-gap bias: it needs the events' times")
+            bias = bias + self.time_bias[gaps][:, None]
         weights = F.silu(q @ k.transpose(-2, -1) + bias) * (1.0 / self.max_length)
         return weights.masked_fill(distance < 0, 0.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gaps: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
         u, v, q, k = F.silu(self.uvqk(self.input_norm(x))).split(d, dim=-1)
         q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
-        attended = (self.weights(q, k) @ v).transpose(1, 2).reshape(b, n, d)
+        attended = (self.weights(q, k, gaps) @ v).transpose(1, 2).reshape(b, n, d)
         return x + self.out(self.drop(u * self.attention_norm(attended)))
 
 
@@ -105,10 +129,13 @@ class HSTUBlock(nn.Module):
 BLOCK_KINDS = ("softmax", "silu")
 
 
-def make_block(kind: str, dim: int, heads: int, dropout: float, max_length: int,
+def make_block(kind: str, dim: int, heads: int, dropout: float, max_length: int, time_buckets: int = 0,
                device: torch.device | None = None) -> nn.Module:
+    """A block of the stack; `time_buckets` > 0 gives HSTU's unit its time-gap bias (the softmax block has none)."""
+    if kind not in BLOCK_KINDS:
+        raise ValueError(f"unknown sequence block '{kind}' (known: {', '.join(BLOCK_KINDS)})")
     if kind == "silu":
-        return HSTUBlock(dim, heads, dropout, max_length, device)
-    if kind == "softmax":
-        return CausalBlock(dim, heads, dropout, device)
-    raise ValueError(f"unknown sequence block '{kind}' (known: {', '.join(BLOCK_KINDS)})")
+        return HSTUBlock(dim, heads, dropout, max_length, time_buckets, device)
+    if time_buckets:
+        raise ValueError(f"the '{kind}' block has no time-gap bias (time_buckets must be 0, got {time_buckets})")
+    return CausalBlock(dim, heads, dropout, device)

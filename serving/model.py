@@ -37,7 +37,7 @@ from serving.sequence import PlainSequenceTower
 from storage import Location, location
 
 # The query towers serving can run, by class name (the manifest's query_tower.model): each has
-# `from_manifest(tower)`, `pools_history` and `encode(history, features)`.
+# `from_manifest(tower)`, `pools_history`, `reads_times` and `encode(history, features[, times])`.
 SERVING_MODULES = {module.__name__: module for module in (PlainTowers, PlainSequenceTower)}
 
 
@@ -94,9 +94,23 @@ class ExportedModel:
         return {key: (torch.from_numpy(lengths), torch.from_numpy(values))
                 for key, (lengths, values) in zip(self.layout.keys, arrays)}
 
-    def encode(self, history: list[int], features: dict[str, list[int]], user: int = PAD_ID) -> np.ndarray:
+    @property
+    def reads_times(self) -> bool:
+        """Whether a query needs its events' times (an HSTU tower trained with its time-gap bias)."""
+        return self.tower.reads_times
+
+    def encode(self, history: list[int], features: dict[str, list[int]], user: int = PAD_ID,
+               times: list[int] | None = None) -> np.ndarray:
+        """One query's embedding; with `reads_times`, `times` are the history's times in seconds and then the
+        query's (len(history) + 1 values)."""
+        if self.reads_times and (times is None or len(times) != len(history) + 1):
+            raise ValueError(f"this model reads event times: a query needs one time per history item and then its "
+                             f"own ({len(history) + 1} values), got {'none' if times is None else len(times)}")
         with torch.no_grad():
             inputs = self.query_input(history, features, user)
             # the prepared data's cut (its max history), then the module's own
-            ids = torch.tensor(history[-self.manifest.query_tower.max_history:], dtype=torch.int64)
-            return self.tower.encode(ids, inputs).numpy()[0]
+            cut = self.manifest.query_tower.max_history
+            ids = torch.tensor(history[-cut:], dtype=torch.int64)
+            if not self.reads_times:
+                return self.tower.encode(ids, inputs).numpy()[0]
+            return self.tower.encode(ids, inputs, torch.tensor(times[-(len(ids) + 1):], dtype=torch.int64)).numpy()[0]

@@ -85,6 +85,7 @@ class PlainTowers(nn.Module):
         return self.side(self.candidate_keys, self.candidate_mlp, features)
 
     pools_history = True  # the history reaches it as pooled bags among the query keys (data.keys.QueryLayout)
+    reads_times = False  # a query needs no event times
 
     @classmethod
     def from_manifest(cls, tower) -> "PlainTowers":

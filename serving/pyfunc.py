@@ -3,8 +3,9 @@ Model Registry take. It wraps `serving.recommend.Recommender`, so it answers exa
 CLI does, and it loads without TorchRec or FBGEMM (the model carries `serving/` and `data/` as code).
 
 Input: one row per query, `history` (raw item ids, oldest first) and optionally `user` (a raw user
-id) and any user or context feature by name (`value`, or `a|b` for a list feature); the parameter
-`k` (default 10). Output: per row, `items` (raw ids, best first) and `scores`.
+id), any user or context feature by name (`value`, or `a|b` for a list feature), and for a model that reads event
+times `times` (unix seconds, one per history id) and `at` (the query's, default now); the parameter `k` (default
+10). Output: per row, `items` (raw ids, best first) and `scores`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def pinned_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS]
 
 
+def absent(value) -> bool:
+    """A missing cell: None, or the NaN pandas puts where a row has no list."""
+    return value is None or (isinstance(value, float) and value != value)
+
+
 class Recommendations(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from serving.model import ExportedModel
@@ -49,15 +55,18 @@ class Recommendations(mlflow.pyfunc.PythonModel):
         for row in model_input.to_dict("records"):
             given = {name: str(row[name]).split("|") for name in features
                      if name in row and row[name] is not None and not pd.isna(row[name])}
-            user = row.get("user")
+            user, times, at = row.get("user"), row.get("times"), row.get("at")
             ranked = self.recommender.recommend([str(i) for i in row["history"]], given,
-                                                None if user is None or pd.isna(user) else str(user), k)
+                                                None if user is None or pd.isna(user) else str(user), k,
+                                                times=None if absent(times) else [int(t) for t in times],
+                                                at=None if at is None or pd.isna(at) else int(at))
             rows.append({"items": [r.raw_id for r in ranked], "scores": [r.score for r in ranked]})
         return pd.DataFrame(rows, columns=["items", "scores"])
 
 
 def signature(features: list[str]) -> ModelSignature:
-    inputs = [ColSpec(Array(DataType.string), "history"), ColSpec(DataType.string, "user", required=False)]
+    inputs = [ColSpec(Array(DataType.string), "history"), ColSpec(DataType.string, "user", required=False),
+              ColSpec(Array(DataType.long), "times", required=False), ColSpec(DataType.long, "at", required=False)]
     inputs += [ColSpec(DataType.string, name, required=False) for name in features]
     return ModelSignature(inputs=Schema(inputs),
                           outputs=Schema([ColSpec(Array(DataType.string), "items"),
@@ -73,6 +82,8 @@ def log_pyfunc(tracking_uri: str, run_id: str, export_dir: str, register_as: str
 
     model = ExportedModel(export_dir)
     example = pd.DataFrame({"history": [model.raw_ids[:3]]})
+    if model.reads_times:
+        example["times"], example["at"] = [[1_700_000_000, 1_700_003_600, 1_700_007_200]], 1_700_010_800
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
         info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, python_model=Recommendations(),

@@ -4,8 +4,10 @@
     python -m serving.recommend --run <MLflow run id | export dir or URI> --similar 1193 -k 10
 
 (`python -m trainer.recommend` is the same command.) History ids are raw ids as in the source data,
-oldest first. Items already in the history are not recommended, unless the model was trained with
-eval.filter_seen=false (repeats are the point). Unknown ids and feature values are reported on
+oldest first. A model that reads event times (HSTU trained on data with timestamps) also needs `--times`, one
+unix time in seconds per history id, and takes the query's time from `--at` (default: now). Items already in
+the history are not recommended, unless the model was trained with eval.filter_seen=false (repeats are the
+point). Unknown ids and feature values are reported on
 stderr and skipped. `--mmr D` re-ranks the top `--candidates` by maximal marginal relevance: each
 pick maximises
 (1 - D) * score - D * (highest cosine to an item already picked), so D = 0 is the plain ranking.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +62,17 @@ def parse_features(text: str) -> dict[str, list[str]]:
             raise ValueError(f"--user-features: '{part}' must look like name=value")
         out[name.strip()] = [v.strip() for v in value.split("|") if v.strip()]
     return out
+
+
+def parse_times(text: str | None) -> list[int] | None:
+    """"1700000000,1700003600" -> [1700000000, 1700003600]; None stays None."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in parts if not p.lstrip("-").isdigit()]
+    if bad:
+        raise ValueError(f"--times: unix times in whole seconds, got '{bad[0]}'")
+    return [int(p) for p in parts]
 
 
 class UnknownItems(ValueError):
@@ -126,10 +140,26 @@ class Recommender:
         order = mmr(relevance, self.model.embeddings[rows], k, diversity) if diversity > 0 else np.arange(len(rows))[:k]
         return [Ranked(self.model.raw_ids[rows[o]], self.model.titles[rows[o]], float(relevance[o])) for o in order]
 
+    def query_times(self, history: list[str], times: list[int] | None, at: int | None) -> list[int] | None:
+        """What the model reads of the times: one per known history id, then the query's (`at`, default now)."""
+        if not self.model.reads_times:
+            if times is not None:
+                self.notes.append("--times ignored: this model reads no event times")
+            return None
+        if times is None:
+            raise ValueError("--times: this model reads event times (HSTU's time-gap bias): give one unix time in "
+                             "seconds per --history id")
+        if len(times) != len(history):
+            raise ValueError(f"--times: one per --history id ({len(history)}), got {len(times)}")
+        known = [int(t) for raw, t in zip(history, times) if raw in self.model.row_of_raw]
+        return known + [int(time.time()) if at is None else int(at)]
+
     def recommend(self, history: list[str], features: dict[str, list[str]], user: str | None = None, k: int = 20,
-                  diversity: float = 0.0, candidates: int = 200) -> list[Ranked]:
+                  diversity: float = 0.0, candidates: int = 200, times: list[int] | None = None,
+                  at: int | None = None) -> list[Ranked]:
+        """Top k for a history (raw ids, oldest first); `times` and `at` as `query_times` reads them."""
         seen = self.items(history)
-        query = self.model.encode(seen, self.features(features), self.user(user))
+        query = self.model.encode(seen, self.features(features), self.user(user), self.query_times(history, times, at))
         exclude = set(seen) if self.model.manifest.filter_seen else set()
         return self.rank(query, exclude, k, diversity, candidates)
 
@@ -152,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--user-features", default="", help="name=value,... for user and context features "
                                                             "(list features: name=a|b)")
     parser.add_argument("--user", help="raw user id, for models trained with loader.use_user_id")
+    parser.add_argument("--times", help="comma-separated unix times in seconds, one per --history id (models that "
+                                        "read event times: HSTU on data with timestamps)")
+    parser.add_argument("--at", type=int, help="the query's unix time in seconds, with --times (default: now)")
     parser.add_argument("-k", type=int, default=20)
     parser.add_argument("--mmr", type=float, default=0.0, help="diversity weight D in [0, 1] (0: off)")
     parser.add_argument("--candidates", type=int, default=200, help="how many top items MMR re-ranks")
@@ -171,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             history = [h.strip() for h in args.history.split(",") if h.strip()]
             recommender.known_history(history)
             ranked = recommender.recommend(history, parse_features(args.user_features), args.user, args.k,
-                                           args.mmr, args.candidates)
+                                           args.mmr, args.candidates, parse_times(args.times), args.at)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serving.layers import BLOCK_KINDS, Dropout, make_block
+from serving.layers import BLOCK_KINDS, Dropout, make_block, time_gap_buckets
 from serving.plain import Features, TableSpec, first_copies, mlp
 
 
@@ -31,10 +31,13 @@ class SequenceShape:
     input_norm: bool = False  # LayerNorm on item + position embeddings before the input dropout
     candidate: str = "mlp"  # "mlp": candidate MLP over the item embedding and features; "tied": the item embedding
     block: str = "softmax"  # serving.layers.BLOCK_KINDS: the transformer's block, or "silu" for HSTU's
+    time_buckets: int = 0  # > 0: HSTU's units add a time-gap bias, so every query needs its events' times
 
     def __post_init__(self) -> None:
         if self.block not in BLOCK_KINDS:
             raise ValueError(f"SequenceShape.block must be one of {BLOCK_KINDS}, got '{self.block}'")
+        if self.time_buckets and self.block != "silu":
+            raise ValueError(f"SequenceShape.time_buckets needs the 'silu' block, got '{self.block}'")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -76,8 +79,9 @@ class SequenceHead(nn.Module):
         self.scale = math.sqrt(cfg.item_dim)
         self.position = nn.Embedding(max_length, cfg.item_dim, device=device)
         self.input_dropout = Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(make_block(cfg.block, cfg.item_dim, cfg.heads, cfg.dropout, max_length, device)
-                                    for _ in range(cfg.blocks))
+        self.time_buckets = cfg.time_buckets
+        self.blocks = nn.ModuleList(make_block(cfg.block, cfg.item_dim, cfg.heads, cfg.dropout, max_length,
+                                               cfg.time_buckets, device) for _ in range(cfg.blocks))
         self.norm = nn.LayerNorm(cfg.item_dim, device=device)
         self.input_norm = nn.LayerNorm(cfg.item_dim, device=device) if cfg.input_norm else nn.Identity()
         self.query_mlp = mlp(cfg.item_dim * (1 + len(self.bags)) + query_dim, cfg.hidden_dims, cfg.output_dim,
@@ -96,9 +100,21 @@ class SequenceHead(nn.Module):
             self.candidate_mlp = mlp(cfg.item_dim + candidate_dim, cfg.hidden_dims, cfg.output_dim, device)
         nn.init.normal_(self.position.weight, std=0.02)
 
-    def encode(self, history: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def gaps(self, times: torch.Tensor | None, rows: int, width: int) -> torch.Tensor | None:
+        """The time-gap buckets of a batch's `times` (data.batch.no_times: (rows, width + 1)), if the units read
+        them."""
+        if not self.time_buckets:
+            return None
+        if times is None or tuple(times.shape) != (rows, width + 1):
+            found = "none" if times is None or times.numel() == 0 else f"shape {tuple(times.shape)}"
+            raise ValueError(f"this model reads event times (HSTU's time-gap bias): each of the {rows} rows needs its "
+                             f"items' times and the query's, shape ({rows}, {width + 1}); got {found}")
+        return time_gap_buckets(times, self.time_buckets)
+
+    def encode(self, history: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
+               times: torch.Tensor | None = None) -> torch.Tensor:
         """The causal stack's output at `positions` (row * width + step, width = the longest row), followed by
-        the history bags there."""
+        the history bags there. `times`: see `gaps`."""
         d = history.shape[1]
         if len(lengths) == 0:  # no sequence rows (the catalogue's candidates only)
             return history.new_zeros(0, d * (1 + len(self.bags)))
@@ -108,15 +124,16 @@ class SequenceHead(nn.Module):
         width = max(int(lengths.max()), 1)
         items = padded(history, lengths, width)
         x = self.input_dropout(self.input_norm(items * self.scale + self.position.weight[:width]))
+        gaps = self.gaps(times, len(lengths), width)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, gaps)
         parts = [self.norm(x)] + causal_bags(items, self.bags)
         return torch.cat([p.reshape(-1, d)[positions] for p in parts], dim=1)
 
     def query(self, history: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
-              query_features: list[torch.Tensor]) -> torch.Tensor:
+              query_features: list[torch.Tensor], times: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised queries at `positions` of the sequence rows (`lengths`)."""
-        encoded = self.encode(history, lengths, positions)
+        encoded = self.encode(history, lengths, positions, times)
         return F.normalize(self.query_mlp(torch.cat([encoded] + query_features, dim=1)), dim=-1)
 
     def candidate(self, items: torch.Tensor, item_features: list[torch.Tensor]) -> torch.Tensor:
@@ -128,10 +145,11 @@ class SequenceHead(nn.Module):
 
     def forward(self, history: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
                 query_features: list[torch.Tensor], items: torch.Tensor, item_features: list[torch.Tensor],
-                candidate_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                candidate_ids: torch.Tensor | None = None,
+                times: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised queries at `positions` of the sequence rows (`lengths`) and candidates. Given the candidate
         rows' ids, the candidate MLP runs once per distinct item and its output is spread back to every row."""
-        query = self.query(history, lengths, positions, query_features)
+        query = self.query(history, lengths, positions, query_features, times)
         if candidate_ids is None:
             return query, self.candidate(items, item_features)
         _, first, inverse = first_copies(candidate_ids)
@@ -166,22 +184,36 @@ class PlainSequenceTower(nn.Module):
         return cls(SequenceShape(**seq["shape"]), seq["item_vocab"], seq["max_length"], tower.tables,
                    tower.query_keys, seq["candidate_dim"], tuple(tower.history_bags))
 
-    def encode(self, history: torch.Tensor, features: Features) -> torch.Tensor:
-        """One query: its history's last `max_length` ids, oldest first, as the evaluation loader cuts it."""
+    @property
+    def reads_times(self) -> bool:
+        """Whether a query needs its events' times (HSTU's time-gap bias)."""
+        return bool(self.head.time_buckets)
+
+    def encode(self, history: torch.Tensor, features: Features, times: torch.Tensor | None = None) -> torch.Tensor:
+        """One query: its history's last `max_length` ids, oldest first, as the evaluation loader cuts it; with
+        `reads_times`, `times` holds the history's times and then the query's (one more than the history)."""
         ids = history[-self.max_length:]
-        return self.query(torch.tensor([len(ids)]), ids, features)
+        if times is not None:
+            if len(times) != len(history) + 1:
+                raise ValueError(f"a query's times are its history's and then its own: {len(history) + 1} "
+                                 f"values, got {len(times)}")
+            # An empty history still has a step (width 1): its times are the query's, then padding, as in evaluation.
+            times = F.pad(times[-(len(ids) + 1):], (0, int(len(ids) == 0))).reshape(1, -1)
+        return self.query(torch.tensor([len(ids)]), ids, features, times)
 
     def pooled(self, key: str, lengths: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         offsets = F.pad(torch.cumsum(lengths, 0), (1, 0))
         return self.tables[self.table_of[key]](values, offsets)
 
-    def query(self, lengths: torch.Tensor, values: torch.Tensor, features: Features) -> torch.Tensor:
+    def query(self, lengths: torch.Tensor, values: torch.Tensor, features: Features,
+              times: torch.Tensor | None = None) -> torch.Tensor:
         """Queries of sequence rows (`lengths`, item ids `values`, oldest first, at most the max length) with
-        their features: the encoding at each row's last position, as the evaluation loader places it."""
+        their features (and `times`, data.batch.no_times): the encoding at each row's last position, as the
+        evaluation loader places it."""
         width = max(int(lengths.max()), 1) if len(lengths) else 1
         positions = torch.arange(len(lengths)) * width + (lengths - 1).clamp(min=0)
         parts = [self.pooled(k, *features[k]) for k in self.query_keys]
-        return self.head.query(self.items(values), lengths, positions, parts)
+        return self.head.query(self.items(values), lengths, positions, parts, times)
 
     def candidate(self, features: Features, item_key: str, feature_keys: list[str]) -> torch.Tensor:
         """Candidate embeddings of rows holding one item id each under `item_key` (export builds the catalogue's

@@ -173,8 +173,9 @@ def tiny_data(tmp_path_factory):
 
 
 def recommend_from_raw_ids(model, row: dict, k: int = 10) -> tuple[list[int], list[float]]:
-    """A prepared row's history and features as a user types them into `recommend` (raw ids, oldest first),
-    through the same `Recommender` the CLI runs: the dense item ids it ranks top, and their scores."""
+    """A prepared row's history and features (and times, for a model that reads them) as a user types them into
+    `recommend` (raw ids, oldest first), through the same `Recommender` the CLI runs: the dense item ids it ranks
+    top, and their scores."""
     from serving.recommend import Recommender
 
     raw_item = dict(zip(model.item_ids.tolist(), model.raw_ids))
@@ -183,7 +184,8 @@ def recommend_from_raw_ids(model, row: dict, k: int = 10) -> tuple[list[int], li
         raw_value = {dense: raw for raw, dense in model.id_maps[name].items()}
         features[name] = [raw_value[v] for v in (row[name] if multi else [row[name]]) if v != schema.PAD_ID]
     recommender = Recommender(model)
-    ranked = recommender.recommend([raw_item[i] for i in row["history"]], features, k=k)
+    times = {"times": row[schema.HISTORY_TIMES], "at": row[schema.TIMESTAMP]} if model.reads_times else {}
+    ranked = recommender.recommend([raw_item[i] for i in row["history"]], features, k=k, **times)
     assert not [n for n in recommender.notes if "unknown" in n], recommender.notes
     return [int(model.item_ids[model.row_of_raw[r.raw_id]]) for r in ranked], [r.score for r in ranked]
 

@@ -57,11 +57,11 @@ class TransformerConfig:
             raise ConfigError(f"model.tower.dropout must be in [0, 1), got {self.dropout}")
 
 
-def shape(cfg: JobConfig, block: str) -> SequenceShape:
+def shape(cfg: JobConfig, block: str, time_buckets: int = 0) -> SequenceShape:
     """The head's shape from the job's model section and its tower's (a TransformerConfig or a subclass)."""
     m, t = cfg.model, cfg.model.tower
     return SequenceShape(m.item_dim, t.blocks, t.heads, t.dropout, list(m.hidden_dims), m.output_dim, t.input_norm,
-                         t.candidate, block)
+                         t.candidate, block, time_buckets)
 
 
 class SequenceTwoTower(nn.Module):
@@ -101,7 +101,7 @@ class SequenceTwoTower(nn.Module):
         # Training batches carry the candidates' ids (the head runs its candidate MLP once per distinct item);
         # evaluation batches have no candidates.
         return self.head(history.values(), lengths, batch.positions, query_features, items.values(), item_features,
-                         getattr(batch, "candidate_ids", None))
+                         getattr(batch, "candidate_ids", None), batch.times)
 
     def item_embeddings(self, catalogue: Catalogue, device: torch.device, chunk: int = 8192) -> torch.Tensor:
         """(num_items + 1, dim) candidate embeddings of the whole catalogue, in chunks."""
@@ -148,6 +148,13 @@ class Transformer(Tower):
     layout = SEQUENCE
     block = "softmax"  # serving.layers.BLOCK_KINDS: the causal stack's block
 
+    def time_buckets(self, meta: Metadata, cfg: JobConfig) -> int:
+        """Time-gap buckets of the stack's bias (SequenceShape.time_buckets): none for softmax attention."""
+        return 0
+
+    def shape(self, meta: Metadata, cfg: JobConfig) -> SequenceShape:
+        return shape(cfg, self.block, self.time_buckets(meta, cfg))
+
     def check(self, cfg: JobConfig) -> None:
         section = self.section(cfg)
         if cfg.model.item_dim % section.heads:
@@ -167,7 +174,7 @@ class Transformer(Tower):
                                 num_embeddings=meta.item_vocab, feature_names=[SEQUENCE_KEY, ITEM_KEY])]
 
     def build(self, meta: Metadata, cfg: JobConfig, device: torch.device) -> SequenceTwoTower:
-        return SequenceTwoTower(meta, cfg, shape(cfg, self.block), self.sequence_tables(meta, cfg),
+        return SequenceTwoTower(meta, cfg, self.shape(meta, cfg), self.sequence_tables(meta, cfg),
                                 self.bag_tables(meta, cfg), device)
 
     def plain(self, meta: Metadata, cfg: JobConfig, query_only: bool = False,
@@ -181,7 +188,7 @@ class Transformer(Tower):
         features = candidate_keys([f.name for f in meta.item_features])[1:]
         if query_only:
             tables = tables_read_by(tables, layout.keys)
-        return PlainSequenceTower(shape(cfg, self.block), meta.item_vocab, cfg.loader.max_sequence_length, tables,
+        return PlainSequenceTower(self.shape(meta, cfg), meta.item_vocab, cfg.loader.max_sequence_length, tables,
                                   layout.keys, sum(dims[k] for k in features), tuple(cfg.loader.history_bags), sparse)
 
     def export(self, cfg: JobConfig, meta: Metadata, catalogue: Catalogue, load: Callable[[Any], None]) -> Exported:
@@ -195,13 +202,14 @@ class Transformer(Tower):
         tower.load_state_dict({k: v for k, v in model.state_dict().items() if k in tower.state_dict()})
         tower.eval()
         candidate_dim = model.head.candidate_dim
-        return Exported(tower, items, {"shape": shape(cfg, self.block).as_dict(), "item_vocab": meta.item_vocab,
+        return Exported(tower, items, {"shape": self.shape(meta, cfg).as_dict(), "item_vocab": meta.item_vocab,
                                        "max_length": cfg.loader.max_sequence_length,
                                        "candidate_dim": candidate_dim})
 
     def encode_queries(self, query_tower: nn.Module, batch) -> torch.Tensor:
         history = batch.sequence[SEQUENCE_KEY]
-        return query_tower.query(history.lengths().long(), history.values(), kjt_features(batch.sparse))
+        times = batch.times if query_tower.reads_times else None
+        return query_tower.query(history.lengths().long(), history.values(), kjt_features(batch.sparse), times)
 
 
 TOWER = Transformer()

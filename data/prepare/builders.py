@@ -140,6 +140,7 @@ def sequence_rows(events: pa.Table, users: pa.Table, shape: Shape) -> pa.Table:
     if shape.has_time:
         times = gather_ragged(e["ts"], starts, lengths)
         columns.update({k: list_array(lengths, v) for k, v in context(times).items()})
+        columns[schema.SEQUENCE_TIMES] = list_array(lengths, times)
     columns["_bucket"] = pa.array(chunk_of(ids, shape), pa.int64())
     return pa.table(columns)
 
@@ -162,6 +163,8 @@ def eval_rows(events: pa.Table, queries: pa.Table, shape: Shape) -> pa.Table:
     if shape.has_time:
         times = queries.column("context_ts").to_numpy()
         columns.update({k: pa.array(v, pa.int64()) for k, v in context(times).items()})
+        columns[schema.HISTORY_TIMES] = list_array(recent, gather_ragged(e["ts"], first + cutoff - recent, recent))
+        columns[schema.TIMESTAMP] = pa.array(times, pa.int64())
     columns[schema.SEEN] = list_array(cutoff, seen)
     columns[schema.TARGETS] = queries.column(schema.TARGETS).combine_chunks().cast(LIST)
     columns["_bucket"] = pa.array(chunk_of(user, shape), pa.int64())
@@ -178,10 +181,12 @@ def output_schema(kind: str, shape: Shape) -> pa.Schema:
                      ("_order", pa.int64()), ("_pos", pa.int64())])
     elif kind == "sequences":
         fields = ([(schema.USER, pa.int64()), (schema.SEQUENCE_ITEMS, LIST), (schema.SEQUENCE_TARGETS, LIST)]
-                  + features + ([(name, LIST) for name in CONTEXT] if shape.has_time else [])
+                  + features + ([(name, LIST) for name in CONTEXT] + [(schema.SEQUENCE_TIMES, LIST)]
+                                if shape.has_time else [])
                   + [("_bucket", pa.int64())])
     else:
-        fields = ([(schema.USER, pa.int64()), (schema.HISTORY, LIST)] + features + context_scalars
+        times = [(schema.HISTORY_TIMES, LIST), (schema.TIMESTAMP, pa.int64())] if shape.has_time else []
+        fields = ([(schema.USER, pa.int64()), (schema.HISTORY, LIST)] + features + context_scalars + times
                   + [(schema.SEEN, LIST), (schema.TARGETS, LIST), ("_bucket", pa.int64())])
     return pa.schema(fields)
 

@@ -395,5 +395,5 @@ class Plan:
             repeats=self.repeats, item_features=self.item_specs, user_features=self.user_specs,
             context_features=list(CONTEXT_SPECS) if self.source.has_time else [],
             mean_history_length=self.mean_history_length, mean_sequence_length=self.mean_sequence_length,
-            files=self.files)
+            files=self.files, event_times=self.source.has_time)
         self.staging.write_text(schema.METADATA_FILE, self.metadata.to_json())

@@ -193,6 +193,9 @@ def test_sequence_file_with_item_attributes(tmp_path):
                          "--min-user-events", "3", "--out", str(out)]) == 0
     meta = Metadata.load(out)
     assert meta.num_items == 5 and meta.context_features == [], "positions are not clock time"
+    assert not meta.event_times, "nor are they event times"
+    sequences = pq.read_table(out / schema.SEQUENCES_DIR)
+    assert schema.SEQUENCE_TIMES not in sequences.column_names
     assert meta.counts["train_examples"] == 1 + 0 + 2
     catalogue = pq.read_table(out / schema.ITEMS_FILE).to_pandas().set_index("raw_id")
     attrs = raw_id_of(out, "i_attr")
@@ -209,6 +212,11 @@ def test_movielens_dat_and_csv_layouts(tmp_path):
     assert prepare_main(["movielens", str(dat), "--out", str(tmp_path / "a"), "--min-user-events", "3"]) == 0
     meta = Metadata.load(tmp_path / "a")
     assert meta.num_items == 4 and {f.name for f in meta.item_features} == {"i_genre", "i_decade"}
+    assert meta.event_times
+    sequences = pq.read_table(tmp_path / "a" / schema.SEQUENCES_DIR).to_pylist()
+    assert [row[schema.SEQUENCE_TIMES] for row in sequences] == [[1000, 1010]] * 3, "each event's time, in order"
+    test = pq.read_table(tmp_path / "a" / schema.TEST_DIR).to_pylist()
+    assert [(row[schema.HISTORY_TIMES], row[schema.TIMESTAMP]) for row in test] == [([1000, 1010, 1020], 1030)] * 3
     csv = tmp_path / "ml-25m"
     csv.mkdir()
     (csv / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "\n".join(

@@ -40,6 +40,14 @@ def events_dir(tmp_path_factory):
     return out
 
 
+def event_times(path) -> dict[tuple[int, int], int]:
+    """(dense user, dense item) -> the event's time, from the source file and the prepared id maps."""
+    ids = {kind: dict(pd.read_parquet(path / "id_maps" / f"{kind}.parquet").values.tolist())
+           for kind in ("user", "item")}
+    events = pd.read_csv(path.parent / "events.csv")
+    return {(ids["user"][u], ids["item"][i]): t for u, i, t in events.itertuples(index=False)}
+
+
 def bag_examples(path) -> dict[tuple[int, int], dict]:
     """(user, target) -> the bag tower's training example: whole history and every query feature."""
     cfg = LoaderConfig(batch_size=8, history_bags=[0], use_user_id=True, feature_dropout=0.0)
@@ -56,7 +64,8 @@ def bag_examples(path) -> dict[tuple[int, int], dict]:
 
 
 def sequence_examples(path, max_length: int, world: int = 1, batch_size: int = 3, bucket: bool = False):
-    """Every position of one epoch over `world` ranks: (user, target, visible inputs, query features)."""
+    """Every position of one epoch over `world` ranks: (user, target, visible inputs, query features, the times
+    of its inputs and of its target)."""
     cfg = LoaderConfig(batch_size=batch_size, max_sequence_length=max_length, use_user_id=True,
                        feature_dropout=0.0, bucket_by_length=bucket)
     out, lengths = [], []
@@ -75,13 +84,14 @@ def sequence_examples(path, max_length: int, world: int = 1, batch_size: int = 3
             assert all(len(row) <= max_length for row in inputs)
             assert torch.equal(batch.row_mask, torch.tensor([len(row) > 0 for row in inputs[:b]]))
             width = max(len(row) for row in inputs[:b])
+            assert batch.times.shape == (b, width + 1)
             features = {key: jagged_rows(batch.sparse, key)[:p] for key in loader.query_keys}
             u = int(batch.num_positives[0])
             assert len(set(batch.candidate_ids[:u].tolist())) == u, "in-batch targets are distinct"
             for j, (position, column) in enumerate(zip(batch.positions.tolist(), batch.own_column.tolist())):
                 row, step = divmod(position, width)
                 out.append((features["user_id"][j][0], int(batch.candidate_ids[column]), inputs[row][:step + 1],
-                            {key: rows[j] for key, rows in features.items()}))
+                            {key: rows[j] for key, rows in features.items()}, batch.times[row, :step + 2].tolist()))
     assert len(set(lengths)) == 1, "every rank runs the same number of steps"
     return out
 
@@ -90,13 +100,15 @@ def sequence_examples(path, max_length: int, world: int = 1, batch_size: int = 3
                                                      (5, 2, True), (200, 2, True)])
 def test_every_training_target_once_at_the_position_that_sees_its_history(events_dir, max_length, world, bucket):
     bags = bag_examples(events_dir)
+    times = event_times(events_dir)
     positions = sequence_examples(events_dir, max_length, world, bucket=bucket)
-    assert Counter((user, target) for user, target, _, _ in positions) == Counter(list(bags)), \
+    assert Counter((user, target) for user, target, *_ in positions) == Counter(list(bags)), \
         "each training target exactly once per epoch across ranks"
     inputs = Counter()  # per user: inputs of its sequence (every event but the last training target)
     for user, _ in bags:
         inputs[user] += 1
-    for user, target, visible, features in positions:
+    for user, target, visible, features, row_times in positions:
+        assert row_times == [times[(user, item)] for item in visible + [target]], "inputs' times, then the target's"
         example = bags[(user, target)]
         history = example[history_key(0)]
         assert visible == history[len(history) - len(visible):] and 1 <= len(visible) <= max_length
@@ -144,7 +156,7 @@ def test_bucketing_is_refused_for_a_tower_without_sequences():
 
 
 def test_no_validation_or_test_target_is_a_training_target(events_dir):
-    trained = {(user, target) for user, target, _, _ in sequence_examples(events_dir, 4)}
+    trained = {(user, target) for user, target, *_ in sequence_examples(events_dir, 4)}
     for split in ("valid", "test"):
         loader = open_loader(events_dir, LoaderConfig(batch_size=4, use_user_id=True), split,
                              layout=SEQUENCE)
@@ -159,6 +171,7 @@ def test_no_validation_or_test_target_is_a_training_target(events_dir):
 
 
 def test_evaluation_queries_read_the_last_items_and_point_at_the_last_position(events_dir):
+    times = event_times(events_dir)
     cfg = LoaderConfig(batch_size=4, max_sequence_length=3, history_bags=[0])
     bags = open_loader(events_dir, cfg, "valid")
     sequences = open_loader(events_dir, cfg, "valid", layout=SEQUENCE)
@@ -166,10 +179,14 @@ def test_evaluation_queries_read_the_last_items_and_point_at_the_last_position(e
         histories = jagged_rows(bag.sparse, history_key(0))
         inputs = jagged_rows(seq.sequence, SEQUENCE_KEY)
         width = max(len(row) for row in inputs)
+        assert seq.times.shape == (bag.batch_size, width + 1)
         for i in range(bag.batch_size):
             if bag.row_mask[i]:
                 assert inputs[i] == histories[i][-3:]
                 assert seq.positions[i] == i * width + len(inputs[i]) - 1
+                user, target = int(seq.users[i]), int(seq.target_values[seq.target_offsets[i]])
+                assert seq.times[i, :len(inputs[i]) + 1].tolist() == [times[(user, item)] for item in
+                                                                       inputs[i] + [target]], "history's, then query's"
         assert torch.equal(bag.target_values, seq.target_values) and torch.equal(bag.seen_values, seq.seen_values)
 
 

@@ -11,16 +11,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 import towers
 from config import ExportConfig, dump, load_config
-from data.schema import Metadata
+from data.schema import HISTORY_TIMES, TIMESTAMP, Metadata
 from serving import index as ann
 from serving.format import ExportError
 from serving.model import ExportedModel
+from serving.pyfunc import EXPORT_ARTIFACT_KEY, Recommendations
 from serving.recommend import main as recommend_main
 from serving.recommend import mmr
 from serving.runs import LOCAL_EXPORTS
@@ -112,9 +114,11 @@ def test_a_query_built_from_raw_inputs_matches_the_loaders(exported):
     model = ExportedModel(exported.dir)
     rows = pq.read_table(exported.data / "valid").slice(0, 40).to_pylist()
     expected = tower_queries(model, exported.batch)[:40]
+    assert model.reads_times == (exported.tower == "hstu"), "HSTU reads the tiny data's event times"
     for row, want in zip(rows, expected):
         features = {name: row[name] if multi else [row[name]] for name, multi in model.features.items()}
-        np.testing.assert_allclose(model.encode(row["history"], features), want, rtol=1e-5, atol=1e-6)
+        times = row[HISTORY_TIMES] + [row[TIMESTAMP]] if model.reads_times else None
+        np.testing.assert_allclose(model.encode(row["history"], features, times=times), want, rtol=1e-5, atol=1e-6)
     for position, row in enumerate(rows[:10]):
         items, scores = recommend_from_raw_ids(model, row)
         torch.testing.assert_close(torch.tensor(scores), exported.scores[position, items], rtol=1e-5, atol=1e-5)
@@ -146,23 +150,64 @@ def test_every_serving_entry_point_runs_without_torchrec(exported, tmp_path):
     experiment = client.create_experiment("serving", artifact_location=str(tmp_path / "artifacts"))
     run = client.create_run(experiment).info.run_id
     client.log_artifacts(run, str(exported.dir), "export")
-    item = ExportedModel(exported.dir).raw_ids[0]
+    model = ExportedModel(exported.dir)
+    item = model.raw_ids[0]
+    timed = ["--times", "1700000000"] if model.reads_times else []
     entry_points = {
         "ExportedModel": "from serving.model import ExportedModel\n"
-                         f"m = ExportedModel({str(exported.dir)!r}); assert m.encode([1, 2, 3], {{}}).shape == "
-                         f"(m.manifest.dim,)",
-        "recommend --history": cli("serving.recommend", "--run", str(exported.dir), "--history", item, "-k", "3"),
+                         f"m = ExportedModel({str(exported.dir)!r})\n"
+                         "times = [1, 2, 3, 4] if m.reads_times else None\n"
+                         "assert m.encode([1, 2, 3], {}, times=times).shape == (m.manifest.dim,)",
+        "recommend --history": cli("serving.recommend", "--run", str(exported.dir), "--history", item, *timed,
+                                   "-k", "3"),
         "recommend --similar": cli("serving.recommend", "--run", str(exported.dir), "--similar", item, "-k", "3"),
         "recommend --run <MLflow run id>": cli("serving.recommend", "--run", run, "--tracking-uri", uri,
-                                               "--history", item, "-k", "3"),
+                                               "--history", item, *timed, "-k", "3"),
         "trainer.recommend (the old command)": cli("trainer.recommend", "--run", str(exported.dir), "--history",
-                                                   item, "-k", "3"),
+                                                   item, *timed, "-k", "3"),
     }
     # One interpreter runs them all, in turn: whichever imported TorchRec, it is still loaded at the end.
     result = fresh_interpreter("\n".join(f"print({name!r}, flush=True)\n{code}" for name, code in entry_points.items()))
     assert result.returncode == 0, (result.stdout.splitlines()[-3:], result.stderr[-2000:])
     assert result.stdout.strip().splitlines()[-1] == "LOADED []", result.stdout[-500:]
     assert fresh_interpreter("import trainer.loop").stdout.strip() != "LOADED []", "the check can see TorchRec"
+
+
+@pytest.mark.parametrize("exported", ["hstu"], indirect=True)
+def test_a_model_that_reads_event_times_needs_them_and_scores_by_them(exported, capsys):
+    """HSTU on data with timestamps: recommend refuses a history without its times (one line, exit 2), counts them,
+    and its answer moves with the query's time, while the bag tower only notes that it ignores them."""
+    model = ExportedModel(exported.dir)
+    history = ",".join(model.raw_ids[:3])
+    run = ("--run", str(exported.dir), "--history", history, "--json", "-k", "5")
+    missing = in_process(capsys, *run)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert "error: --times: this model reads event times" in missing.stderr
+    short = in_process(capsys, *run, "--times", "1700000000,1700000600")
+    assert short.returncode == 2 and "--times: one per --history id (3), got 2" in short.stderr
+    word = in_process(capsys, *run, "--times", "1700000000,soon,1700000900")
+    assert word.returncode == 2 and "--times: unix times in whole seconds, got 'soon'" in word.stderr
+    times = ("--times", "1700000000,1700000600,1700000900")
+    soon, later = (in_process(capsys, *run, *times, "--at", at) for at in ("1700001000", "1760000000"))
+    assert soon.returncode == later.returncode == 0, (soon.stderr, later.stderr)
+    assert json.loads(soon.stdout) != json.loads(later.stdout), "the query's time is read"
+    again = in_process(capsys, *run, *times, "--at", "1700001000")
+    assert json.loads(again.stdout) == json.loads(soon.stdout)
+    first, second, third = model.raw_ids[:3]
+    skipped = in_process(capsys, "--run", str(exported.dir), "--history", f"{first},no-such-item,{second},{third}",
+                         "--times", "1700000000,1700000300,1700000600,1700000900", "--at", "1700001000", "--json",
+                         "-k", "5")
+    assert "unknown item ids, skipped: no-such-item" in skipped.stderr
+    assert json.loads(skipped.stdout) == json.loads(soon.stdout), "an unknown id's time goes with it"
+    cold = in_process(capsys, "--run", str(exported.dir), "--history", "", "--times", "", "-k", "3", "--json")
+    assert cold.returncode == 0 and len(json.loads(cold.stdout)) == 3, "a cold start needs only the query's time"
+    pyfunc = Recommendations()
+    pyfunc.load_context(SimpleNamespace(artifacts={EXPORT_ARTIFACT_KEY: str(exported.dir)}))
+    rows = pd.DataFrame({"history": [model.raw_ids[:3]] * 2, "times": [[1700000000, 1700000600, 1700000900]] * 2,
+                         "at": [1700001000, 1760000000]})
+    answers = pyfunc.predict(None, rows, {"k": 5})
+    assert [list(items) for items in answers["items"]] == [[r["raw_id"] for r in json.loads(out.stdout)]
+                                                           for out in (soon, later)], "pyfunc reads times like the CLI"
 
 
 def test_recommend_skips_unknown_and_seen_ids(exported, tmp_path, capsys, monkeypatch):
@@ -184,6 +229,8 @@ def test_recommend_skips_unknown_and_seen_ids(exported, tmp_path, capsys, monkey
     assert history[0] not in {r["raw_id"] for r in json.loads(similar.stdout)}
     no_user_table = in_process(capsys, "--run", str(exported.dir), "--history", history[0], "--user", "3")
     assert no_user_table.returncode == 0 and "--user ignored: this model has no user-id table" in no_user_table.stderr
+    timed = in_process(capsys, "--run", str(exported.dir), "--history", history[0], "--times", "1700000000")
+    assert timed.returncode == 0 and "--times ignored: this model reads no event times" in timed.stderr
     unknown = in_process(capsys, "--run", str(exported.dir), "--similar", "no-such-item")
     assert unknown.returncode == 2 and unknown.stdout == ""
     assert f"error: --similar: item id 'no-such-item' is not in the catalogue ({len(model.raw_ids)} items, e.g. " \
