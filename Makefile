@@ -6,7 +6,7 @@ DEMO    ?= prepared/synthetic
 ARGS    ?=
 TESTS   ?= tests
 
-.PHONY: setup demo ui serve recommend lint test test-unit docs ui-screenshot bench-loader bench-quality bench-train-step bench-sequence-step bench-serving bench-short-history bench-faults bench-prepare clean
+.PHONY: setup demo ui serve recommend lint test test-unit docs ui-screenshot bench-loader bench-quality bench-train-step bench-sequence-step bench-evaluation bench-serving bench-short-history bench-faults bench-prepare clean
 
 setup: $(STAMP)
 
@@ -85,6 +85,9 @@ bench-train-step: setup
 
 bench-sequence-step: setup  # the sequence towers' steps; with the ML-1M epochs end to end and a profile
 	$(PY) -m bench.sequence_step --epoch prepared/ml-1m --profile
+
+bench-evaluation: setup  # one validation pass of each sequence tower, queries in file order and by length
+	$(PY) -m bench.evaluation --prepared prepared/ml-1m
 
 bench-short-history: setup  # bags and both transformer recipes on short histories, 3 seeds (about an hour a dataset)
 	$(PY) -m bench.short_history

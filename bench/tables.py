@@ -131,6 +131,18 @@ def search_table(result: dict) -> list[str]:
     return lines
 
 
+def evaluation_table(result: dict) -> list[str]:
+    """bench/evaluation.py: one validation pass per tower, queries in file order and by length."""
+    lines = ["| tower | queries in | seconds (median) | padding the stack computed | HR@10 / NDCG@10 (untrained) | "
+             "speed-up |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in result["results"]:
+        speedup = f"x{result['speedup'][r['tower']]:.2f}" if r["order"] == "length" else ""
+        lines.append(f"| {r['tower']} | {'file order' if r['order'] == 'file' else 'length order'} | "
+                     f"{r['seconds']:.1f} | {r['padding_share']:.0%} | {r['metrics']['hr@10']:.4f} / "
+                     f"{r['metrics']['ndcg@10']:.4f} | {speedup} |")
+    return lines
+
+
 def provenance(result: dict) -> str:
     """When and where the numbers were measured: the results' date and machine."""
     m = result.get("machine", {})
@@ -149,6 +161,8 @@ def table(name: str) -> list[str]:
         lines = short_history_table(result)
     elif name == "short_history_search":
         lines = search_table(result)
+    elif name == "evaluation":
+        lines = evaluation_table(result)
     else:
         lines = step_table(result, "positions/s")
         if result.get("epoch"):

@@ -325,11 +325,26 @@ class EvalLoader(SplitLoader):
                          seen_values=torch.from_numpy(s_values))
 
 
+# Evaluation rows of a sequence tower are ordered by length within buffers of this many batches.
+EVAL_SORT_BATCHES = 16
+
+
 class SequenceEvalLoader(EvalLoader):
     """EvalLoader for the transformer tower: each query's last `loader.max_sequence_length` history items go to
-    the EmbeddingCollection, its features to the EBC; the query is the encoding at the last position."""
+    the EmbeddingCollection, its features to the EBC; the query is the encoding at the last position. Rows come
+    ordered by history length within buffers of EVAL_SORT_BATCHES batches, so a batch's rows have about one length
+    and the stack computes little padding (46% of ML-1M's positions in file order, 85% of the short-history
+    set's; ML-1M's validation runs 1.7x faster). Every metric is a sum over queries, so the order changes none,
+    beyond float rounding where batch shapes change a query's last bits (an untrained model's ML-1M MRR by 8e-10)."""
 
     sequence = True
+
+    def buffer_rows(self) -> int:
+        return EVAL_SORT_BATCHES * self.batch_size
+
+    def row_order(self, block: Rows, rng: np.random.Generator) -> np.ndarray:
+        lengths = np.diff(block.lists[schema.HISTORY][0])[:block.n]
+        return np.argsort(np.minimum(lengths, self.cfg.max_sequence_length), kind="stable")
 
     def extra_columns(self) -> list[Column]:
         times = [Column(schema.HISTORY_TIMES, None, True), Column(schema.TIMESTAMP, None, False)]

@@ -18,6 +18,7 @@ from data.prepare.cli import main as prepare_main
 from data.schema import PAD_ID
 from data.sequences import chunk_bounds, chunk_counts
 from tests.data.test_loader import jagged_rows
+from trainer.evaluate import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -170,24 +171,72 @@ def test_no_validation_or_test_target_is_a_training_target(events_dir):
         assert len(held_out) == 9 and not trained & held_out, split
 
 
-def test_evaluation_queries_read_the_last_items_and_point_at_the_last_position(events_dir):
+def csr_rows(offsets: torch.Tensor, values: torch.Tensor) -> list[list[int]]:
+    return [values[offsets[i]:offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
+
+
+def bag_queries(path, cfg: LoaderConfig) -> dict[int, tuple]:
+    """user -> (whole history, targets, seen) of the bag tower's evaluation queries, in file order."""
+    out = {}
+    for batch in open_loader(path, cfg, "valid").epoch(0):
+        histories = jagged_rows(batch.sparse, history_key(0))
+        targets = csr_rows(batch.target_offsets, batch.target_values)
+        seen = csr_rows(batch.seen_offsets, batch.seen_values)
+        for i in range(batch.batch_size):
+            if batch.row_mask[i]:
+                out[int(batch.users[i])] = (histories[i], targets[i], seen[i])
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_evaluation_queries_read_the_last_items_and_point_at_the_last_position(events_dir, world):
+    """Every query once across ranks, ordered by length, with its last items, its position, its times, and the
+    targets and seen items of the bag tower's same query."""
     times = event_times(events_dir)
-    cfg = LoaderConfig(batch_size=4, max_sequence_length=3, history_bags=[0])
-    bags = open_loader(events_dir, cfg, "valid")
-    sequences = open_loader(events_dir, cfg, "valid", layout=SEQUENCE)
-    for bag, seq in zip(bags.epoch(0), sequences.epoch(0)):
-        histories = jagged_rows(bag.sparse, history_key(0))
-        inputs = jagged_rows(seq.sequence, SEQUENCE_KEY)
-        width = max(len(row) for row in inputs)
-        assert seq.times.shape == (bag.batch_size, width + 1)
-        for i in range(bag.batch_size):
-            if bag.row_mask[i]:
-                assert inputs[i] == histories[i][-3:]
-                assert seq.positions[i] == i * width + len(inputs[i]) - 1
-                user, target = int(seq.users[i]), int(seq.target_values[seq.target_offsets[i]])
-                assert seq.times[i, :len(inputs[i]) + 1].tolist() == [times[(user, item)] for item in
-                                                                       inputs[i] + [target]], "history's, then query's"
-        assert torch.equal(bag.target_values, seq.target_values) and torch.equal(bag.seen_values, seq.seen_values)
+    cfg = LoaderConfig(batch_size=2, max_sequence_length=3, history_bags=[0])
+    bags = bag_queries(events_dir, cfg)
+    users = []
+    for rank in range(world):
+        order = []
+        for seq in open_loader(events_dir, cfg, "valid", rank=rank, world_size=world, layout=SEQUENCE).epoch(0):
+            inputs = jagged_rows(seq.sequence, SEQUENCE_KEY)
+            width = max(max(len(row) for row in inputs), 1)  # a batch of padding rows still has one step
+            assert seq.times.shape == (seq.batch_size, width + 1)
+            targets = csr_rows(seq.target_offsets, seq.target_values)
+            seen = csr_rows(seq.seen_offsets, seq.seen_values)
+            for i in range(seq.batch_size):
+                if seq.row_mask[i]:
+                    user = int(seq.users[i])
+                    history, want_targets, want_seen = bags[user]
+                    assert inputs[i] == history[-3:] and (targets[i], seen[i]) == (want_targets, want_seen)
+                    assert seq.positions[i] == i * width + len(inputs[i]) - 1
+                    assert seq.times[i, :len(inputs[i]) + 1].tolist() == [times[(user, item)] for item in
+                                                                           inputs[i] + [targets[i][0]]], \
+                        "history's, then query's"
+                    users.append(user)
+                    order.append(len(inputs[i]))
+        assert order == sorted(order), "a rank's queries come by length (one buffer here)"
+    assert sorted(users) == sorted(bags), "every query once across ranks"
+
+
+def test_the_order_of_evaluation_queries_changes_no_metric(events_dir, monkeypatch):
+    """The metrics of queries ordered by length equal those of the same queries in file order."""
+    cfg = LoaderConfig(batch_size=2, max_sequence_length=3, history_bags=[0])
+    loader = open_loader(events_dir, cfg, "valid", layout=SEQUENCE)
+    vocab = loader.meta.item_vocab
+
+    def scorer(batch):  # each query's own scores: a function of its last items
+        history = batch.sequence[SEQUENCE_KEY]
+        rows = torch.repeat_interleave(torch.arange(batch.batch_size), history.lengths().long())
+        scores = torch.zeros(batch.batch_size, vocab, dtype=torch.float64)
+        scores.index_put_((rows, (history.values() * 7 + 3) % vocab), torch.ones(len(rows), dtype=torch.float64),
+                          accumulate=True)
+        return scores + torch.arange(vocab, dtype=torch.float64) * 1e-3
+
+    by_length = evaluate(scorer, loader.epoch(0), [1, 5], loader.meta.num_items, torch.device("cpu"))
+    monkeypatch.setattr(type(loader), "row_order", lambda self, block, rng: np.arange(block.n))
+    in_file_order = evaluate(scorer, loader.epoch(0), [1, 5], loader.meta.num_items, torch.device("cpu"))
+    assert by_length["users"] == 9 and by_length == pytest.approx(in_file_order, rel=1e-12)
 
 
 def test_chunks_are_newest_first_and_cover_each_input_once():

@@ -262,7 +262,7 @@ def train_one_sharding(rank: int, data: str, tower: str, sharding_type: str, out
     scores = job.model.scorer(job.data, torch.device("cpu"))(batch)
     history = batch.sequence[SEQUENCE_KEY] if tower == "transformer" else None
     torch.save({"losses": losses, "types": {k: v["sharding_type"] for k, v in plan.items()}, "changed": changed,
-                "scores": scores, "features": kjt_features(batch.sparse),
+                "scores": scores, "features": kjt_features(batch.sparse), "users": batch.users,
                 "sequence": None if history is None else (history.lengths().long(), history.values())},
                Path(out) / f"{tower}-{sharding_type}-{rank}.pt")
 
@@ -281,11 +281,11 @@ def check_export_scores_like_the_sharded_model(out: Path, data: Path, tower: str
                 query = model.tower.query(result["features"]).numpy()
         torch.testing.assert_close(torch.from_numpy(query @ model.embeddings.T),
                                    result["scores"][:, torch.from_numpy(model.item_ids)], rtol=1e-5, atol=1e-5)
-        # The same queries from raw ids, as `recommend --history` builds them: this rank's validation rows are
-        # its contiguous half of the file, in order.
-        rows = pq.read_table(data / "valid")
-        rows = rows.slice(rank * rows.num_rows // 2, 10).to_pylist()
-        for position, row in enumerate(rows):
+        # The same queries from raw ids, as `recommend --history` builds them (a sequence tower's batch holds them
+        # by length, the bag tower's in file order: looked up by user).
+        by_user = {row["user"]: row for row in pq.read_table(data / "valid").to_pylist()}
+        for position, user in enumerate(result["users"][:10].tolist()):
+            row = by_user[user]
             items, scores = recommend_from_raw_ids(model, row)
             torch.testing.assert_close(torch.tensor(scores), result["scores"][position, items], rtol=1e-5, atol=1e-5)
 
