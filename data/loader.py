@@ -342,6 +342,18 @@ class SequenceEvalLoader(EvalLoader):
     def buffer_rows(self) -> int:
         return EVAL_SORT_BATCHES * self.batch_size
 
+    def read_unit(self, unit: int) -> pa.Table:
+        table = super().read_unit(unit)
+        if self.meta.event_times:
+            offsets, times = (list_offsets_values(table.column(c))[0] for c in (schema.HISTORY, schema.HISTORY_TIMES))
+            if not np.array_equal(offsets, times):
+                row = int(np.flatnonzero(np.diff(offsets) != np.diff(times))[0])
+                raise DataError(self.source.readers[self.source.units[unit][0]].path, schema.HISTORY_TIMES,
+                                f"one time per item of {schema.HISTORY}",
+                                f"{int(np.diff(times)[row])} times for {int(np.diff(offsets)[row])} items in row "
+                                f"{row} of row group {self.source.units[unit][1]}")
+        return table
+
     def row_order(self, block: Rows, rng: np.random.Generator) -> np.ndarray:
         lengths = np.diff(block.lists[schema.HISTORY][0])[:block.n]
         return np.argsort(np.minimum(lengths, self.cfg.max_sequence_length), kind="stable")

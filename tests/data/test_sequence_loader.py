@@ -4,19 +4,26 @@ user and context features of its example; no validation or test target is ever a
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from config import LoaderConfig, NegativesConfig
+from data import schema
+from data.errors import DataError
 from data.keys import ITEM_KEY, SEQUENCE_KEY, history_key
 from data.loader import POOLED, SEQUENCE, bucketed, drop_features, open_loader
 from data.prepare.cli import main as prepare_main
+from data.ragged import list_array
 from data.schema import PAD_ID
 from data.sequences import chunk_bounds, chunk_counts
+from tests.conftest import recommit
 from tests.data.test_loader import jagged_rows
 from trainer.evaluate import evaluate
 
@@ -217,6 +224,36 @@ def test_evaluation_queries_read_the_last_items_and_point_at_the_last_position(e
                     order.append(len(inputs[i]))
         assert order == sorted(order), "a rank's queries come by length (one buffer here)"
     assert sorted(users) == sorted(bags), "every query once across ranks"
+
+
+def drop_one_time(directory, column: str, row: int = 3) -> tuple:
+    """Removes one time of `row` from the first part of `directory`; (part, the row's times now)."""
+    part = sorted(directory.glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    times = table.column(column).combine_chunks()
+    lengths, values = np.diff(times.offsets.to_numpy()), times.values.to_numpy()
+    lengths[row] -= 1
+    short = list_array(lengths, np.delete(values, int(lengths[:row + 1].sum())))
+    pq.write_table(table.set_column(table.column_names.index(column), column, pa.chunked_array([short])), part)
+    return part, int(lengths[row])
+
+
+@pytest.mark.parametrize("split", ["valid", "train"])
+def test_times_not_aligned_with_the_items_are_named(events_dir, tmp_path, split):
+    """A prepared file whose times miss one fails with the file and the column (and the row), before a batch."""
+    copy = tmp_path / "copy"
+    shutil.copytree(events_dir, copy)
+    cfg = LoaderConfig(batch_size=2, max_sequence_length=3)
+    if split == "valid":
+        part, count = drop_one_time(copy / schema.VALID_DIR, schema.HISTORY_TIMES)
+        expected = (rf"{part}: column 'history_ts': expected one time per item of history; found {count} times for "
+                    rf"{count + 1} items in row 3")
+    else:
+        part, _ = drop_one_time(copy / schema.SEQUENCES_DIR, schema.SEQUENCE_TIMES)
+        expected = rf"{part}: expected list columns aligned with seq_items .*column seq_ts is not aligned"
+    recommit(copy)
+    with pytest.raises(DataError, match=expected):
+        list(open_loader(copy, cfg, split, layout=SEQUENCE).epoch(0))
 
 
 def test_the_order_of_evaluation_queries_changes_no_metric(events_dir, monkeypatch):
