@@ -1,7 +1,10 @@
 """Validation time of the sequence towers: evaluation queries in file order against ordered by history length
 (data/loader.py:SequenceEvalLoader), on ML-1M with each tower's committed config.
 
-    .venv/bin/python -m bench.evaluation [--prepared prepared/ml-1m] [--repeats 3]
+    .venv/bin/python -m bench.evaluation [--prepared prepared/ml-1m] [--repeats 3] [--ml1m DIR]
+
+`--prepared` is prepared from `--ml1m` (../shared/datasets/ml-1m) first when it holds no dataset, as
+bench/quality.py prepares it.
 
 Each (tower, order) runs in a fresh process: the job is built, then one validation pass is timed (the catalogue's
 candidate embeddings, every query, the full-catalogue ranking and the metrics), with an untrained model, whose cost
@@ -66,6 +69,7 @@ def run(tower: str, order: str, prepared: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prepared", default=str(ROOT / "prepared" / "ml-1m"))
+    parser.add_argument("--ml1m", default=str(ROOT.parent / "shared" / "datasets" / "ml-1m"))
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per (tower, order)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "evaluation.json"))
     parser.add_argument("--worker", choices=ORDERS, help=argparse.SUPPRESS)
@@ -74,6 +78,9 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(CONFIGS[args.tower], args.worker, args.prepared)))
         return
+    if not (Path(args.prepared) / "metadata.json").exists():
+        subprocess.run([sys.executable, "-m", "data.prepare", "movielens", args.ml1m, "--out", args.prepared,
+                        "--max-history", "200", "--overwrite"], cwd=ROOT, check=True)
     rows = []
     for tower in CONFIGS:
         runs: dict[str, list[dict]] = {order: [] for order in ORDERS}
