@@ -2,7 +2,7 @@
 the loss ablation.
 
     python -m bench.quality [--towers bags transformer] [--runs NAME ...] [--seeds N] [--jobs N] [--ml1m DIR]
-                            [--prepared DIR] [--note TEXT] [--blocks N ...]
+                            [--prepared DIR] [--note TEXT] [--blocks N ...] [--variant NAME KEY=VALUE ...]
 
 For each tower, its committed config (`configs/ml1m.yaml` for the bags, `configs/ml1m_transformer.yaml` for the
 transformer, `configs/ml1m_hstu.yaml` for HSTU) is trained as committed (in-batch + mixed negatives + logQ) and, on
@@ -16,6 +16,9 @@ a time, each with cores / N threads: on 2 cores two one-thread runs take about 4
 other took 80; each such row says so in its `note`, since its wall time is then not a measurement alone.
 `--blocks N ...` trains only the named sequence towers' committed configs with `model.tower.blocks=N` (seed 0),
 into the tower's `depths`: how deep a stack trains to early stopping, and in how long, here.
+`--variant NAME KEY=VALUE ...` trains only the named towers' committed configs with those overrides (seed 0), into
+the tower's `variants[NAME]`: for example a faster step (`train.precision=bf16 loader.bucket_by_length=true`)
+against the committed run's test metrics and wall time, same seed.
 """
 
 from __future__ import annotations
@@ -116,7 +119,11 @@ def main() -> None:
     parser.add_argument("--note", help="recorded with each run of this invocation, e.g. that it shared the cores")
     parser.add_argument("--blocks", nargs="+", type=int, default=[],
                         help="only train the committed config with these stack depths (sequence towers)")
+    parser.add_argument("--variant", nargs="+", metavar="NAME KEY=VALUE",
+                        help="only train the committed config with these overrides, recorded as variants[NAME]")
     args = parser.parse_args()
+    if args.variant and (len(args.variant) < 2 or "=" in args.variant[0]):
+        parser.error("--variant takes a name and then one or more KEY=VALUE overrides")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     prepared, out = Path(args.prepared), Path(args.out)
@@ -142,6 +149,8 @@ def main() -> None:
         tasks += [(tower, COMMITTED, seed, [f"seed={seed}"]) for seed in range(1, args.seeds) if str(seed) not in seeds]
     if args.blocks:
         tasks = [(tower, f"blocks={n}", 0, [f"model.tower.blocks={n}"]) for tower in args.towers for n in args.blocks]
+    if args.variant:
+        tasks = [(tower, f"variant={args.variant[0]}", 0, args.variant[1:]) for tower in args.towers]
     note = " ".join(filter(None, [args.note, f"{args.jobs} runs at a time, {threads(args.jobs)} thread(s) each"
                                   if args.jobs > 1 else None])) or None
     saving = threading.Lock()
@@ -153,6 +162,8 @@ def main() -> None:
             entry = towers[tower]
             if name.startswith("blocks="):
                 entry.setdefault("depths", {})[name.removeprefix("blocks=")] = result
+            elif name.startswith("variant="):
+                entry.setdefault("variants", {})[name.removeprefix("variant=")] = result
             elif seed:
                 entry["seeds"][str(seed)] = result
             else:

@@ -10,6 +10,9 @@ model, loss and rows.
                           what bucketing buys
     torchrec_unmerged     the same with loss.merge_duplicates=false (one column per candidate copy, as the plain
                           baselines compute it): the difference is what merging buys
+    torchrec_bf16         `torchrec` with train.precision=bf16 (bfloat16 autocast in the towers, bfloat16 products
+                          in the loss; trainer/precision.py), and
+    torchrec_bucketed_bf16  the same over bucketed rows; the plain baselines always run float32
     sparse_adam           the same `SequenceHead` behind nn.Embedding(sparse=True) + SparseAdam, fused Adam on the
                           rest, over batches of random rows: what an expert writes in plain PyTorch
     sparse_adam_bucketed  the same over the project's bucketed batches: how much of the difference is the batching
@@ -64,14 +67,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SEQUENCE_CONFIGS = tower_configs(("configs/ml1m_transformer.yaml", "configs/ml1m_hstu.yaml"))
 # The ML-1M epochs: each tower's committed config, by tower name.
 EPOCH_CONFIGS = tower_configs(("configs/ml1m.yaml", *SEQUENCE_CONFIGS.values()))
-IMPLS = ("torchrec", "torchrec_random", "torchrec_bucketed", "torchrec_unmerged", "sparse_adam", "sparse_adam_bucketed",
-         "dense_adam")
+IMPLS = ("torchrec", "torchrec_random", "torchrec_bucketed", "torchrec_unmerged", "torchrec_bf16",
+         "torchrec_bucketed_bf16", "sparse_adam", "sparse_adam_bucketed", "dense_adam")
 RESULTS = ROOT / "bench" / "results"
 
 
 def job_config(config: str, data: str | None = None, impl: str = "torchrec") -> JobConfig:
     overrides = ["tracking.enabled=false", "export.enabled=false"] + ([f"data.path={data}"] if data else [])
     overrides += ["loss.merge_duplicates=false"] if impl == "torchrec_unmerged" else []
+    overrides += ["train.precision=bf16"] if impl.endswith("_bf16") else []
     return towers.resolve(load_config(str(ROOT / config), overrides))
 
 
@@ -139,7 +143,7 @@ class PlainSequenceModel(torch.nn.Module):
         self.query_keys = QueryLayout.for_data(meta, (), cfg.loader.use_user_id).keys
         self.candidate_keys = candidate_keys([f.name for f in meta.item_features])[1:]
         self.tower = towers.of(cfg).plain(meta, cfg, sparse=sparse)
-        self.loss_fn = build_loss(cfg, negatives, freq, sequence=True, merge=False)
+        self.loss_fn = build_loss(cfg, negatives, freq, sequence=True, merge=False, precision="fp32")
 
     def forward(self, batch: SequenceBatch) -> torch.Tensor:
         sequence = kjt_features(batch.sequence)
@@ -162,7 +166,7 @@ class PlainBagModel(torch.nn.Module):
                  sparse: bool):
         super().__init__()
         self.towers = towers.of(cfg).plain(meta, cfg, sparse=sparse)
-        self.loss_fn = build_loss(cfg, negatives, freq, sequence=False, merge=False)
+        self.loss_fn = build_loss(cfg, negatives, freq, sequence=False, merge=False, precision="fp32")
 
     def forward(self, batch: TrainBatch) -> torch.Tensor:
         query, candidates = self.towers.towers(kjt_features(batch.sparse), batch.batch_size)
@@ -220,8 +224,9 @@ def tower_impls(cfg: JobConfig, impls: list[str]) -> list[str]:
 def bucketed_batches(cfg: JobConfig, impl: str) -> bool:
     """The project batches as its config's loader would, the plain loops over random rows; a name ending in
     _random or _bucketed says otherwise."""
-    if impl.endswith(("_random", "_bucketed")):
-        return impl.endswith("_bucketed")
+    name = impl.removesuffix("_bf16")
+    if name.endswith(("_random", "_bucketed")):
+        return name.endswith("_bucketed")
     return cfg.loader.bucket_by_length and impl.startswith("torchrec")
 
 

@@ -20,6 +20,7 @@ RESULTS = ROOT / "bench" / "results"
 BLOCK = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 NAMES = {"torchrec": "project", "torchrec_random": "project, random rows",
          "torchrec_bucketed": "project, bucketed rows", "torchrec_unmerged": "project unmerged",
+         "torchrec_bf16": "project, bf16", "torchrec_bucketed_bf16": "project, bucketed rows, bf16",
          "sparse_adam": "SparseAdam", "sparse_adam_bucketed": "SparseAdam, bucketed rows", "dense_adam": "dense Adam"}
 
 
@@ -33,16 +34,19 @@ def step_table(result: dict, unit: str) -> list[str]:
         rows = {(r["impl"], r["items"]): r for r in results}
         sizes = sorted({r["items"] for r in results})
         others = [i for i in impls if i != "torchrec"]
+        # train.precision=bf16 rows (bench/sequence_step.py) against the float32 plain baseline as well
+        mixed = [i for i in impls if i.endswith("_bf16") and "sparse_adam" in impls]
         padding = "padding_share" in results[0]
         head = ([f"{tower}: items" if tower else "items"] + [f"{NAMES[i]} ({unit})" for i in impls]
-                + [f"project / {NAMES[i]}" for i in others]
+                + [f"project / {NAMES[i]}" for i in others] + [f"{NAMES[i]} / SparseAdam" for i in mixed]
                 + (["padding (" + " / ".join(NAMES[i] for i in impls) + ")"] if padding else [])
                 + ["peak RSS MiB (" + " / ".join(NAMES[i] for i in impls) + ")"])
         lines += ([""] if lines else []) + ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
         key = "examples_per_s" if unit == "examples/s" else "positions_per_s"
         for n in sizes:
             speed = [rows[i, n][key] for i in impls]
-            ratios = [rows["torchrec", n][key] / rows[i, n][key] for i in others]
+            ratios = ([rows["torchrec", n][key] / rows[i, n][key] for i in others]
+                      + [rows[i, n][key] / rows["sparse_adam", n][key] for i in mixed])
             pads = [" / ".join(f"{rows[i, n]['padding_share']:.0%}" for i in impls)] if padding else []
             rss = " / ".join(f"{rows[i, n]['peak_rss_mib']:,.0f}" for i in impls)
             lines.append("| " + " | ".join([f"{n:,}"] + [f"{v:,.0f}" for v in speed]
@@ -125,9 +129,10 @@ def search_table(result: dict) -> list[str]:
              "| --- | --- | --- | --- | --- |"]
     for run in result["runs"]:
         best = run["best_valid"]
-        overrides = " ".join(f"`{o}`" for o in run["overrides"]) or run["config"]
+        overrides = run.get("change") or " ".join(f"`{o}`" for o in run["overrides"]) or run["config"]
+        seconds = run["train_seconds_per_epoch_median"]
         lines.append(f"| {run['name']} | {overrides} | {run['epochs_seen']} | {best['hr@10']:.4f} / "
-                     f"{best['ndcg@10']:.4f} ({best['epoch']}) | {run['train_seconds_per_epoch_median']} |")
+                     f"{best['ndcg@10']:.4f} ({best['epoch']}) | {'' if seconds is None else seconds} |")
     return lines
 
 

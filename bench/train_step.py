@@ -91,7 +91,7 @@ def counts(probs: np.ndarray) -> np.ndarray:
 
 def loss_module(cfg: JobConfig, probs: np.ndarray, negatives: Negatives) -> RetrievalLoss:
     """The trainer's loss (trainer/loss/modules.py:build_loss), one column per copy as plain PyTorch would."""
-    return build_loss(cfg, negatives, counts(probs), sequence=False, merge=False)
+    return build_loss(cfg, negatives, counts(probs), sequence=False, merge=False, precision="fp32")
 
 
 def torchrec_step(cfg: JobConfig, meta: schema.Metadata, probs: np.ndarray, negatives: Negatives):

@@ -35,6 +35,7 @@ INDEX_KINDS = ("hnsw", "flat")
 COMPUTE_KERNELS = ("fused", "dense", "fused_uvm", "fused_uvm_caching")
 METRICS = ("hr", "recall", "ndcg", "mrr", "coverage")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
 
 
 # What a resume from a checkpoint may change (trainer/checkpointing/compatibility.py reads it), marked on each
@@ -213,9 +214,14 @@ class TrainConfig:
     early_stopping_patience: int = resume(SAFE, 2)  # stop after this many epochs in a row without improvement
     device: str = resume(SAFE, "auto")  # auto, cpu or cuda
     collective_timeout_s: int = resume(SAFE, 600)  # a dead rank fails the job after this long instead of hanging
+    # bf16: the towers' dense layers under bfloat16 autocast and the loss's matrix products in bfloat16 (weights,
+    # optimizer state, exponentials and sums stay float32; evaluation and export run in float32). Faster where
+    # the CPU has bf16 instructions (AVX512-BF16, AMX) and on GPUs; docs/training.md "Precision".
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         check(self.device in DEVICES, f"train.device must be auto, cpu or cuda, got '{self.device}'")
+        check(self.precision in PRECISIONS, f"train.precision must be one of {PRECISIONS}, got '{self.precision}'")
         check(self.epochs >= 1 and self.log_every >= 1 and self.max_steps >= 0 and self.early_stopping_patience >= 0
               and self.collective_timeout_s >= 1,
               "train.epochs, train.log_every and train.collective_timeout_s must be >= 1, train.max_steps and "

@@ -99,7 +99,7 @@ class SequenceBatch(TensorFields):
     candidate_ids: torch.Tensor  # (C,) distinct targets, then negatives
     num_positives: torch.Tensor  # (1,) how many of the candidates are the distinct targets
     row_mask: torch.Tensor  # (B,) False on padding rows
-    times: torch.Tensor = field(default_factory=lambda: no_times())  # see `no_times`
+    times: torch.Tensor = field(default_factory=no_times)  # see `no_times`
 
     @property
     def batch_size(self) -> int:
@@ -124,4 +124,4 @@ class SequenceEvalBatch(EvalBatch):
 
     sequence: KeyedJaggedTensor
     positions: torch.Tensor
-    times: torch.Tensor = field(default_factory=lambda: no_times())
+    times: torch.Tensor = field(default_factory=no_times)

@@ -35,20 +35,26 @@ from storage import location
 from trainer import distributed
 from trainer.loss.logq import StreamingFrequency
 from trainer.loss.modules import build_loss
+from trainer.precision import autocast, warn_if_slow
 
 log = logging.getLogger(__name__)
 
 
 class RetrievalModel(torch.nn.Module):
-    """Towers plus loss: forward(batch) -> (loss, stats), the contract TrainPipelineSparseDist expects."""
+    """Towers plus loss: forward(batch) -> (loss, stats), the contract TrainPipelineSparseDist expects. The towers
+    run under train.precision's autocast (trainer/precision.py); the loss gets float32 embeddings and picks its
+    own product dtype."""
 
-    def __init__(self, towers: torch.nn.Module, loss_fn):
+    def __init__(self, towers: torch.nn.Module, loss_fn, precision: str = "fp32", device_type: str = "cpu"):
         super().__init__()
         self.towers = towers
         self.loss_fn = loss_fn
+        self.precision, self.device_type = precision, device_type  # plain values: the pipeline's tracer reads them
 
     def forward(self, batch: TrainBatch | SequenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        query, candidates = self.towers.encode(batch)
+        with autocast(self.precision, self.device_type):
+            query, candidates = self.towers.encode(batch)
+        query, candidates = query.float(), candidates.float()
         loss = self.loss_fn(query, candidates, batch)
         return loss, {"loss": loss.detach(), "examples": query.new_tensor(batch.num_examples)}
 
@@ -123,6 +129,7 @@ def check_runtime(cfg: JobConfig, device: torch.device, meta: Metadata) -> None:
                           f"{list(CPU_FUSED_OPTIMIZERS)}")
     tower = towers.of(cfg)
     check_types(cfg.sharding, tower.bag_tables(meta, cfg) + tower.sequence_tables(meta, cfg), device)
+    warn_if_slow(cfg.train.precision, device)
 
 
 def check_splits(cfg: JobConfig, meta: Metadata) -> None:
@@ -164,7 +171,7 @@ def build_model(cfg: JobConfig, env: distributed.Env, meta: Metadata, freq: np.n
     tower = towers.of(cfg)
     modules = tower.build(meta, cfg, env.device)
     loss = build_loss(cfg, negatives, freq, tower.layout.sequence, env.device, env.world_size)
-    model = RetrievalModel(modules, loss)
+    model = RetrievalModel(modules, loss, cfg.train.precision, env.device.type)
     for collection in modules.collections():
         _apply_optimizer_in_backward(optimizer_class(cfg.optim.sparse), collection.parameters(),
                                      {"lr": cfg.optim.sparse_lr})

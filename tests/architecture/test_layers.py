@@ -184,6 +184,7 @@ LOCAL_BY_DESIGN = {  # module: (the names it may use, or "*" for all; why)
                                                                  "commands"),
     "launch.run": ("*", "torchelastic's error files, local to each node's agent"),
     "trainer.export.artifact": ({"torch.save"}, "into a bytes buffer that storage writes"),
+    "trainer.precision": ("*", "the kernel's /proc/cpuinfo, for the CPU's bf16 instructions"),
 }
 
 

@@ -85,8 +85,14 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, candidates, bias, own, own_bias, hit_rows, hit_columns, weights, scale, max_logits,
-                needs_grad):
+                needs_grad, matmul_dtype):
         rows = max(1, max_logits // max(candidates.shape[0], 1))
+        low = matmul_dtype is not None and matmul_dtype != query.dtype
+        # The three products per chunk in `matmul_dtype` (bfloat16 halves their cost where the CPU or GPU has
+        # it); everything between them (exponentials, sums, the own logit, the accumulated gradients) stays in
+        # the query's precision.
+        query_mm = query.to(matmul_dtype) if low else query
+        candidates_mm = candidates.to(matmul_dtype) if low else candidates
         total = query.new_zeros(())
         grad_query = torch.zeros_like(query) if needs_grad else None
         grad_candidates = torch.zeros_like(candidates) if needs_grad else None
@@ -95,7 +101,10 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         top_bias = bias.max()
 
         def logits_of(q, lo, column, a, b, bound):
-            logits = torch.addmm(bias, q, candidates.T, alpha=scale)
+            if low:
+                logits = (query_mm[lo:lo + len(q)] @ candidates_mm.T).to(q.dtype).mul_(scale).add_(bias)
+            else:
+                logits = torch.addmm(bias, q, candidates.T, alpha=scale)
             logits[hit_rows[a:b] - lo, hit_columns[a:b]] = MASKED_LOGIT
             own_logit = (q * candidates[column]).sum(1) * scale + own_bias[lo:lo + len(q)]
             logits[torch.arange(len(q), device=q.device), column] = own_logit
@@ -119,27 +128,34 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
             if needs_grad:
                 grad = exp.mul_((w * scale / sums)[:, None])  # softmax x w / T, in place
                 grad[torch.arange(len(q), device=q.device), column] -= w * scale
-                grad_query[lo:lo + rows] = grad @ candidates
-                grad_candidates.addmm_(grad.T, q)
+                if low:
+                    grad_mm = grad.to(matmul_dtype)
+                    grad_query[lo:lo + rows] = grad_mm @ candidates_mm
+                    grad_candidates.add_(grad_mm.T @ query_mm[lo:lo + rows])
+                else:
+                    grad_query[lo:lo + rows] = grad @ candidates
+                    grad_candidates.addmm_(grad.T, q)
         ctx.save_for_backward(grad_query, grad_candidates)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         grad_query, grad_candidates = ctx.saved_tensors
-        return (grad_query * grad_total, grad_candidates * grad_total) + (None,) * 9
+        return (grad_query * grad_total, grad_candidates * grad_total) + (None,) * 10
 
 
 def softmax_cross_entropy(query: torch.Tensor, candidates: torch.Tensor, bias: torch.Tensor, own: torch.Tensor,
                           own_bias: torch.Tensor, hits: tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor,
-                          temperature: float, max_logits: int = DEFAULT_MAX_LOGITS) -> torch.Tensor:
+                          temperature: float, max_logits: int = DEFAULT_MAX_LOGITS,
+                          matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Weighted sum over query rows of the cross-entropy of row i's own column `own[i]` among the logits
     l_ij = <q_i, c_j> / T + bias_j, except l_i,own = <q_i, c_own> / T + own_bias_i and the `hits` (rows,
-    columns), which are masked. query (P, d), candidates (C, d), bias (C,), own, own_bias, weights (P,)."""
+    columns), which are masked. query (P, d), candidates (C, d), bias (C,), own, own_bias, weights (P,).
+    `matmul_dtype` (None: the query's) is the precision of the logits' and the gradients' matrix products."""
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or candidates.requires_grad)
     return _SoftmaxCrossEntropy.apply(query, candidates, bias.to(query.dtype), own, own_bias.to(query.dtype),
                                       hits[0], hits[1], weights.to(query.dtype), 1.0 / temperature, max_logits,
-                                      needs_grad)
+                                      needs_grad, matmul_dtype)
 
 
 def merge_duplicates(candidates: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor,
@@ -183,9 +199,11 @@ def sampled_softmax_loss(query: torch.Tensor, candidates: torch.Tensor, candidat
                          positive_index: torch.Tensor, row_mask: torch.Tensor, log_q: torch.Tensor | None,
                          num_in_batch: int, temperature: float, in_batch: bool = True,
                          logq_on_positive: bool = True, normalizer: torch.Tensor | None = None,
-                         max_logits: int = DEFAULT_MAX_LOGITS, merge: bool = True) -> torch.Tensor:
+                         max_logits: int = DEFAULT_MAX_LOGITS, merge: bool = True,
+                         matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Loss summed over the rows of `row_mask`, divided by `normalizer` (default: their number, the mean);
-    `merge`: one column per item (`merge_duplicates`), else one per candidate with the accidental hits masked.
+    `merge`: one column per item (`merge_duplicates`), else one per candidate with the accidental hits masked;
+    `matmul_dtype`: see `softmax_cross_entropy`.
 
     query (B, d); candidates (C, d) with C = num_in_batch + S; candidate_ids (C,); positive_index (B,):
     the column of each row's positive; log_q (C,): log Q of each column's item, or None for no logQ.
@@ -201,7 +219,8 @@ def sampled_softmax_loss(query: torch.Tensor, candidates: torch.Tensor, candidat
     else:
         own, hits = positive_index, accidental_hits(candidate_ids[positive_index], candidate_ids, positive_index)
     weights = row_mask.to(query.dtype)
-    total = softmax_cross_entropy(query, candidates, bias, own, own_bias, hits, weights, temperature, max_logits)
+    total = softmax_cross_entropy(query, candidates, bias, own, own_bias, hits, weights, temperature, max_logits,
+                                  matmul_dtype)
     if normalizer is None:
         normalizer = weights.sum()
     return total / normalizer.to(total.dtype).clamp(min=1e-6)  # 0 rows: 0 / tiny = 0

@@ -24,6 +24,7 @@ from trainer.loss.kernel import (
     union_hits,
 )
 from trainer.loss.logq import CandidateLogQ
+from trainer.precision import matmul_dtype
 
 
 class RetrievalLoss(torch.nn.Module):
@@ -31,10 +32,12 @@ class RetrievalLoss(torch.nn.Module):
     children, it is a leaf for the pipeline's FX tracer, so its data-dependent code is not traced."""
 
     def __init__(self, temperature: float, in_batch: bool, logq_on_positive: bool, log_q: CandidateLogQ | None,
-                 max_logits: int = DEFAULT_MAX_LOGITS, world_size: int = 1, merge: bool = True):
+                 max_logits: int = DEFAULT_MAX_LOGITS, world_size: int = 1, merge: bool = True,
+                 matmul_dtype: torch.dtype | None = None):
         super().__init__()
         self.temperature, self.in_batch, self.logq_on_positive = temperature, in_batch, logq_on_positive
         self.log_q, self.max_logits, self.world_size, self.merge = log_q, max_logits, world_size, merge
+        self.matmul_dtype = matmul_dtype
 
     def forward(self, query: torch.Tensor, candidates: torch.Tensor, batch) -> torch.Tensor:
         """In-batch positives are gathered from every rank, so the negatives are the global batch.
@@ -57,7 +60,8 @@ class RetrievalLoss(torch.nn.Module):
         return sampled_softmax_loss(query, candidates, ids, positive_index, batch.row_mask, log_q,
                                     num_in_batch=len(positive_ids), temperature=self.temperature,
                                     in_batch=self.in_batch, logq_on_positive=self.logq_on_positive,
-                                    normalizer=normalizer, max_logits=self.max_logits, merge=self.merge)
+                                    normalizer=normalizer, max_logits=self.max_logits, merge=self.merge,
+                                    matmul_dtype=self.matmul_dtype)
 
 
 def padded_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -75,11 +79,11 @@ class SequenceRetrievalLoss(torch.nn.Module):
 
     def __init__(self, temperature: float, in_batch: bool, logq_on_positive: bool, log_q: CandidateLogQ | None,
                  max_logits: int = DEFAULT_MAX_LOGITS, world_size: int = 1, merge: bool = True,
-                 mask_seen: bool = False):
+                 matmul_dtype: torch.dtype | None = None, mask_seen: bool = False):
         super().__init__()
         self.temperature, self.in_batch, self.logq_on_positive = temperature, in_batch, logq_on_positive
         self.log_q, self.max_logits, self.world_size, self.merge = log_q, max_logits, world_size, merge
-        self.mask_seen = mask_seen
+        self.matmul_dtype, self.mask_seen = matmul_dtype, mask_seen
 
     def forward(self, query: torch.Tensor, candidates: torch.Tensor, batch) -> torch.Tensor:
         u = int(batch.num_positives[0])
@@ -111,7 +115,7 @@ class SequenceRetrievalLoss(torch.nn.Module):
                              column_ids, own)
             hits = union_hits(hits, seen)
         total = softmax_cross_entropy(query, columns, bias, own, own_bias, hits, torch.ones_like(query[:, 0]),
-                                      self.temperature, self.max_logits)
+                                      self.temperature, self.max_logits, self.matmul_dtype)
         return total / (positions.sum() / self.world_size).clamp(min=1e-6)
 
 
@@ -125,16 +129,17 @@ def global_distinct(embeddings: torch.Tensor, ids: torch.Tensor) -> tuple[torch.
 
 def build_loss(cfg: JobConfig, negatives: Negatives, freq: np.ndarray, sequence: bool,
                device: torch.device | None = None, world_size: int = 1,
-               merge: bool | None = None) -> RetrievalLoss | SequenceRetrievalLoss:
+               merge: bool | None = None, precision: str | None = None) -> RetrievalLoss | SequenceRetrievalLoss:
     """The job's loss, built the one way the trainer and the benches share: the tower's batch layout picks the
     module (a query per position of sequence batches, one per row otherwise), `negatives` which columns are
     negatives and the sampled part of logQ, `freq` (training counts) the in-batch part. `merge` overrides
-    loss.merge_duplicates (the benches time both)."""
+    loss.merge_duplicates (the benches time both), `precision` train.precision (the benches' plain baselines run
+    fp32)."""
     log_q = None
     if cfg.loss.logq:
         log_q = CandidateLogQ(torch.from_numpy(freq).to(device or torch.device("cpu")), negatives, cfg.loss.frequency,
                               cfg.loss.streaming_buckets, cfg.loss.streaming_alpha)
     merge = cfg.loss.merge_duplicates if merge is None else merge
     common = (cfg.loss.temperature, negatives.in_batch, cfg.loss.logq_on_positive, log_q, cfg.loss.max_logits,
-              world_size, merge)
+              world_size, merge, matmul_dtype(precision or cfg.train.precision))
     return SequenceRetrievalLoss(*common, mask_seen=cfg.loss.mask_seen) if sequence else RetrievalLoss(*common)
