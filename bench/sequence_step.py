@@ -13,6 +13,10 @@ model, loss and rows.
     torchrec_bf16         `torchrec` with train.precision=bf16 (bfloat16 autocast in the towers, bfloat16 products
                           in the loss; trainer/precision.py), and
     torchrec_bucketed_bf16  the same over bucketed rows; the plain baselines always run float32
+    torchrec_packed       `torchrec` with loader.pack_rows=true: random rows packed several to a lane of the
+                          stack (data.ragged.pack_lanes), attention kept inside each row, so the stack skips
+                          most padding with the batches unchanged; and
+    torchrec_packed_bf16  the same in bf16
     sparse_adam           the same `SequenceHead` behind nn.Embedding(sparse=True) + SparseAdam, fused Adam on the
                           rest, over batches of random rows: what an expert writes in plain PyTorch
     sparse_adam_bucketed  the same over the project's bucketed batches: how much of the difference is the batching
@@ -55,10 +59,11 @@ from bench.common import machine, peak_rss_mib, tower_configs
 from bench.train_step import catalogue_meta, popularity
 from config import JobConfig, load_config
 from data import schema
-from data.batch import SequenceBatch, TrainBatch, make_kjt
+from data.batch import SequenceBatch, TrainBatch, make_kjt, no_lanes
 from data.keys import ITEM_KEY, SEQUENCE_KEY, QueryLayout, candidate_keys
 from data.loader import bucketed
 from data.negatives import Negatives
+from data.ragged import pack_lanes
 from towers.shared import kjt_features
 from trainer.loss.modules import build_loss
 
@@ -68,7 +73,8 @@ SEQUENCE_CONFIGS = tower_configs(("configs/ml1m_transformer.yaml", "configs/ml1m
 # The ML-1M epochs: each tower's committed config, by tower name.
 EPOCH_CONFIGS = tower_configs(("configs/ml1m.yaml", *SEQUENCE_CONFIGS.values()))
 IMPLS = ("torchrec", "torchrec_random", "torchrec_bucketed", "torchrec_unmerged", "torchrec_bf16",
-         "torchrec_bucketed_bf16", "sparse_adam", "sparse_adam_bucketed", "dense_adam")
+         "torchrec_bucketed_bf16", "torchrec_packed", "torchrec_packed_bf16", "sparse_adam", "sparse_adam_bucketed",
+         "dense_adam")
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -76,6 +82,7 @@ def job_config(config: str, data: str | None = None, impl: str = "torchrec") -> 
     overrides = ["tracking.enabled=false", "export.enabled=false"] + ([f"data.path={data}"] if data else [])
     overrides += ["loss.merge_duplicates=false"] if impl == "torchrec_unmerged" else []
     overrides += ["train.precision=bf16"] if impl.endswith("_bf16") else []
+    overrides += ["loader.pack_rows=true"] if "_packed" in impl else []
     return towers.resolve(load_config(str(ROOT / config), overrides))
 
 
@@ -123,7 +130,8 @@ def sequence_batches(cfg: JobConfig, num_items: int, probs: np.ndarray, count: i
                                                         candidates)])
         empty = KeyedJaggedTensor(keys=[], values=torch.zeros(0, dtype=torch.long),
                                   lengths=torch.zeros(0, dtype=torch.int32))
-        out.append(SequenceBatch(sparse=empty, sequence=sequence,
+        lanes = torch.from_numpy(pack_lanes(lengths, int(lengths.max()))) if cfg.loader.pack_rows else no_lanes()
+        out.append(SequenceBatch(sparse=empty, sequence=sequence, lanes=lanes,
                                  positions=torch.from_numpy(row * int(lengths.max()) + step),
                                  own_column=torch.from_numpy(own.reshape(-1)),
                                  candidate_ids=torch.from_numpy(candidates),
@@ -155,7 +163,8 @@ class PlainSequenceModel(torch.nn.Module):
                                             batch.positions, [pooled[k][:p] for k in self.query_keys],
                                             self.tower.items(sequence[ITEM_KEY][1]),
                                             [pooled[k][p:] for k in self.candidate_keys],
-                                            times=batch.times if self.tower.reads_times else None)
+                                            times=batch.times if self.tower.reads_times else None,
+                                            lanes=batch.lanes)
         return self.loss_fn(query, candidates, batch)
 
 
@@ -230,12 +239,18 @@ def bucketed_batches(cfg: JobConfig, impl: str) -> bool:
     return cfg.loader.bucket_by_length and impl.startswith("torchrec")
 
 
+def batching(cfg: JobConfig) -> str:
+    rows = "bucketed by length" if cfg.loader.bucket_by_length else "random rows"
+    return rows + (", packed" if cfg.loader.pack_rows else "")
+
+
 def step_worker(tower: str, impl: str, items: int, warmup: int, steps: int, profile: str | None) -> dict:
     torch.manual_seed(0)
     cfg = job_config(SEQUENCE_CONFIGS[tower], impl=impl)
     meta = catalogue_meta(items)
     probs = popularity(items)
     bucket = bucketed_batches(cfg, impl)
+    cfg.loader.bucket_by_length = bucket
     # The pipeline reads ahead: three batches more than it trains.
     data, negatives = sequence_batches(cfg, items, probs, warmup + steps + 3, seed=0, bucket=bucket)
     freq = (probs * 1e9).astype(np.int64)
@@ -256,7 +271,7 @@ def step_worker(tower: str, impl: str, items: int, warmup: int, steps: int, prof
     median = statistics.median(times)
     computed, real = np.array([data[i].stack_positions() for i in range(warmup, warmup + steps)]).sum(0)
     result = {"tower": tower, "impl": impl, "items": items, "optimizer": optimizer,
-              "batches": "bucketed by length" if bucket else "random rows", "padding_share": 1 - real / computed,
+              "batches": batching(cfg), "padding_share": 1 - real / computed,
               "positions_per_s": statistics.median(p / t for p, t in zip(positions, times)),
               "step_ms_median": 1000 * median, "step_ms": [1000 * t for t in times],
               "positions_per_step": statistics.mean(positions), "peak_rss_mib": peak_rss_mib(),
@@ -314,7 +329,7 @@ def epoch_worker(config: str, impl: str, data_path: str) -> dict:
                 losses = []
     seconds = time.perf_counter() - start
     return {"tower": cfg.model.query_tower, "impl": impl, "optimizer": optimizer, "seconds": seconds,
-            "batches": "bucketed by length" if cfg.loader.bucket_by_length else "random rows",
+            "batches": batching(cfg),
             "examples": examples, "examples_per_s": examples / seconds, "peak_rss_mib": peak_rss_mib()}
 
 

@@ -92,6 +92,10 @@ class LoaderConfig:
     # Sequence towers: each shuffle buffer's batches are cut from its rows sorted by length (then sent in random
     # order), so the padded causal stack computes little padding. false: batches of random rows.
     bucket_by_length: bool = resume(POSITION, False)
+    # Sequence towers: a training batch's rows are packed into lanes as long as its longest row (data.ragged.
+    # pack_lanes), attention kept inside each row, so the stack skips most padding while the batch stays a
+    # random draw. The same outputs as padding each row, up to float rounding and the dropout draws.
+    pack_rows: bool = False
     prefetch_batches: int = resume(SAFE, 4)
     seed: int = 0  # not a config key: the job's top-level seed is copied here
 

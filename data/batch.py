@@ -35,6 +35,12 @@ def no_times() -> torch.Tensor:
     return torch.zeros(0, dtype=torch.long)
 
 
+def no_lanes() -> torch.Tensor:
+    """The `lanes` of a sequence batch whose rows are padded, each to the longest (one row a lane). Packed
+    (`loader.pack_rows`), `lanes` is (B, 2) int64: each row's lane and first column (data.ragged.pack_lanes)."""
+    return torch.zeros(0, 2, dtype=torch.long)
+
+
 class TensorFields(Pipelineable):
     """Moves every tensor/KJT field together; the dataclasses below only declare fields."""
 
@@ -100,6 +106,7 @@ class SequenceBatch(TensorFields):
     num_positives: torch.Tensor  # (1,) how many of the candidates are the distinct targets
     row_mask: torch.Tensor  # (B,) False on padding rows
     times: torch.Tensor = field(default_factory=no_times)  # see `no_times`
+    lanes: torch.Tensor = field(default_factory=no_lanes)  # see `no_lanes`
 
     @property
     def batch_size(self) -> int:
@@ -111,10 +118,12 @@ class SequenceBatch(TensorFields):
         return self.positions.numel()
 
     def stack_positions(self) -> tuple[int, int]:
-        """(computed, real): the positions the causal stack runs on (rows x the longest row, as it pads them) and
-        the items among them; the rest is padding."""
+        """(computed, real): the positions the causal stack runs on (lanes x the longest row: a lane per row when
+        padded, fewer when packed) and the items among them; the rest is padding."""
         lengths = self.sequence.lengths()[:self.row_mask.numel()]
-        return lengths.numel() * int(lengths.max()) if lengths.numel() else 0, int(lengths.sum())
+        width = int(lengths.max()) if lengths.numel() else 0
+        lanes = int(self.lanes[:, 0].max()) + 1 if self.lanes.numel() and width else lengths.numel()
+        return lanes * width, int(lengths.sum())
 
 
 @dataclass

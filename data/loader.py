@@ -22,14 +22,14 @@ import torch
 
 from config import LoaderConfig, NegativesConfig
 from data import schema
-from data.batch import EvalBatch, SequenceBatch, SequenceEvalBatch, TrainBatch, make_kjt
+from data.batch import EvalBatch, SequenceBatch, SequenceEvalBatch, TrainBatch, make_kjt, no_lanes
 from data.catalogue import Catalogue
 from data.errors import DataError
 from data.keys import ITEM_KEY, SEQUENCE_KEY, Jagged, QueryLayout, candidate_keys, last_items
 from data.negatives import Negatives
 from data.parquet import Column, ExampleSource
 from data.prefetch import Prefetcher
-from data.ragged import gather_csr, list_offsets_values, offsets_from_lengths, padded_rows
+from data.ragged import gather_csr, list_offsets_values, offsets_from_lengths, pack_lanes, padded_rows
 from data.ranks import batches_per_rank, rank_slices
 from data.rows import Rows, concat_rows
 from data.sequences import chunk_counts, chunk_table
@@ -252,11 +252,12 @@ class SequenceLoader(TrainLoader):
         arrays += [(np.r_[np.zeros(p, np.int64), lengths_], values)
                    for lengths_, values in self.catalogue.candidate_arrays(candidates)[1:]]
         times = padded_rows(*block.ragged(schema.SEQUENCE_TIMES, idx), width + 1) if self.meta.event_times else None
+        lanes = torch.from_numpy(pack_lanes(lengths, width)) if self.cfg.pack_rows else no_lanes()
         return SequenceBatch(sparse=make_kjt(self.query_keys + self.candidate_keys, arrays), sequence=sequence,
                              positions=torch.from_numpy(positions), own_column=torch.from_numpy(own.reshape(-1)),
                              candidate_ids=torch.from_numpy(candidates),
                              num_positives=torch.tensor([len(distinct)]), row_mask=torch.from_numpy(lengths > 0),
-                             **({} if times is None else {"times": torch.from_numpy(times)}))
+                             lanes=lanes, **({} if times is None else {"times": torch.from_numpy(times)}))
 
     def position_features(self, block: Rows, rows: np.ndarray, idx: np.ndarray, real: np.ndarray) -> list[Jagged]:
         """Query features of each real position: its row's user features, and the context of its target event."""

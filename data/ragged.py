@@ -50,3 +50,25 @@ def list_offsets_values(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray,
     values = array.values.to_numpy()
     values = values[offsets[0]:offsets[-1]]
     return offsets - offsets[0], values
+
+
+def pack_lanes(lengths: np.ndarray, width: int) -> np.ndarray:
+    """(rows, 2) int64: the lane and first column of each row when rows are packed, whole and unsplit, into lanes of
+    `width` columns by first-fit decreasing (the longest row first, each into the first lane with room). Empty
+    rows take no room (lane 0, column 0). The sequence towers' stack then runs on lanes x width positions
+    instead of rows x width, with attention kept inside each row."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and int(lengths.max()) > width:
+        raise ValueError(f"a row of {int(lengths.max())} items does not fit a lane of {width}")
+    out = np.zeros((len(lengths), 2), dtype=np.int64)
+    fill = np.zeros(len(lengths) + 1, dtype=np.int64)  # columns used in each lane; at most one lane per row
+    used = 0
+    for row in np.argsort(-lengths, kind="stable"):
+        n = lengths[row]
+        if n == 0:
+            break
+        lane = int(np.argmax(fill[:used + 1] + n <= width))  # lane `used` is empty, so one always fits
+        out[row] = lane, fill[lane]
+        fill[lane] += n
+        used = max(used, lane + 1)
+    return out

@@ -1,7 +1,8 @@
 """The blocks of the sequence towers' causal stacks, in plain PyTorch (training and serving run the same
 modules): the pre-norm softmax-attention block of the transformer tower and HSTU's gated pointwise-attention
 unit. `make_block(kind, ...)` builds either from `SequenceShape.block`. Every block takes `(x, gaps)`: `gaps` are
-the time-gap buckets of `time_gap_buckets`, which only HSTU's unit reads.
+the time-gap buckets of `time_gap_buckets`, which only HSTU's unit reads, and optionally `mask`: (B, n, n) True where
+step i may read step j, for rows packed several to a lane (serving.sequence.Grid); without it, plain causal.
 """
 
 from __future__ import annotations
@@ -27,17 +28,20 @@ class Dropout(nn.Module):
         return x * ((torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p)))
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: Dropout) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + causal mask) v, with dropout on the attention weights. torch's
-    scaled_dot_product_attention does this, except where it would draw the dropout with bernoulli_ on the
-    CPU (about 40 ms per call on ML-1M batches): there the weights are formed here and `dropout` applied."""
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: Dropout,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v, with dropout on the attention weights; `mask` (B, n, n) True where a
+    step may read another (it must allow each step itself), causal if None. torch's scaled_dot_product_attention
+    does this, except where it would draw the dropout with bernoulli_ on the CPU (about 40 ms per call on ML-1M
+    batches): there the weights are formed here and `dropout` applied."""
     if not (dropout.training and dropout.p > 0 and q.device.type == "cpu"):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        return F.scaled_dot_product_attention(q, k, v, is_causal=mask is None,
+                                              attn_mask=None if mask is None else mask[:, None],
                                               dropout_p=dropout.p if dropout.training else 0.0)
     n = q.shape[-2]
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
-    return dropout(scores.masked_fill(future, float("-inf")).softmax(dim=-1)) @ v
+    hidden = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1) if mask is None else ~mask[:, None]
+    return dropout(scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)) @ v
 
 
 class CausalBlock(nn.Module):
@@ -56,10 +60,11 @@ class CausalBlock(nn.Module):
         self.drop = Dropout(dropout)
         self.attention_dropout = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, gaps: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gaps: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(self.attention_norm(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attended = causal_attention(q, k, v, self.attention_dropout)
+        attended = causal_attention(q, k, v, self.attention_dropout, mask)
         x = x + self.drop(self.out(attended.transpose(1, 2).reshape(b, n, d)))
         return x + self.drop(self.ff(self.ff_norm(x)))
 
@@ -75,7 +80,13 @@ def time_gap_buckets(times: torch.Tensor, buckets: int = TIME_BUCKETS) -> torch.
     """(B, n, n) bucket of the gap between the event that step i predicts (times[:, i + 1]) and step j's event
     (times[:, j]), from `times` (B, n + 1) in seconds. Step i's query is made at the time of the event it
     predicts, as serving makes it at the request's time."""
-    gaps = (times[:, 1:, None] - times[:, None, :-1]).abs().clamp(min=1).double()
+    return gap_buckets(times[:, 1:], times[:, :-1], buckets)
+
+
+def gap_buckets(predicted: torch.Tensor, events: torch.Tensor, buckets: int = TIME_BUCKETS) -> torch.Tensor:
+    """(B, n, n) bucket of |predicted[:, i] - events[:, j]|: the time of the event step i predicts against step
+    j's event (both (B, n) seconds)."""
+    gaps = (predicted[:, :, None] - events[:, None, :]).abs().clamp(min=1).double()
     return (gaps.log() / TIME_BUCKET_WIDTH).long().clamp(max=buckets)
 
 
@@ -104,8 +115,10 @@ class HSTUBlock(nn.Module):
             nn.init.normal_(self.time_bias, std=0.02)
         self.drop = Dropout(dropout)
 
-    def weights(self, q: torch.Tensor, k: torch.Tensor, gaps: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, heads, n, n) attention weights of query step i on key step j, zero where j > i."""
+    def weights(self, q: torch.Tensor, k: torch.Tensor, gaps: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, heads, n, n) attention weights of query step i on key step j, zero where j > i (or, given `mask`,
+        where it is False)."""
         n = q.shape[-2]
         steps = torch.arange(n, device=q.device)
         distance = steps[:, None] - steps[None, :]
@@ -115,13 +128,14 @@ class HSTUBlock(nn.Module):
                 raise ValueError("this HSTU unit was built with a time-gap bias: it needs the events' times")
             bias = bias + self.time_bias[gaps][:, None]
         weights = F.silu(q @ k.transpose(-2, -1) + bias) * (1.0 / self.max_length)
-        return weights.masked_fill(distance < 0, 0.0)
+        return weights.masked_fill(distance < 0 if mask is None else ~mask[:, None], 0.0)
 
-    def forward(self, x: torch.Tensor, gaps: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gaps: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
         u, v, q, k = F.silu(self.uvqk(self.input_norm(x))).split(d, dim=-1)
         q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
-        attended = (self.weights(q, k, gaps) @ v).transpose(1, 2).reshape(b, n, d)
+        attended = (self.weights(q, k, gaps, mask) @ v).transpose(1, 2).reshape(b, n, d)
         return x + self.out(self.drop(u * self.attention_norm(attended)))
 
 

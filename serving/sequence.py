@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serving.layers import BLOCK_KINDS, Dropout, make_block, time_gap_buckets
+from serving.layers import BLOCK_KINDS, Dropout, gap_buckets, make_block, time_gap_buckets
 from serving.plain import Features, TableSpec, first_copies, mlp
 
 
@@ -52,19 +52,71 @@ def padded(values: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Ten
     return out.index_copy(0, rows * width + step, values).view(len(lengths), width, values.shape[1])
 
 
-def causal_bags(x: torch.Tensor, windows: list[int]) -> list[torch.Tensor]:
+def causal_bags(x: torch.Tensor, windows: list[int], first: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per window k, the mean of the last min(k, t + 1) items at every step t of the padded rows x (B, n, d)
     (k = 0: every item so far): the bag tower's last-k bags for every position at once, from cumulative
-    sums. Steps past a row's length are never read."""
-    n = x.shape[1]
+    sums. Steps past a row's length are never read. With `first` (B, n), the column where the row at each
+    column starts (rows packed several to a lane), a bag never reaches before it."""
+    b, n, d = x.shape
     sums = F.pad(x.cumsum(dim=1), (0, 0, 1, 0))  # sums[:, t + 1] = x[:, :t + 1].sum(1)
-    steps = torch.arange(1, n + 1, device=x.device, dtype=x.dtype)[None, :, None]
+    end = torch.arange(1, n + 1, device=x.device)
+    first = torch.zeros(b, n, dtype=torch.long, device=x.device) if first is None else first
     out = []
     for k in windows:
-        start = torch.zeros(n, dtype=torch.long, device=x.device) if k == 0 else \
-            (torch.arange(n, device=x.device) + 1 - k).clamp(min=0)
-        out.append((sums[:, 1:] - sums[:, start]) / (steps if k == 0 else steps.clamp(max=k)))
+        start = first if k == 0 else torch.maximum(end - k, first)
+        before = sums.gather(1, start[..., None].expand(b, n, d))
+        out.append((sums[:, 1:] - before) / (end - start)[..., None].to(x.dtype))
     return out
+
+
+@dataclass
+class Grid:
+    """Where a batch's jagged rows sit in the stack's (lanes, width) input: one row a lane, left-aligned, or
+    (given their lanes, data.ragged.pack_lanes) several rows a lane, so the stack computes less padding.
+    Places are flat, lane * width + column."""
+
+    lanes: int
+    width: int
+    rows: torch.Tensor  # (T,) each item's row
+    steps: torch.Tensor  # (T,) each item's step within its row
+    origins: torch.Tensor  # (B,) the place of each row's step 0
+    packed: bool
+
+    @classmethod
+    def of(cls, lengths: torch.Tensor, lanes: torch.Tensor | None = None) -> "Grid":
+        """`lengths` (B,) of the rows; `lanes` (B, 2): each row's lane and first column, or None (or empty)."""
+        width = max(int(lengths.max()), 1)
+        rows = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        steps = torch.arange(len(rows), device=lengths.device) - torch.repeat_interleave(starts, lengths)
+        packed = lanes is not None and lanes.numel() > 0
+        if packed:
+            origins, count = lanes[:, 0] * width + lanes[:, 1], int(lanes[:, 0].max()) + 1
+        else:
+            origins, count = torch.arange(len(lengths), device=lengths.device) * width, len(lengths)
+        return cls(count, width, rows, steps, origins, packed)
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """(T,) each item's place."""
+        return self.origins[self.rows] + self.steps
+
+    def place(self, values: torch.Tensor, fill: float | int = 0) -> torch.Tensor:
+        """(lanes, width, *) from per-item `values` (T, *), `fill` where no item is."""
+        out = values.new_full((self.lanes * self.width, *values.shape[1:]), fill)
+        return out.index_copy(0, self.slots, values).view(self.lanes, self.width, *values.shape[1:])
+
+    def positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Row positions (row * width + step, as the loader gives them) as places."""
+        return self.origins[positions // self.width] + positions % self.width
+
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lanes, width, width) True where column i may read column j (the same row, j <= i), and (lanes, width)
+        the column where the row at each column starts (a padding column's own)."""
+        row = self.place(self.rows, fill=-1)
+        columns = torch.arange(self.width, device=row.device)
+        first = torch.where(row >= 0, self.place(self.slots % self.width - self.steps), columns)
+        return (row[:, :, None] == row[:, None, :]) & (columns[:, None] >= columns[None, :]), first
 
 
 class SequenceHead(nn.Module):
@@ -100,40 +152,52 @@ class SequenceHead(nn.Module):
             self.candidate_mlp = mlp(cfg.item_dim + candidate_dim, cfg.hidden_dims, cfg.output_dim, device)
         nn.init.normal_(self.position.weight, std=0.02)
 
-    def gaps(self, times: torch.Tensor | None, rows: int, width: int) -> torch.Tensor | None:
-        """The time-gap buckets of a batch's `times` (data.batch.no_times: (rows, width + 1)), if the units read
-        them."""
+    def gaps(self, times: torch.Tensor | None, grid: Grid) -> torch.Tensor | None:
+        """The time-gap buckets of a batch's `times` (data.batch.no_times: (rows, width + 1)) on the stack's grid,
+        if the units read them."""
         if not self.time_buckets:
             return None
+        rows, width = len(grid.origins), grid.width
         if times is None or tuple(times.shape) != (rows, width + 1):
             found = "none" if times is None or times.numel() == 0 else f"shape {tuple(times.shape)}"
             raise ValueError(f"this model reads event times (HSTU's time-gap bias): each of the {rows} rows needs its "
                              f"items' times and the query's, shape ({rows}, {width + 1}); got {found}")
-        return time_gap_buckets(times, self.time_buckets)
+        if not grid.packed:
+            return time_gap_buckets(times, self.time_buckets)
+        return gap_buckets(grid.place(times[grid.rows, grid.steps + 1]), grid.place(times[grid.rows, grid.steps]),
+                           self.time_buckets)
 
     def encode(self, history: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
-               times: torch.Tensor | None = None) -> torch.Tensor:
+               times: torch.Tensor | None = None, lanes: torch.Tensor | None = None) -> torch.Tensor:
         """The causal stack's output at `positions` (row * width + step, width = the longest row), followed by
-        the history bags there. `times`: see `gaps`."""
+        the history bags there. `times`: see `gaps`; `lanes`: see `Grid.of` (packed rows give the same outputs
+        as padded ones, on fewer positions)."""
         d = history.shape[1]
         if len(lengths) == 0:  # no sequence rows (the catalogue's candidates only)
             return history.new_zeros(0, d * (1 + len(self.bags)))
         # A batch without positions (a rank's all-padding last batch) still runs the stack, so that every rank
         # builds the same autograd graph and DDP's gradient all-reduce meets on all of them.
-        lengths = lengths.long()
-        width = max(int(lengths.max()), 1)
-        items = padded(history, lengths, width)
-        x = self.input_dropout(self.input_norm(items * self.scale + self.position.weight[:width]))
-        gaps = self.gaps(times, len(lengths), width)
+        grid = Grid.of(lengths.long(), lanes)
+        items = grid.place(history)
+        mask = first = None
+        if grid.packed:
+            mask, first = grid.masks()
+            positions = grid.positions(positions)
+            steps = self.position(grid.place(grid.steps))
+        else:
+            steps = self.position.weight[:grid.width]
+        x = self.input_dropout(self.input_norm(items * self.scale + steps))
+        gaps = self.gaps(times, grid)
         for block in self.blocks:
-            x = block(x, gaps)
-        parts = [self.norm(x)] + causal_bags(items, self.bags)
+            x = block(x, gaps, mask)
+        parts = [self.norm(x)] + causal_bags(items, self.bags, first)
         return torch.cat([p.reshape(-1, d)[positions] for p in parts], dim=1)
 
     def query(self, history: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
-              query_features: list[torch.Tensor], times: torch.Tensor | None = None) -> torch.Tensor:
+              query_features: list[torch.Tensor], times: torch.Tensor | None = None,
+              lanes: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised queries at `positions` of the sequence rows (`lengths`)."""
-        encoded = self.encode(history, lengths, positions, times)
+        encoded = self.encode(history, lengths, positions, times, lanes)
         return F.normalize(self.query_mlp(torch.cat([encoded] + query_features, dim=1)), dim=-1)
 
     def candidate(self, items: torch.Tensor, item_features: list[torch.Tensor]) -> torch.Tensor:
@@ -145,11 +209,11 @@ class SequenceHead(nn.Module):
 
     def forward(self, history: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
                 query_features: list[torch.Tensor], items: torch.Tensor, item_features: list[torch.Tensor],
-                candidate_ids: torch.Tensor | None = None,
-                times: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                candidate_ids: torch.Tensor | None = None, times: torch.Tensor | None = None,
+                lanes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised queries at `positions` of the sequence rows (`lengths`) and candidates. Given the candidate
         rows' ids, the candidate MLP runs once per distinct item and its output is spread back to every row."""
-        query = self.query(history, lengths, positions, query_features, times)
+        query = self.query(history, lengths, positions, query_features, times, lanes)
         if candidate_ids is None:
             return query, self.candidate(items, item_features)
         _, first, inverse = first_copies(candidate_ids)

@@ -101,7 +101,7 @@ class SequenceTwoTower(nn.Module):
         # Training batches carry the candidates' ids (the head runs its candidate MLP once per distinct item);
         # evaluation batches have no candidates.
         return self.head(history.values(), lengths, batch.positions, query_features, items.values(), item_features,
-                         getattr(batch, "candidate_ids", None), batch.times)
+                         getattr(batch, "candidate_ids", None), batch.times, getattr(batch, "lanes", None))
 
     def item_embeddings(self, catalogue: Catalogue, device: torch.device, chunk: int = 8192) -> torch.Tensor:
         """(num_items + 1, dim) candidate embeddings of the whole catalogue, in chunks."""

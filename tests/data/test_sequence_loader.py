@@ -141,8 +141,8 @@ def test_bucketing_is_a_permutation_cut_into_batches_of_about_one_length():
     assert firsts != sorted(firsts), "the batches go out in random order, not shortest first"
 
 
-def padding_share(path, bucket: bool) -> float:
-    cfg = LoaderConfig(batch_size=2, max_sequence_length=200, bucket_by_length=bucket)
+def padding_share(path, bucket: bool, pack: bool = False, batch_size: int = 2) -> float:
+    cfg = LoaderConfig(batch_size=batch_size, max_sequence_length=200, bucket_by_length=bucket, pack_rows=pack)
     loader = open_loader(path, cfg, layout=SEQUENCE, negatives=NegativesConfig(num_sampled=4))
     counts = np.array([batch.stack_positions() for batch in loader.epoch(0)]).sum(0)
     real = sum(len(row) for batch in loader.epoch(0) for row in jagged_rows(batch.sequence, SEQUENCE_KEY))
@@ -150,17 +150,20 @@ def padding_share(path, bucket: bool) -> float:
     return 1 - counts[1] / counts[0]
 
 
-def test_bucketing_by_length_cuts_the_padding_the_stack_computes(events_dir):
+def test_bucketing_by_length_and_packing_cut_the_padding_the_stack_computes(events_dir):
     assert padding_share(events_dir, True) < 0.5 * padding_share(events_dir, False)
+    padded, packed = (padding_share(events_dir, False, pack, batch_size=8) for pack in (False, True))
+    assert packed < 0.5 * padded, (packed, padded)
 
 
-def test_bucketing_is_refused_for_a_tower_without_sequences():
+@pytest.mark.parametrize("key", ["bucket_by_length", "pack_rows"])
+def test_bucketing_and_packing_are_refused_for_a_tower_without_sequences(key):
     import towers
     from config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="loader.bucket_by_length=true batches sequence rows by length; the bags "):
-        towers.resolve(load_config(None, ["loader.bucket_by_length=true"]))
-    assert towers.resolve(load_config(None, ["loader.bucket_by_length=true", "model.query_tower=hstu"]))
+    with pytest.raises(ConfigError, match=f"loader.{key}=true arranges sequence rows for the causal stack; the bags "):
+        towers.resolve(load_config(None, [f"loader.{key}=true"]))
+    assert towers.resolve(load_config(None, [f"loader.{key}=true", "model.query_tower=hstu"]))
 
 
 def test_no_validation_or_test_target_is_a_training_target(events_dir):

@@ -182,7 +182,7 @@ def test_time_gap_buckets_equal_their_definition_and_the_bias_needs_times():
         SequenceShape(item_dim=8, blocks=1, heads=1, dropout=0.0, hidden_dims=[], output_dim=4, time_buckets=8)
 
 
-def broken_bias(self, q, k, gaps=None):
+def broken_bias(self, q, k, gaps=None, mask=None):
     """The bias indexed by j - i (the future's distances) instead of i - j."""
     n = q.shape[-2]
     steps = torch.arange(n)
@@ -191,7 +191,7 @@ def broken_bias(self, q, k, gaps=None):
     return (F.silu(q @ k.transpose(-2, -1) + bias) / self.max_length).masked_fill(distance < 0, 0.0)
 
 
-def no_mask(self, q, k, gaps=None):
+def no_mask(self, q, k, gaps=None, mask=None):
     n = q.shape[-2]
     steps = torch.arange(n)
     distance = (steps[:, None] - steps[None, :]).abs()
@@ -201,9 +201,9 @@ def no_mask(self, q, k, gaps=None):
 CORRECT_WEIGHTS = HSTUBlock.weights
 
 
-def width_scaled(self, q, k, gaps=None):
+def width_scaled(self, q, k, gaps=None, mask=None):
     """Divided by the batch's width instead of the configured max length."""
-    return CORRECT_WEIGHTS(self, q, k, gaps) * (self.max_length / q.shape[-2])
+    return CORRECT_WEIGHTS(self, q, k, gaps, mask) * (self.max_length / q.shape[-2])
 
 
 CORRECT_BUCKETS = serving.layers.time_gap_buckets
