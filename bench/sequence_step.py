@@ -13,10 +13,10 @@ model, loss and rows.
     torchrec_bf16         `torchrec` with train.precision=bf16 (bfloat16 autocast in the towers, bfloat16 products
                           in the loss; trainer/precision.py), and
     torchrec_bucketed_bf16  the same over bucketed rows; the plain baselines always run float32
-    torchrec_packed       `torchrec` with loader.pack_rows=true: random rows packed several to a lane of the
-                          stack (data.ragged.pack_lanes), attention kept inside each row, so the stack skips
-                          most padding with the batches unchanged; and
-    torchrec_packed_bf16  the same in bf16
+    torchrec_padded       `torchrec` with loader.pack_rows=false: each row padded to the batch's longest, where
+                          the default packs rows several to a lane of the stack (data.ragged.pack_lanes,
+                          attention kept inside each row): what packing buys; and
+    torchrec_padded_bf16  the same in bf16
     sparse_adam           the same `SequenceHead` behind nn.Embedding(sparse=True) + SparseAdam, fused Adam on the
                           rest, over batches of random rows: what an expert writes in plain PyTorch
     sparse_adam_bucketed  the same over the project's bucketed batches: how much of the difference is the batching
@@ -73,7 +73,7 @@ SEQUENCE_CONFIGS = tower_configs(("configs/ml1m_transformer.yaml", "configs/ml1m
 # The ML-1M epochs: each tower's committed config, by tower name.
 EPOCH_CONFIGS = tower_configs(("configs/ml1m.yaml", *SEQUENCE_CONFIGS.values()))
 IMPLS = ("torchrec", "torchrec_random", "torchrec_bucketed", "torchrec_unmerged", "torchrec_bf16",
-         "torchrec_bucketed_bf16", "torchrec_packed", "torchrec_packed_bf16", "sparse_adam", "sparse_adam_bucketed",
+         "torchrec_bucketed_bf16", "torchrec_padded", "torchrec_padded_bf16", "sparse_adam", "sparse_adam_bucketed",
          "dense_adam")
 RESULTS = ROOT / "bench" / "results"
 
@@ -82,7 +82,8 @@ def job_config(config: str, data: str | None = None, impl: str = "torchrec") -> 
     overrides = ["tracking.enabled=false", "export.enabled=false"] + ([f"data.path={data}"] if data else [])
     overrides += ["loss.merge_duplicates=false"] if impl == "torchrec_unmerged" else []
     overrides += ["train.precision=bf16"] if impl.endswith("_bf16") else []
-    overrides += ["loader.pack_rows=true"] if "_packed" in impl else []
+    # The plain loops pad each row to the batch's longest, as plain PyTorch does.
+    overrides += ["loader.pack_rows=false"] if "_padded" in impl or not impl.startswith("torchrec") else []
     return towers.resolve(load_config(str(ROOT / config), overrides))
 
 
@@ -423,7 +424,7 @@ def main() -> None:
         cfg = job_config(SEQUENCE_CONFIGS[tower])
         setup[tower] = {"config": SEQUENCE_CONFIGS[tower], "batch_size": cfg.loader.batch_size,
                         "max_sequence_length": cfg.loader.max_sequence_length,
-                        "bucket_by_length": cfg.loader.bucket_by_length,
+                        "bucket_by_length": cfg.loader.bucket_by_length, "pack_rows": cfg.loader.pack_rows,
                         "negatives": cfg.negatives.num_sampled, "sampler": cfg.negatives.kind,
                         "item_dim": cfg.model.item_dim, "blocks": cfg.model.tower.blocks,
                         "hidden_dims": cfg.model.hidden_dims, "history_bags": cfg.loader.history_bags}

@@ -21,7 +21,7 @@ BLOCK = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 NAMES = {"torchrec": "project", "torchrec_random": "project, random rows",
          "torchrec_bucketed": "project, bucketed rows", "torchrec_unmerged": "project unmerged",
          "torchrec_bf16": "project, bf16", "torchrec_bucketed_bf16": "project, bucketed rows, bf16",
-         "torchrec_packed": "project, packed rows", "torchrec_packed_bf16": "project, packed rows, bf16",
+         "torchrec_padded": "project, padded rows", "torchrec_padded_bf16": "project, padded rows, bf16",
          "sparse_adam": "SparseAdam", "sparse_adam_bucketed": "SparseAdam, bucketed rows", "dense_adam": "dense Adam"}
 
 
@@ -35,8 +35,8 @@ def step_table(result: dict, unit: str) -> list[str]:
         rows = {(r["impl"], r["items"]): r for r in results}
         sizes = sorted({r["items"] for r in results})
         others = [i for i in impls if i != "torchrec"]
-        # train.precision=bf16 and loader.pack_rows rows (bench/sequence_step.py) against the plain baseline too
-        mixed = [i for i in impls if (i.endswith("_bf16") or "_packed" in i) and "sparse_adam" in impls]
+        # train.precision=bf16 rows (bench/sequence_step.py) against the float32 plain baseline too
+        mixed = [i for i in impls if i.endswith("_bf16") and "sparse_adam" in impls]
         padding = "padding_share" in results[0]
         head = ([f"{tower}: items" if tower else "items"] + [f"{NAMES[i]} ({unit})" for i in impls]
                 + [f"project / {NAMES[i]}" for i in others] + [f"{NAMES[i]} / SparseAdam" for i in mixed]

@@ -94,8 +94,9 @@ class LoaderConfig:
     bucket_by_length: bool = resume(POSITION, False)
     # Sequence towers: a training batch's rows are packed into lanes as long as its longest row (data.ragged.
     # pack_lanes), attention kept inside each row, so the stack skips most padding while the batch stays a
-    # random draw. The same outputs as padding each row, up to float rounding and the dropout draws.
-    pack_rows: bool = False
+    # random draw. The same outputs as padding each row (false), up to float rounding and the dropout draws. The
+    # bag tower has no stack: its rows are single examples, and the key changes nothing there.
+    pack_rows: bool = resume(SAFE, True)
     prefetch_batches: int = resume(SAFE, 4)
     seed: int = 0  # not a config key: the job's top-level seed is copied here
 

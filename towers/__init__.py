@@ -38,10 +38,9 @@ def resolve(cfg: JobConfig) -> JobConfig:
     if cfg.loss.mask_seen and not tower.layout.sequence:
         raise ConfigError(f"loss.mask_seen=true needs a tower trained on sequences; the {tower.name} tower's batches "
                           f"do not carry each query's whole history")
-    for key in ("bucket_by_length", "pack_rows"):
-        if getattr(cfg.loader, key) and not tower.layout.sequence:
-            raise ConfigError(f"loader.{key}=true arranges sequence rows for the causal stack; the {tower.name} "
-                              f"tower's rows are single examples with no stack to pad (set it false)")
+    if cfg.loader.bucket_by_length and not tower.layout.sequence:
+        raise ConfigError(f"loader.bucket_by_length=true batches sequence rows by length; the {tower.name} tower's "
+                          f"rows are single examples with no stack to pad (set it false)")
     tower.check(cfg)
     return cfg
 

@@ -156,14 +156,13 @@ def test_bucketing_by_length_and_packing_cut_the_padding_the_stack_computes(even
     assert packed < 0.5 * padded, (packed, padded)
 
 
-@pytest.mark.parametrize("key", ["bucket_by_length", "pack_rows"])
-def test_bucketing_and_packing_are_refused_for_a_tower_without_sequences(key):
+def test_bucketing_is_refused_for_a_tower_without_sequences():
     import towers
     from config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=f"loader.{key}=true arranges sequence rows for the causal stack; the bags "):
-        towers.resolve(load_config(None, [f"loader.{key}=true"]))
-    assert towers.resolve(load_config(None, [f"loader.{key}=true", "model.query_tower=hstu"]))
+    with pytest.raises(ConfigError, match="loader.bucket_by_length=true batches sequence rows by length; the bags "):
+        towers.resolve(load_config(None, ["loader.bucket_by_length=true"]))
+    assert towers.resolve(load_config(None, ["loader.bucket_by_length=true", "model.query_tower=hstu"]))
 
 
 def test_no_validation_or_test_target_is_a_training_target(events_dir):
@@ -313,17 +312,26 @@ def test_training_batches_drop_query_features_but_never_history_or_candidates(ev
         assert all(jagged_rows(history, key)[i] for i in range(int(batch.row_mask.sum())) if batch.row_mask[i])
 
 
-def test_the_training_window_reports_the_padding_share_of_sequence_batches(events_dir):
+def stack_lanes(batch, pack: bool) -> int:
+    """The lanes the stack runs on: one a row when padded, the lanes its non-empty rows use when packed."""
+    if not pack:
+        return batch.batch_size
+    rows = jagged_rows(batch.sequence, SEQUENCE_KEY)[:batch.batch_size]
+    return len({lane for (lane, _), row in zip(batch.lanes.tolist(), rows) if len(row)})
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_the_training_window_reports_the_padding_share_of_sequence_batches(events_dir, pack):
     from trainer.loop import TimedIterator, Window
 
-    cfg = LoaderConfig(batch_size=2, max_sequence_length=200)
+    cfg = LoaderConfig(batch_size=8, max_sequence_length=200, pack_rows=pack)
     loader = open_loader(events_dir, cfg, layout=SEQUENCE, negatives=NegativesConfig(num_sampled=4))
     data = TimedIterator(iter(loader.epoch(0)))
     window = Window(data)
     batches = list(data)
     for _ in batches:
         window.add({"loss": torch.tensor(1.0), "examples": torch.tensor(1)}, 0, 0, 0)
-    computed = sum(b.batch_size * max(len(r) for r in jagged_rows(b.sequence, SEQUENCE_KEY)) for b in batches)
+    computed = sum(stack_lanes(b, pack) * max(len(r) for r in jagged_rows(b.sequence, SEQUENCE_KEY)) for b in batches)
     real = sum(len(r) for b in batches for r in jagged_rows(b.sequence, SEQUENCE_KEY))
     assert window.metrics(1, 0)["train/padding_share"] == pytest.approx(1 - real / computed)
     bags = TimedIterator(iter(open_loader(events_dir, cfg, negatives=NegativesConfig()).epoch(0)))
