@@ -49,18 +49,20 @@ def head(block: str, time_buckets: int) -> SequenceHead:
     return model
 
 
-def check_packed_equals_padded(model: SequenceHead) -> None:
+def check_packed_equals_padded(model: SequenceHead, device: str = "cpu") -> None:
     """Every real position's output (stack and bags), the history's gradient and every parameter's: packed as
     padded."""
     lengths = torch.tensor(LENGTHS)
     width = int(lengths.max())
-    history = torch.randn(int(lengths.sum()), 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3),
-                          requires_grad=True)
+    history = torch.randn(int(lengths.sum()), 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     times = padded_times(lengths, 8) if model.time_buckets else None
     row = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
     positions = row * width + torch.arange(len(row)) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
     weights = torch.randn(len(positions), 8 * 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     lanes = torch.from_numpy(pack_lanes(lengths.numpy(), width))
+    history, lengths, positions, weights, lanes = (t.to(device) for t in (history, lengths, positions, weights, lanes))
+    times = None if times is None else times.to(device)
+    history.requires_grad_(True)
     padded_out = model.encode(history, lengths, positions, times)
     packed_out = model.encode(history, lengths, positions, times, lanes)
     torch.testing.assert_close(packed_out, padded_out, rtol=1e-10, atol=1e-12)
@@ -79,6 +81,12 @@ def test_packed_rows_give_the_padded_outputs_and_gradients(block, time_buckets):
     check_packed_equals_padded(model)
     grid = Grid.of(torch.tensor(LENGTHS), torch.from_numpy(pack_lanes(np.array(LENGTHS), 6)))
     assert (grid.lanes, grid.width) == (5, 6), "the stack runs on 5 lanes, not 8 rows"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (packed rows on CUDA)")
+@pytest.mark.parametrize("block, time_buckets", HEADS)
+def test_packed_rows_give_the_padded_outputs_on_the_gpu(block, time_buckets):
+    check_packed_equals_padded(head(block, time_buckets).cuda(), "cuda")
 
 
 CORRECT_MASKS = Grid.masks
