@@ -132,7 +132,7 @@ def test_a_server_gone_at_the_end_leaves_an_outbox_that_replays_into_the_run(tin
     the run is incomplete and where the rest is; `python -m trainer.tracking replay` completes the run."""
     server = Server(tmp_path)
     client = MlflowClient(server.uri)
-    job = trainer(tiny_data, server.uri, "train.epochs=2", "tracking.request_timeout_s=2",
+    job = trainer(tiny_data, server.uri, "train.epochs=2", "tracking.request_timeout_s=5",
                   "tracking.flush_timeout_s=5", "export.enabled=true", f"export.dir={tmp_path / 'exports'}",
                   summary=tmp_path / "s.json")
     lines = []
