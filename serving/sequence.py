@@ -43,15 +43,6 @@ class SequenceShape:
         return asdict(self)
 
 
-def padded(values: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """(rows, width, d) from jagged rows (values (sum(lengths), d)), left-aligned, zeros after each row."""
-    rows = torch.repeat_interleave(torch.arange(len(lengths), device=values.device), lengths)
-    starts = torch.cumsum(lengths, 0) - lengths
-    step = torch.arange(len(values), device=values.device) - torch.repeat_interleave(starts, lengths)
-    out = values.new_zeros(len(lengths) * width, values.shape[1])
-    return out.index_copy(0, rows * width + step, values).view(len(lengths), width, values.shape[1])
-
-
 def causal_bags(x: torch.Tensor, windows: list[int], first: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per window k, the mean of the last min(k, t + 1) items at every step t of the padded rows x (B, n, d)
     (k = 0: every item so far): the bag tower's last-k bags for every position at once, from cumulative

@@ -17,7 +17,7 @@ from data.batch import make_kjt
 from data.keys import ITEM_KEY, SEQUENCE_KEY
 from data.schema import Metadata
 from serving.layers import CausalBlock, Dropout, causal_attention
-from serving.sequence import SequenceHead, SequenceShape, causal_bags, padded
+from serving.sequence import Grid, SequenceHead, SequenceShape, causal_bags
 from tests.conftest import TINY_TOWERS, tiny_config, tower_overrides
 from tests.trainer.test_train import pipelined_and_plain_losses
 from trainer import distributed
@@ -93,7 +93,7 @@ def test_causal_bags_are_the_bag_towers_last_k_means_at_every_position():
     gen = torch.Generator().manual_seed(0)
     lengths = torch.tensor([5, 2, 7])
     history = torch.randn(int(lengths.sum()), 3, generator=gen, dtype=torch.float64)
-    x = padded(history, lengths, 7)
+    x = Grid.of(lengths).place(history)
     bags = causal_bags(x, [1, 3, 0])
     offsets = [0, 5, 7]
     for row, n in enumerate(lengths.tolist()):
@@ -114,10 +114,13 @@ def test_history_bags_widen_the_query_input_and_may_be_left_out():
         towers.resolve(load_config(None, ["loader.history_bags=[]"]))
 
 
-def test_padded_places_jagged_rows_left_aligned():
+def test_the_grid_places_jagged_rows_left_aligned_or_packed():
     values = torch.arange(6, dtype=torch.float32)[:, None]
-    out = padded(values, torch.tensor([2, 0, 4]), 4)
+    lengths = torch.tensor([2, 0, 4])
+    out = Grid.of(lengths).place(values)
     assert out.squeeze(2).tolist() == [[0, 1, 0, 0], [0, 0, 0, 0], [2, 3, 4, 5]]
+    packed = Grid.of(lengths, torch.tensor([[1, 0], [0, 0], [0, 0]])).place(values, fill=-1)
+    assert packed.squeeze(2).tolist() == [[2, 3, 4, 5], [0, 1, -1, -1]]
 
 
 def test_blocks_heads_and_dropout_are_read():
