@@ -15,17 +15,25 @@ from torch import nn
 
 
 class Dropout(nn.Module):
-    """Inverted dropout drawn as uniform >= p: the distribution of nn.Dropout, about 2.5x faster on CPU, where
-    torch's bernoulli_ is the slowest op of the transformer step."""
+    """Inverted dropout whose mask is drawn 16 bits at a time: one 64-bit random integer gives four elements'
+    draws, each dropped with probability p' = round(p * 2^16) / 2^16 (within 2^-17 of p) and the kept ones
+    scaled by 1 / (1 - p') in the input's precision (under bfloat16 autocast, within 0.4%). On the CPU the
+    draws cost a quarter of a float per element (torch.rand_like) and an eighth of torch's bernoulli_, the
+    slowest op of the transformer step before it; the mask is made in the input's dtype, so bfloat16
+    activations stay bfloat16."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
+        self.threshold = round(p * 65536)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        return x * ((torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p)))
+        n = x.numel()
+        draws = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        keep = draws.view(torch.int16)[:n].view(x.shape) >= self.threshold - 32768
+        return x * keep.to(x.dtype).mul_(65536 / (65536 - self.threshold))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: Dropout,

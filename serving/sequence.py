@@ -182,7 +182,9 @@ class SequenceHead(nn.Module):
         for block in self.blocks:
             x = block(x, gaps, mask)
         parts = [self.norm(x)] + causal_bags(items, self.bags, first)
-        return torch.cat([p.reshape(-1, d)[positions] for p in parts], dim=1)
+        # One gather of the joined parts: its backward is one index_add, where a gather per part costs an
+        # accumulating index_put each (about 3x the time on the CPU).
+        return torch.cat(parts, dim=2).view(-1, d * len(parts)).index_select(0, positions)
 
     def query(self, history: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
               query_features: list[torch.Tensor], times: torch.Tensor | None = None,

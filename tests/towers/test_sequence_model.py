@@ -67,7 +67,9 @@ def test_the_cpu_attention_with_dropout_is_scaled_dot_product_attention(monkeypa
     dropout.train()
     first, second = causal_attention(q, k, v, dropout), causal_attention(q, k, v, dropout)
     assert not torch.allclose(first, second)
-    monkeypatch.setattr(torch, "rand_like", torch.ones_like)
+    every_bit_kept = 0x7FFF7FFF7FFF7FFF  # four int16 draws of 32767: above any threshold
+    monkeypatch.setattr(torch, "randint", lambda *args, **kwargs: torch.full(args[2], every_bit_kept,
+                                                                              dtype=torch.int64))
     torch.testing.assert_close(causal_attention(q, k, v, dropout), 2 * want)
 
 
@@ -131,6 +133,21 @@ def test_blocks_heads_and_dropout_are_read():
     dropped = Dropout(0.5).train()(x)
     assert set(dropped.unique().tolist()) == {0.0, 2.0} and abs(float((dropped == 0).float().mean()) - 0.5) < 0.05
     assert torch.equal(Dropout(0.5).eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
+def test_dropout_drops_each_element_alone_at_its_rate_and_keeps_the_mean(p):
+    """Four elements share one 64-bit draw: each must still be dropped at rate p (within 4.5 standard errors),
+    independently of its neighbours in the same draw (the correlation of elements 1, 2 and 4 apart is
+    about 0), and the output's mean must stay the input's."""
+    torch.manual_seed(0)
+    n = 1 << 20
+    out = Dropout(p).train()(torch.ones(n))
+    kept = (out > 0).double()
+    assert abs(float(kept.mean()) - (1 - p)) < 4.5 * (p * (1 - p) / n) ** 0.5
+    assert abs(float(out.double().mean()) - 1) < 4.5 * (p / (1 - p) / n) ** 0.5
+    for lag in (1, 2, 4):
+        assert abs(float(torch.corrcoef(torch.stack([kept[:-lag], kept[lag:]]))[0, 1])) < 0.01, lag
     transformer = ["model.query_tower=transformer"]
     resolved = towers.resolve(load_config(None, transformer + ["model.tower.blocks=3", "model.tower.heads=2",
                                                                "model.tower.dropout=0.5", "model.tower.input_norm=true",

@@ -57,20 +57,43 @@ def seen_hits(history: torch.Tensor, lengths: torch.Tensor, positions: torch.Ten
     device = history.device
     lengths = lengths.long()
     width = max(int(lengths.max()), 1) if len(lengths) else 1
-    row, reads = positions // width, positions % width + 1
+    reads = positions % width + 1
+    first_read = (torch.cumsum(lengths, 0) - lengths)[positions // width]
     pair_rows = torch.repeat_interleave(torch.arange(len(positions), device=device), reads)
-    step = torch.arange(len(pair_rows), device=device) - torch.repeat_interleave(torch.cumsum(reads, 0) - reads,
-                                                                                 reads)
-    items = history[(torch.cumsum(lengths, 0) - lengths)[row][pair_rows] + step]
+    # pair k of position i reads history[first_read[i] + k - (pairs before i)]: one repeat, then a running index
+    items = history[torch.repeat_interleave(first_read - (torch.cumsum(reads, 0) - reads), reads)
+                    + torch.arange(len(pair_rows), device=device)]
+    if len(column_ids) < 2 or bool((column_ids[1:] > column_ids[:-1]).all()):
+        column = column_of(items, column_ids)
+        pairs = ((column >= 0) & (column != own[pair_rows])).nonzero().squeeze(1)
+        return pair_rows[pairs], column[pairs]
     pairs, columns = matching_columns(items, column_ids)
     rows = pair_rows[pairs]
     keep = columns != own[rows]
     return rows[keep], columns[keep]
 
 
+def column_of(items: torch.Tensor, column_ids: torch.Tensor) -> torch.Tensor:
+    """The column holding each item, -1 for none, where the columns hold distinct ids in ascending order (the
+    merged loss's). Where the largest id is within a few times the number of items, a dense id -> column table
+    answers each item with one gather (torch's CPU searchsorted costs about 60 ns an item); else one binary
+    search per item."""
+    if len(column_ids) == 0:
+        return torch.full_like(items, -1)
+    top = int(column_ids[-1])
+    if top <= 4 * len(items) + 1024:
+        table = torch.full((top + 2,), -1, dtype=torch.int32, device=items.device)
+        table[column_ids] = torch.arange(len(column_ids), dtype=torch.int32, device=items.device)
+        return table[items.clamp(max=top + 1)].long()
+    column = torch.searchsorted(column_ids, items).clamp(max=len(column_ids) - 1)
+    return torch.where(column_ids[column] == items, column, -1)
+
+
 def union_hits(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
                                                                                                         torch.Tensor]:
     """Two hit lists as one, still sorted by row (a pair in both is masked twice, which is harmless)."""
+    if len(a[0]) == 0 or len(b[0]) == 0:
+        return b if len(a[0]) == 0 else a
     rows, columns = torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])
     by_row = torch.argsort(rows, stable=True)
     return rows[by_row], columns[by_row]
