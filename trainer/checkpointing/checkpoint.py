@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from storage import Location, StorageError, committed, location
 from storage import commit as storage_commit
@@ -123,9 +124,31 @@ def read(components: dict[str, Stateful], path: "str | Location", no_dist: bool 
     items = {name: component.state_dict() for name, component in components.items()}
     with warnings.catch_warnings():  # no_dist: "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(items, checkpoint_id=checkpoint_id(location(path)), no_dist=no_dist)
+        try:
+            dcp.load(items, checkpoint_id=checkpoint_id(location(path)), no_dist=no_dist)
+        except CheckpointException as error:
+            missing = missing_tensor(error)
+            if missing is None:
+                raise
+            raise CheckpointError(f"{path} has no tensor '{missing}', which this model has: the checkpoint was written "
+                                  f"by another version of the model's code or another model config; resume with "
+                                  f"that version, or start a new checkpoint.dir") from None
     for name, component in components.items():
         component.load_state_dict(items[name])
+
+
+# What DCP's default load planner raises, per rank, for a tensor of the model that the checkpoint lacks.
+MISSING_TENSOR = "Missing key in checkpoint state_dict: "
+
+
+def missing_tensor(error: CheckpointException) -> str | None:
+    """The first tensor a failed load found missing from the checkpoint, or None if it failed otherwise. DCP's
+    CheckpointException is a BaseException holding each rank's (exception, traceback)."""
+    for failure in error.failures.values():
+        message = str(failure[0] if isinstance(failure, tuple) else failure)
+        if message.startswith(MISSING_TENSOR):
+            return message[len(MISSING_TENSOR):].rstrip(".")
+    return None
 
 
 def remove_incomplete(root: Location) -> None:
