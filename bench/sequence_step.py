@@ -347,6 +347,9 @@ def median_row(done: list[dict], key: str) -> dict:
     row = {k: v for k, v in done[0].items() if k not in ("step_ms", "top_ops", "trace", "batches_rss_mib")}
     row.update({key: statistics.median(values), f"{key}_runs": values,
                 "peak_rss_mib": max(r["peak_rss_mib"] for r in done)})
+    if "seconds" in done[0]:  # an epoch: its wall time is the median run's too, not the first's
+        row.update({"seconds": statistics.median(r["seconds"] for r in done),
+                    "seconds_runs": [r["seconds"] for r in done]})
     if "step_ms_median" in done[0]:
         row["step_ms_median"] = statistics.median(r["step_ms_median"] for r in done)
     return row
