@@ -337,3 +337,25 @@ def test_catalogue_negatives_make_the_sequence_loss_the_exact_full_softmax(merge
     assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("top", [40, 10**6], ids=["id_table", "binary_search"])
+def test_seen_hits_over_distinct_columns_equal_the_brute_force_comparison(top):
+    """The merged loss's columns (distinct ids, ascending) take the one-lookup path: an id -> column table where
+    the ids are small against the reads, a binary search where they are not. Both give every (position,
+    column) the position has read, except its own column, sorted by position."""
+    rng = np.random.default_rng(5)
+    lengths = torch.tensor([6, 0, 8, 3])
+    vocabulary = np.sort(rng.choice(np.arange(1, top + 1), 30, replace=False))
+    history = torch.from_numpy(rng.choice(vocabulary, int(lengths.sum())))
+    rows = torch.repeat_interleave(torch.arange(4), lengths)
+    steps = torch.cat([torch.arange(n) for n in lengths.tolist()])
+    positions = rows * 8 + steps
+    ids = torch.from_numpy(np.sort(rng.choice(vocabulary, 12, replace=False)))
+    own = torch.from_numpy(rng.integers(0, 12, len(positions)))
+    got_rows, got_columns = seen_hits(history, lengths, positions, ids, own)
+    starts = torch.cumsum(lengths, 0) - lengths
+    want = [(i, j) for i, (r, t) in enumerate(zip(rows.tolist(), steps.tolist()))
+            for item in history[starts[r]:starts[r] + t + 1].tolist()
+            for j in range(len(ids)) if ids[j] == item and j != own[i]]
+    assert list(zip(got_rows.tolist(), got_columns.tolist())) == want and len(want) > 10
