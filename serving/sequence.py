@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from serving.layers import BLOCK_KINDS, Dropout, gap_buckets, make_block, time_gap_buckets
-from serving.plain import Features, TableSpec, embed, first_copies, mlp
+from serving.plain import Features, TableSpec, first_copies, mlp
 
 
 @dataclass(frozen=True)
@@ -191,11 +191,11 @@ class SequenceHead(nn.Module):
               lanes: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised queries at `positions` of the sequence rows (`lengths`)."""
         encoded = self.encode(history, lengths, positions, times, lanes)
-        return embed(self.query_mlp, torch.cat([encoded] + query_features, dim=1))
+        return F.normalize(self.query_mlp(torch.cat([encoded] + query_features, dim=1)), dim=-1)
 
     def candidate(self, items: torch.Tensor, item_features: list[torch.Tensor]) -> torch.Tensor:
         if self.candidate_mlp is not None:
-            return embed(self.candidate_mlp, torch.cat([items] + item_features, dim=1))
+            return F.normalize(self.candidate_mlp(torch.cat([items] + item_features, dim=1)), dim=-1)
         if self.feature_projection is not None:
             items = items + self.feature_projection(torch.cat(item_features, dim=1))
         return F.normalize(items, dim=-1)

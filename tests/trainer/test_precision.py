@@ -10,9 +10,7 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from serving.plain import embed, mlp
 from tests.conftest import ROOT, TINY_MODEL, TINY_TOWERS, tiny_config, tower_overrides
 from tests.trainer.test_loss import brute_force, per_item
 from trainer import distributed, precision
@@ -108,37 +106,6 @@ def test_each_towers_step_runs_in_bfloat16_when_asked(tiny_data, tower):
     assert all(torch.isfinite(torch.tensor(bf16)))
     assert bf16 != fp32, "train.precision=bf16 changed nothing: the step ignores it"
     torch.testing.assert_close(torch.tensor(bf16), torch.tensor(fp32), rtol=2e-2, atol=0)
-
-
-@pytest.mark.parametrize("tower", sorted(TINY_TOWERS))
-def test_each_towers_embeddings_leave_bfloat16_autocast_in_float32(tiny_data, tower):
-    """The towers' outputs come from `embed` (output layer and norm in float32), not rounded to bfloat16."""
-    cfg = tiny_config(tiny_data, **tower_overrides(tower), **{"train.precision": "bf16"})
-    job = build(cfg, distributed.init("cpu"))
-    towers, seen = job.model.dmp.module.towers, []
-    encode = towers.encode
-
-    def recording(batch):
-        query, candidates = encode(batch)
-        if isinstance(query, torch.Tensor):  # not the pipeline's fx trace, which passes proxies
-            seen.append((torch.is_autocast_enabled("cpu"), query.dtype, candidates.dtype))
-        return query, candidates
-
-    towers.encode = recording
-    job.model.pipeline.progress(iter(job.data.train_loader.epoch(0)))
-    assert seen == [(True, torch.float32, torch.float32)]
-
-
-def test_embed_runs_the_output_layer_and_norm_in_float32_on_low_precision_hidden_layers():
-    torch.manual_seed(0)
-    head, x = mlp(24, [32], 8), torch.randn(64, 24)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, hidden, rounded = embed(head, x), head[:-1](x), F.normalize(head(x), dim=-1)
-    assert hidden.dtype == torch.bfloat16 and got.dtype == torch.float32
-    want = F.normalize(head[-1](hidden.float()), dim=-1)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
-    assert float((rounded.float() - want).abs().max()) > 1e-4, "the bound cannot tell a bfloat16 output layer apart"
-    torch.testing.assert_close(embed(head, x), F.normalize(head(x), dim=-1), rtol=0, atol=0)  # float32 untouched
 
 
 def test_evaluation_scores_are_float32_after_bfloat16_training(tiny_data):
