@@ -17,6 +17,8 @@ model, loss and rows.
                           the default packs rows several to a lane of the stack (data.ragged.pack_lanes,
                           attention kept inside each row): what packing buys; and
     torchrec_padded_bf16  the same in bf16
+    torchrec_padded_512   `torchrec_padded` with both MLPs [512] wide: the transformer's ML-1M epoch as it was before
+                          packed rows and [256] MLPs, the baseline of the epoch's speed-up
     sparse_adam           the same `SequenceHead` behind nn.Embedding(sparse=True) + SparseAdam, fused Adam on the
                           rest, over batches of random rows: what an expert writes in plain PyTorch
     sparse_adam_bucketed  the same over the project's bucketed batches: how much of the difference is the batching
@@ -73,8 +75,9 @@ SEQUENCE_CONFIGS = tower_configs(("configs/ml1m_transformer.yaml", "configs/ml1m
 # The ML-1M epochs: each tower's committed config, by tower name.
 EPOCH_CONFIGS = tower_configs(("configs/ml1m.yaml", *SEQUENCE_CONFIGS.values()))
 IMPLS = ("torchrec", "torchrec_random", "torchrec_bucketed", "torchrec_unmerged", "torchrec_bf16",
-         "torchrec_bucketed_bf16", "torchrec_padded", "torchrec_padded_bf16", "sparse_adam", "sparse_adam_bucketed",
-         "dense_adam")
+         "torchrec_bucketed_bf16", "torchrec_padded", "torchrec_padded_bf16", "torchrec_padded_512", "sparse_adam",
+         "sparse_adam_bucketed", "dense_adam")
+WIDE_MLP = [512]  # torchrec_padded_512's hidden layer: the width the sequence configs had before [256]
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -84,6 +87,7 @@ def job_config(config: str, data: str | None = None, impl: str = "torchrec") -> 
     overrides += ["train.precision=bf16"] if impl.endswith("_bf16") else []
     # The plain loops pad each row to the batch's longest, as plain PyTorch does.
     overrides += ["loader.pack_rows=false"] if "_padded" in impl or not impl.startswith("torchrec") else []
+    overrides += [f"model.hidden_dims={WIDE_MLP}"] if impl.endswith("_512") else []
     return towers.resolve(load_config(str(ROOT / config), overrides))
 
 
@@ -334,6 +338,23 @@ def epoch_worker(config: str, impl: str, data_path: str) -> dict:
             "examples": examples, "examples_per_s": examples / seconds, "peak_rss_mib": peak_rss_mib()}
 
 
+def kept_rows(before: dict, towers: list[str], epoch_towers: list[str]) -> dict:
+    """What a rerun of `towers` (and the epochs of `epoch_towers`) keeps of the results file `before`: the other
+    towers' step rows, ratios and setups, the other towers' epochs, and the profile, each row dated with when it
+    was measured, so that a partial rerun never drops or re-dates what it did not measure."""
+    date = before.get("date") or before.get("machine", {}).get("date") or "on an unrecorded date"
+
+    def dated(row: dict) -> dict:
+        return row | {"measured": row.get("measured", date)}
+
+    profile = before.get("profile")
+    return {"results": [dated(r) for r in before.get("results", []) if r["tower"] not in towers],
+            "ratios": {t: r for t, r in before.get("ratios", {}).items() if t not in towers},
+            "epoch": [dated(r) for r in before.get("epoch", []) if r["tower"] not in epoch_towers],
+            "profile": dated(profile) if profile else None,
+            "setup": {t: r for t, r in before.get("setup", {}).get("towers", {}).items() if t not in towers}}
+
+
 def run(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, "-m", "bench.sequence_step", *args], capture_output=True, text=True,
                          cwd=ROOT)
@@ -413,16 +434,17 @@ def main() -> None:
                 epochs.append(median_row(done, "examples_per_s"))
                 print(f"ML-1M epoch  {tower:<12} {impl:<20} {epochs[-1]['examples_per_s']:>9,.0f} examples/s "
                       f"({statistics.median(r['seconds'] for r in done):.1f} s)", flush=True)
-    if args.epoch and Path(args.out).exists():  # epochs of towers not rerun keep their rows, dated
-        before = json.loads(Path(args.out).read_text())
-        date = before.get("date") or before.get("machine", {}).get("date") or "on an unrecorded date"
-        epochs += [r | {"measured": r.get("measured", date)} for r in before.get("epoch", [])
-                   if r["tower"] not in args.epoch_towers]
     speed = {(r["tower"], r["impl"], r["items"]): r["positions_per_s"] for r in rows}
     ratios = {tower: {str(items): {f"torchrec_over_{impl}": speed[tower, "torchrec", items] / speed[tower, impl, items]
                                    for impl in args.impls if impl != "torchrec" and (tower, impl, items) in speed}
                       for items in args.sizes} for tower in args.towers}
-    setup = {}
+    kept = kept_rows(json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}, args.towers,
+                     args.epoch_towers if args.epoch else [])
+    rows += kept["results"]
+    ratios.update(kept["ratios"])
+    epochs += kept["epoch"]
+    profile = profile or kept["profile"]
+    setup = kept["setup"]
     for tower in args.towers:
         cfg = job_config(SEQUENCE_CONFIGS[tower])
         setup[tower] = {"config": SEQUENCE_CONFIGS[tower], "batch_size": cfg.loader.batch_size,

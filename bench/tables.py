@@ -22,6 +22,7 @@ NAMES = {"torchrec": "project", "torchrec_random": "project, random rows",
          "torchrec_bucketed": "project, bucketed rows", "torchrec_unmerged": "project unmerged",
          "torchrec_bf16": "project, bf16", "torchrec_bucketed_bf16": "project, bucketed rows, bf16",
          "torchrec_padded": "project, padded rows", "torchrec_padded_bf16": "project, padded rows, bf16",
+         "torchrec_padded_512": "project, padded rows, MLPs [512]",
          "sparse_adam": "SparseAdam", "sparse_adam_bucketed": "SparseAdam, bucketed rows", "dense_adam": "dense Adam"}
 
 
@@ -38,7 +39,8 @@ def step_table(result: dict, unit: str) -> list[str]:
         # train.precision=bf16 rows (bench/sequence_step.py) against the float32 plain baseline too
         mixed = [i for i in impls if i.endswith("_bf16") and "sparse_adam" in impls]
         padding = "padding_share" in results[0]
-        head = ([f"{tower}: items" if tower else "items"] + [f"{NAMES[i]} ({unit})" for i in impls]
+        when = f" (measured {results[0]['measured']})" if "measured" in results[0] else ""
+        head = ([f"{tower}{when}: items" if tower else "items"] + [f"{NAMES[i]} ({unit})" for i in impls]
                 + [f"project / {NAMES[i]}" for i in others] + [f"{NAMES[i]} / SparseAdam" for i in mixed]
                 + (["padding (" + " / ".join(NAMES[i] for i in impls) + ")"] if padding else [])
                 + ["peak RSS MiB (" + " / ".join(NAMES[i] for i in impls) + ")"])
@@ -70,6 +72,7 @@ def epoch_table(result: dict) -> list[str]:
 def profile_table(result: dict) -> list[str]:
     profile = result["profile"]
     tower = f"{profile['tower']}, " if profile.get("tower") else ""
+    tower += f"measured {profile['measured']}, " if profile.get("measured") else ""
     lines = [f"| op (one project step, {tower}{profile['items']:,} items) | self CPU ms | share | calls |",
              "| --- | --- | --- | --- |"]
     for op in profile["top_ops"]:
